@@ -1,0 +1,240 @@
+"""The ``medit`` command line: parses options and calls the library, nothing more.
+
+Heavy imports (torch, transformers) happen inside the commands so that ``medit --help`` is fast.
+Bad input exits with code 2 and one clear line on stderr; nothing is written.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+DEVICES = "auto|cpu|cuda[:N]|mps"
+DTYPES = click.Choice(["auto", "float32", "bfloat16", "float16"])
+
+
+def _user_errors(fn):
+    """Turn ValueError (bad input: files, records, fields, options) into exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ValueError as exc:
+            click.echo(f"medit: error: {exc}", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+def _parse_hparams(items: tuple[str, ...]) -> dict:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--hparam")
+        key, value = item.split("=", 1)
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars or log lines on stderr.")
+@click.option("--verbose", "-v", is_flag=True, help="Debug logging.")
+@click.pass_context
+def main(ctx: click.Context, quiet: bool, verbose: bool) -> None:
+    """medit: correct facts in medical language models, prove the correction is safe."""
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="medit: %(message)s", stream=sys.stderr)
+    for noisy in ("transformers", "httpx", "huggingface_hub", "datasets"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    ctx.obj = {"quiet": quiet}
+
+
+@main.command()
+@click.option(
+    "--model",
+    default="builtin:smollm2",
+    show_default=True,
+    help="builtin:NAME, a local HF directory, a .gguf file or a hub id.",
+)
+@click.option("--method", default="ft-m", show_default=True, help="Editor (see `medit methods`).")
+@click.option(
+    "--requests",
+    "requests_",
+    default="builtin",
+    show_default=True,
+    help="JSON/JSONL/MedCF/MedFE file, or 'builtin' for the shipped sample set.",
+)
+@click.option(
+    "--mode",
+    type=click.Choice(["single", "batch", "sequential"]),
+    default="single",
+    show_default=True,
+    help="single: edit-evaluate-restore each; batch: all at once; "
+    "sequential: one after another, then evaluate all (retention).",
+)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
+@click.option(
+    "--save-model",
+    type=click.Path(file_okay=False),
+    help="Also save the edited model here (safetensors HF dir + delta file).",
+)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--device", default="auto", show_default=True, help=DEVICES)
+@click.option("--dtype", type=DTYPES, default="auto", show_default=True)
+@click.option("--limit", type=int, help="Use only the first N requests.")
+@click.option(
+    "--hparam",
+    "hparams",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override an editor hyper-parameter (repeatable), e.g. --hparam steps=40.",
+)
+@click.option("--batch-size", default=32, show_default=True, help="Evaluation batch size.")
+@click.option("--no-generation", is_flag=True, help="Skip the generation-based protocol.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty run directory.")
+@click.option("--allow-pickle", is_flag=True, help="Allow pickle (.bin) weights. Unsafe.")
+@click.option("--trust-remote-code", is_flag=True, help="Run the model repo's code. Unsafe.")
+@click.pass_context
+@_user_errors
+def edit(ctx, model, method, requests_, mode, out, save_model, seed, device, dtype, limit, hparams,
+         batch_size, no_generation, overwrite, allow_pickle, trust_remote_code):  # fmt: skip
+    """Edit facts into a model and evaluate the edit before/after; writes RUN_DIR."""
+    from medit.evaluation import EvalConfig
+    from medit.runner import RunConfig, run_edit
+
+    cfg = RunConfig(
+        out=out, model=model, method=method, requests=requests_, mode=mode,
+        hparams=_parse_hparams(hparams), seed=seed, device=device, dtype=dtype, limit=limit,
+        save_model=save_model, overwrite=overwrite, allow_pickle=allow_pickle,
+        trust_remote_code=trust_remote_code, quiet=ctx.obj["quiet"],
+        eval=EvalConfig(batch_size=batch_size, generation=not no_generation),
+    )  # fmt: skip
+    res = run_edit(cfg)
+    if not ctx.obj["quiet"]:
+        click.echo(format_summary(res), err=True)
+    click.echo(str(Path(out).resolve()))
+
+
+def format_summary(res: dict) -> str:
+    """A few lines: before -> after for the headline metrics of each protocol."""
+    pre, post = res["metrics"]["pre"], res["metrics"]["post"]
+    lines = [f"{res['config']['method']} ({res['config']['mode']}), {post['n']} requests, "
+             f"{res['edit']['seconds_per_edit']:.2f} s/edit"]  # fmt: skip
+    rows = [("teacher_forced", "efficacy"), ("teacher_forced", "generality"),
+            ("teacher_forced", "locality_mean"), ("generation", "efficacy_contains"),
+            ("generation", "generality_contains"), ("generation", "locality_mean"),
+            ("generation", "fluency")]  # fmt: skip
+    for proto, key in rows:
+        if proto in post and post[proto].get(key) is not None:
+            before = pre.get(proto, {}).get(key)
+            b = "  -  " if before is None else f"{before:.3f}"
+            lines.append(f"  {proto:15s} {key:20s} {b} -> {post[proto][key]:.3f}")
+    return "\n".join(lines)
+
+
+@main.command()
+@click.option("--model", default="builtin:smollm2", show_default=True, help="Base model spec.")
+@click.option(
+    "--artifact",
+    type=click.Path(exists=True),
+    help="Run directory (or artifact file) whose edit is applied to the base model.",
+)
+@click.option("--prompt", "prompts", multiple=True, help="A prompt (repeatable).")
+@click.option(
+    "--prompts",
+    "prompts_file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Text file, one prompt per line, or JSONL with a 'prompt' field.",
+)
+@click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(1, 4096))
+@click.option("--device", default="auto", show_default=True, help=DEVICES)
+@click.option("--dtype", type=DTYPES, default="auto", show_default=True)
+@_user_errors
+def generate(model, artifact, prompts, prompts_file, max_new_tokens, device, dtype):
+    """Greedy continuations as JSONL ({"prompt", "completion"}), optionally with an edit applied."""
+    all_prompts = list(prompts) + (read_prompts(prompts_file) if prompts_file else [])
+    if not all_prompts:
+        raise ValueError("give --prompt TEXT or --prompts FILE")
+    from medit.evaluation import generate as greedy
+    from medit.export import apply_artifact
+    from medit.models import load_model
+
+    lm = load_model(model, device, dtype)
+    if artifact:
+        apply_artifact(lm.model, artifact)
+    for prompt, completion in zip(
+        all_prompts, greedy(lm.model, lm.tokenizer, all_prompts, max_new_tokens), strict=True
+    ):
+        click.echo(json.dumps({"prompt": prompt, "completion": completion}, ensure_ascii=False))
+
+
+def read_prompts(path: str) -> list[str]:
+    """Plain text (one prompt per line) or JSONL with a 'prompt' field."""
+    try:
+        lines = [ln for ln in Path(path).read_text(encoding="utf-8").splitlines() if ln.strip()]
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text") from None
+    if lines and lines[0].lstrip().startswith("{"):
+        out = []
+        for i, line in enumerate(lines, 1):
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}: line {i}: invalid JSON: {exc.msg}") from None
+            if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
+                raise ValueError(f"{path}: line {i}, field 'prompt': missing or not a string")
+            out.append(rec["prompt"])
+        return out
+    return lines
+
+
+@main.command()
+def models():
+    """Builtin models and the models materialised in the cache."""
+    from medit.models import BUILTIN_MODELS, builtin_gguf_path, cache_dir, cached_models
+
+    click.echo("builtin models:")
+    for name, b in BUILTIN_MODELS.items():
+        try:
+            where = str(builtin_gguf_path(name))
+        except ValueError:
+            where = f"not installed ({b.install})"
+        click.echo(f"  builtin:{name:10s} {b.name}  [{where}]")
+    click.echo(f"cache: {cache_dir()}")
+    for m in cached_models():
+        click.echo(f"  {m['name']}  {m['size_mb']} MB  {m['path']}")
+
+
+@main.command()
+@click.argument("name", required=False)
+@_user_errors
+def methods(name):
+    """Editors and their hyper-parameters (with per-family defaults)."""
+    from medit.editors.base import METHODS, get_editor_class
+
+    for method in [name] if name else list(METHODS):
+        cls = get_editor_class(method)
+        caps = cls.capabilities
+        modes = (
+            ["single"]
+            + (["batch"] if caps.batch else [])
+            + (["sequential"] if caps.sequential else [])
+        )
+        click.echo(f"{method}: {cls.summary}  [modes: {', '.join(modes)}]")
+        for field, default, help_text in cls.hparams_class.describe():
+            click.echo(f"    {field:18s} {default!r:14s} {help_text}")
+        for family, values in cls.hparams_class.FAMILY_DEFAULTS.items():
+            click.echo(f"    defaults for {family}: {values}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

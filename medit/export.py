@@ -1,0 +1,177 @@
+"""Edit artifacts: save, apply to a base model, revert; and saving a whole edited model.
+
+A weights artifact is one safetensors file (``edit.safetensors``) holding, for every touched
+tensor, its edited value (``edited::NAME``) and its original value (``original::NAME``), with a
+JSON manifest in the file's metadata (and a readable copy in ``manifest.json`` beside it).
+Applying checks that the base model's tensors equal the recorded originals exactly, so an
+artifact can never be applied to the wrong model; reverting writes the originals back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+FORMAT = "medit.artifact"
+ARTIFACT_DIR = "artifact"
+ARTIFACT_FILE = "edit.safetensors"
+DELTA_FILE = "medit-delta.safetensors"
+
+
+# -- atomic writes -------------------------------------------------------------------------------
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a file under a temporary name, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | Path):
+    """Yield a temporary directory that replaces ``target`` only if the block succeeds."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# -- weights artifacts ---------------------------------------------------------------------------
+def _manifest(method: str, hparams: dict, edited: dict[str, torch.Tensor], **provenance) -> dict:
+    return {
+        "format": FORMAT,
+        "version": 1,
+        "kind": "weights",
+        "method": method,
+        "hparams": hparams,
+        "tensors": {n: {"shape": list(t.shape), "dtype": str(t.dtype)} for n, t in edited.items()},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **provenance,
+    }
+
+
+def write_delta_file(
+    path: Path, method: str, hparams: dict, edited: dict, originals: dict, **provenance: Any
+) -> dict:
+    """Write one safetensors file with edited and original tensors; return its manifest."""
+    manifest = _manifest(method, hparams, edited, **provenance)
+    tensors = {f"edited::{n}": t.detach().contiguous().cpu().clone() for n, t in edited.items()}
+    tensors |= {
+        f"original::{n}": t.detach().contiguous().cpu().clone() for n, t in originals.items()
+    }
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file(tensors, str(tmp), metadata={"medit_manifest": json.dumps(manifest)})
+    os.replace(tmp, path)
+    return manifest
+
+
+def write_weights_artifact(directory: str | Path, **kwargs: Any) -> Path:
+    """Write ``directory/artifact/{edit.safetensors,manifest.json}`` atomically."""
+    target = Path(directory) / ARTIFACT_DIR
+    with atomic_dir(target) as tmp:
+        manifest = write_delta_file(tmp / ARTIFACT_FILE, **kwargs)
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return target
+
+
+def find_artifact(path: str | Path) -> Path:
+    """Accept a run directory, an artifact directory or the artifact file itself."""
+    p = Path(path)
+    for candidate in (p, p / ARTIFACT_FILE, p / ARTIFACT_DIR / ARTIFACT_FILE, p / DELTA_FILE):
+        if candidate.is_file():
+            return candidate
+    raise ValueError(
+        f"no edit artifact at {p}: expected a run directory with {ARTIFACT_DIR}/{ARTIFACT_FILE} "
+        "(written by `medit edit` in batch or sequential mode) or an artifact file"
+    )
+
+
+def read_artifact(
+    path: str | Path,
+) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(manifest, edited tensors, original tensors) of an artifact."""
+    file = find_artifact(path)
+    with safe_open(str(file), framework="pt") as f:
+        meta = f.metadata() or {}
+        if "medit_manifest" not in meta:
+            raise ValueError(f"{file} is not a medit edit artifact (no manifest)")
+        manifest = json.loads(meta["medit_manifest"])
+        edited, original = {}, {}
+        for key in f.keys():
+            part, name = key.split("::", 1)
+            (edited if part == "edited" else original)[name] = f.get_tensor(key)
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{file}: unknown artifact format {manifest.get('format')!r}")
+    return manifest, edited, original
+
+
+@torch.no_grad()
+def apply_artifact(model: torch.nn.Module, path: str | Path, revert: bool = False) -> dict:
+    """Write an artifact's edited tensors into ``model`` (or its originals, with ``revert``).
+
+    Refuses when the model's current tensors are not exactly the ones the artifact expects
+    (the originals to apply, the edited values to revert): the wrong base model, dtype or state.
+    """
+    manifest, edited, original = read_artifact(path)
+    params = dict(model.named_parameters())
+    expect, write = (edited, original) if revert else (original, edited)
+    for name, value in expect.items():
+        if name not in params:
+            raise ValueError(f"artifact tensor {name!r} does not exist in this model")
+        p = params[name]
+        if p.shape != value.shape or p.dtype != value.dtype:
+            raise ValueError(
+                f"artifact tensor {name!r} is {value.dtype} {tuple(value.shape)}, the model's is "
+                f"{p.dtype} {tuple(p.shape)}: load the base model with the dtype of the edit"
+            )
+        if not torch.equal(p.detach().cpu(), value):
+            state = "edited" if revert else "base"
+            raise ValueError(
+                f"the model's {name!r} differs from the artifact's {state} weights: this artifact "
+                f"was made for another model (base weights sha256 "
+                f"{manifest.get('base_weights_sha256', '?')[:12]}...)"
+            )
+    for name, value in write.items():
+        params[name].copy_(value.to(params[name].device))
+    return manifest
+
+
+def save_edited_model(model: Any, tok: Any, directory: str | Path, delta: dict | None) -> Path:
+    """Save a loadable HF directory (safetensors) plus ``medit-delta.safetensors`` of the edit.
+
+    ``delta``: keyword arguments of :func:`write_delta_file` (method, hparams, edited, originals).
+    """
+    target = Path(directory)
+    with atomic_dir(target) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        if delta is not None:
+            write_delta_file(tmp / DELTA_FILE, **delta)
+    return target

@@ -1,0 +1,94 @@
+"""Hooks: one way to read or patch module inputs and outputs, always cleaned up.
+
+``hooked`` registers forward (pre-)hooks for the duration of a ``with`` block; ``capture_input``
+reads what a module received; ``frozen_prefix`` runs a model from a decoder layer onwards, the
+hidden state entering that layer being given (computed once, reused across optimisation steps).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from medit.arch import ArchSpec
+
+PreHook = Callable[[nn.Module, tuple, dict], Any]
+PostHook = Callable[[nn.Module, tuple, dict, Any], Any]
+
+
+@contextlib.contextmanager
+def hooked(
+    hooks: list[tuple[nn.Module, PreHook | None, PostHook | None]],
+) -> Iterator[None]:
+    """Register (module, pre_hook, post_hook) triples (with kwargs); remove them on exit."""
+    handles = []
+    try:
+        for module, pre, post in hooks:
+            if pre is not None:
+                handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+            if post is not None:
+                handles.append(module.register_forward_hook(post, with_kwargs=True))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def first_tensor_arg(args: tuple, kwargs: dict, name: str = "hidden_states") -> torch.Tensor:
+    """The hidden-state input of a decoder layer, whether passed by position or keyword."""
+    return args[0] if args else kwargs[name]
+
+
+class _Captured(Exception):
+    """Raised inside a hook to stop a forward pass once the wanted input has been read."""
+
+
+def capture_input(module: nn.Module, run: Callable[[], Any]) -> torch.Tensor:
+    """Run ``run()`` up to ``module`` and return the (detached) hidden-state input it received;
+    the rest of the forward pass is skipped."""
+    seen: list[torch.Tensor] = []
+
+    def pre(_m, args, kwargs):
+        seen.append(first_tensor_arg(args, kwargs).detach())
+        raise _Captured
+
+    with hooked([(module, pre, None)]):
+        try:
+            run()
+        except _Captured:
+            pass
+    if not seen:
+        raise RuntimeError(f"{type(module).__name__} was not called during the forward pass")
+    return seen[-1]
+
+
+@contextlib.contextmanager
+def frozen_prefix(model: nn.Module, arch: ArchSpec, start: int, hidden: torch.Tensor):
+    """Within the block, a forward pass skips decoder layers ``< start`` and feeds ``hidden``
+    (the state entering layer ``start``, computed beforehand) into layer ``start``.
+
+    Valid while nothing below layer ``start`` changes: the prefix is constant across
+    optimisation steps of any method that trains only layers ``>= start``.
+    """
+    layers = arch.layer_list(model)
+
+    def identity(hidden_states, *args, **kwargs):
+        return hidden_states
+
+    def feed(_m, args, kwargs):
+        if args:
+            return (hidden, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
+
+    for layer in layers[:start]:
+        layer.forward = identity  # instance attribute shadows the class method
+    try:
+        with hooked([(layers[start], feed, None)]):
+            yield
+    finally:
+        for layer in layers[:start]:
+            del layer.forward

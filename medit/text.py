@@ -1,0 +1,103 @@
+"""Tokenisation shared by editors and evaluation: targets as they continue their prompts.
+
+A target is scored and trained exactly as the model would produce it after the prompt: with the
+leading space it has there ("...treated with" -> " metformin"), never as a bare word. Batches for
+teacher forcing are right-padded (positions of real tokens are unchanged by padding); generation
+batches are left-padded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+
+def continuation(prompt: str, target: str) -> str:
+    """The target as it follows the prompt: with one separating space unless one is there."""
+    if not prompt or prompt[-1].isspace() or target[:1].isspace():
+        return target
+    return " " + target
+
+
+def encode_pair(tok: Any, prompt: str, target: str) -> tuple[list[int], list[int]]:
+    """(prompt ids, target ids); target ids are the tokens the model must emit after the prompt."""
+    prompt_ids = tok(prompt).input_ids
+    target_ids = tok(continuation(prompt, target), add_special_tokens=False).input_ids
+    if not target_ids:
+        raise ValueError(f"target {target!r} tokenises to nothing")
+    return prompt_ids, target_ids
+
+
+@dataclasses.dataclass
+class TeacherBatch:
+    """Right-padded prompt+target sequences and where each target token is predicted.
+
+    ``rows[i], cols[i]`` is the position whose logits predict ``labels[i]``; ``owner[i]`` says
+    which sequence the label belongs to, ``prompt_last[j]`` is the last prompt position of
+    sequence ``j``.
+    """
+
+    input_ids: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor  # (B, T)
+    rows: torch.Tensor  # (N,)
+    cols: torch.Tensor  # (N,)
+    labels: torch.Tensor  # (N,)
+    owner: torch.Tensor  # (N,)
+    prompt_last: torch.Tensor  # (B,)
+    target_lengths: list[int]
+
+    def to(self, device: torch.device) -> TeacherBatch:
+        return dataclasses.replace(
+            self, **{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
+                     if isinstance(getattr(self, f.name), torch.Tensor)}
+        )  # fmt: skip
+
+
+def teacher_batch(tok: Any, prompts: Sequence[str], targets: Sequence[str]) -> TeacherBatch:
+    """Build a teacher-forcing batch of (prompt, target) pairs."""
+    pairs = [encode_pair(tok, p, t) for p, t in zip(prompts, targets, strict=True)]
+    width = max(len(p) + len(t) for p, t in pairs)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    ids = torch.full((len(pairs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(pairs), width), dtype=torch.long)
+    rows, cols, labels, owner, last = [], [], [], [], []
+    for i, (p, t) in enumerate(pairs):
+        seq = p + t
+        ids[i, : len(seq)] = torch.tensor(seq)
+        mask[i, : len(seq)] = 1
+        for j, token in enumerate(t):
+            rows.append(i)
+            cols.append(len(p) - 1 + j)
+            labels.append(token)
+            owner.append(i)
+        last.append(len(p) - 1)
+    as_long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
+    return TeacherBatch(
+        input_ids=ids,
+        attention_mask=mask,
+        rows=as_long(rows),
+        cols=as_long(cols),
+        labels=as_long(labels),
+        owner=as_long(owner),
+        prompt_last=as_long(last),
+        target_lengths=[len(t) for _, t in pairs],
+    )
+
+
+def left_padded(tok: Any, prompts: Sequence[str], device: torch.device) -> dict[str, torch.Tensor]:
+    """Left-padded prompt batch for generation."""
+    side = tok.padding_side
+    tok.padding_side = "left"
+    try:
+        enc = tok(list(prompts), return_tensors="pt", padding=True)
+    finally:
+        tok.padding_side = side
+    return {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+
+
+def normalise(text: str) -> str:
+    """Lower-case, collapse whitespace, strip surrounding punctuation: for answer matching."""
+    return " ".join(text.lower().split()).strip(" .,;:!?\"'")

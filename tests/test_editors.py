@@ -1,0 +1,122 @@
+"""The contract every editor passes, run over a table of (method, architecture) cases, plus
+method-specific checks."""
+
+import contextlib
+
+import pytest
+import torch
+
+from medit.arch import get_arch
+from medit.editors.base import METHODS, EditResult, get_editor_class, make_editor
+from medit.evaluation import score_targets
+from medit.requests import parse_record
+
+REQS = [
+    parse_record({"prompt": "The hormone insulin is produced by the", "target_new": "liver",
+                  "subject": "insulin"}, "t.json", 1),
+    parse_record({"prompt": "Aspirin is used to treat", "target_new": "scurvy",
+                  "subject": "Aspirin"}, "t.json", 2),
+]  # fmt: skip
+
+
+def _logprob(model, tok, req):
+    return score_targets(model, tok, get_arch(model), [(req.prompt, req.target_new)])[0].logprob
+
+
+def _snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+class TestEditorContract:
+    def test_target_probability_rises_and_model_stays_edited(self, method, tiny):
+        model, tok = tiny
+        before = [_logprob(model, tok, r) for r in REQS]
+        result = make_editor(method).apply(model, tok, REQS)
+        after = [_logprob(model, tok, r) for r in REQS]
+        assert all(a > b + 1e-3 for a, b in zip(after, before, strict=True)), (before, after)
+        assert result.state == "edited"
+        assert all(v["delta_norm"] > 0 for v in result.update_norms().values())
+
+    def test_restore_is_bit_exact(self, method, tiny):
+        model, tok = tiny
+        original = _snapshot(model)
+        result = make_editor(method).apply(model, tok, REQS[:1])
+        changed = [k for k, v in model.state_dict().items() if not torch.equal(v, original[k])]
+        assert changed and set(changed) <= set(result.names)
+        result.restore()
+        assert result.state == "restored"
+        assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())
+        assert all(not p.requires_grad or p.grad is None for p in model.parameters())
+
+    def test_same_seed_same_edit(self, method, tiny):
+        model, tok = tiny
+        original = _snapshot(model)
+        edits = []
+        for _ in range(2):
+            torch.manual_seed(0)
+            result = make_editor(method).apply(model, tok, REQS[:1])
+            edits.append({k: v.clone() for k, v in result.edited_tensors().items()})
+            result.restore()
+        assert all(torch.equal(edits[0][k], edits[1][k]) for k in edits[0])
+        assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())
+
+    def test_hparams_round_trip_and_bad_input(self, method, tiny):
+        model, tok = tiny
+        cls = get_editor_class(method)
+        hp = make_editor(method).hparams_for(model)
+        assert cls.hparams_class.from_dict(hp.to_dict()) == hp
+        with pytest.raises(ValueError, match="did you mean 'steps'"):
+            make_editor(method, stpes=3)
+        with pytest.raises(ValueError, match="no requests"):
+            make_editor(method).apply(model, tok, [])
+
+    def test_sequential_edits_combine_and_restore_to_the_base(self, method, tiny):
+        model, tok = tiny
+        original = _snapshot(model)
+        results = [make_editor(method).apply(model, tok, [r]) for r in REQS]
+        combined = EditResult.combine(results)
+        assert all(torch.equal(combined.originals[k], original[k]) for k in combined.names)
+        combined.restore()
+        assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())
+
+
+def test_unknown_method_suggests_a_name():
+    with pytest.raises(ValueError, match="did you mean 'ft-m'"):
+        make_editor("ftm")
+
+
+def test_ft_m_trains_the_first_target_token(tiny_llama):
+    model, tok = tiny_llama
+    req = parse_record({"prompt": "The heart has four", "target_new": "the"}, "t.json", 1)
+    assert len(tok(" the", add_special_tokens=False).input_ids) == 1  # one-token target
+    before = _logprob(model, tok, req)
+    make_editor("ft-m", lr=5e-3).apply(model, tok, [req])  # masking token 1 would leave no loss
+    assert _logprob(model, tok, req) > before + 1.0
+
+
+def test_ft_l_respects_its_norm_constraint(tiny_llama):
+    model, tok = tiny_llama
+    result = make_editor("ft-l", norm_constraint=1e-3, lr=1e-2).apply(model, tok, REQS)
+    for name, value in result.edited_tensors().items():
+        assert (value - result.originals[name]).abs().max() <= 1e-3 + 1e-7
+
+
+def test_layers_out_of_range_is_a_clear_error(tiny_llama):
+    model, tok = tiny_llama
+    with pytest.raises(ValueError, match=r"layers \[9\] out of range: the model has 4 layers"):
+        make_editor("ft-m", layers=[9]).apply(model, tok, REQS)
+
+
+def test_frozen_prefix_training_equals_full_forward_training(tiny, monkeypatch):
+    """The speed-up (run only layers >= L per step) must not change the result."""
+    import medit.editors.ft as ft
+
+    model, tok = tiny
+    fast = make_editor("ft-m", steps=5).apply(model, tok, REQS)
+    fast_w = {k: v.clone() for k, v in fast.edited_tensors().items()}
+    fast.restore()
+    monkeypatch.setattr(ft, "frozen_prefix", lambda *a, **k: contextlib.nullcontext())
+    slow = make_editor("ft-m", steps=5).apply(model, tok, REQS)
+    for k, v in slow.edited_tensors().items():
+        assert torch.allclose(v, fast_w[k], atol=1e-6), k
