@@ -1,3 +1,3 @@
-"""medit: correct facts in medical language models, prove the correction is safe, benchmark editors."""
+"""medit: correct facts in medical language models, prove the edits are safe, benchmark editors."""
 
 __version__ = "0.1.0"

@@ -82,12 +82,13 @@ def score_targets(
 
 
 @torch.inference_mode()
-def generate(
+def generate_ids(
     model: Any, tok: Any, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 32
-) -> list[str]:
-    """Greedy continuations (new text only, special tokens dropped), batched with left padding."""
+) -> list[list[int]]:
+    """Greedy continuation token ids (EOS and padding dropped), batched with left padding."""
     device = next(model.parameters()).device
-    out: list[str | None] = [None] * len(prompts)
+    out: list[list[int] | None] = [None] * len(prompts)
+    stop = {tok.eos_token_id, tok.pad_token_id} - {None}
     for idx in _length_order([len(p) for p in prompts], batch_size):
         enc = left_padded(tok, [prompts[i] for i in idx], device)
         ids = model.generate(
@@ -100,10 +101,20 @@ def generate(
             top_k=None,
             pad_token_id=tok.pad_token_id,
         )
-        new = ids[:, enc["input_ids"].shape[1] :]
+        new = ids[:, enc["input_ids"].shape[1] :].tolist()
         for j, i in enumerate(idx):
-            out[i] = tok.decode(new[j], skip_special_tokens=True)
+            row = new[j]
+            cut = next((k for k, t in enumerate(row) if t in stop), len(row))
+            out[i] = row[:cut]
     return out  # type: ignore[return-value]
+
+
+def generate(
+    model: Any, tok: Any, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 32
+) -> list[str]:
+    """Greedy continuations (new text only, up to the first EOS), batched with left padding."""
+    ids = generate_ids(model, tok, prompts, max_new_tokens, batch_size)
+    return [tok.decode(row, skip_special_tokens=True) for row in ids]
 
 
 def states_answer(text: str, answer: str) -> dict[str, bool]:
@@ -215,46 +226,49 @@ def _budget(tok: Any, prompt: str, answer: str, config: EvalConfig) -> int:
 
 
 def _generation(model, tok, requests, config) -> list[dict[str, Any]]:
-    """Greedy continuations: edit prompts (long enough for fluency), then all short probes."""
-    long_n = max(config.fluency_tokens, *(_budget(tok, r.prompt, r.target_new, config)
-                                          for r in requests))  # fmt: skip
-    main = generate(model, tok, [r.prompt for r in requests], long_n, config.batch_size)
-    jobs: list[tuple[int, str, Any, str, int]] = []
+    """Greedy continuations of every prompt, each judged within its own token budget; the edit
+    prompt's continuation is generated longer (``fluency_tokens``) for the fluency measure."""
+    jobs: list[tuple[int, str, Any, str, int]] = []  # (request, kind, key, answer, budget)
     for i, r in enumerate(requests):
         n = _budget(tok, r.prompt, r.target_new, config)
+        jobs.append((i, "prompt", r.prompt, r.target_new, max(n, config.fluency_tokens)))
         jobs += [(i, "rephrase", p, r.target_new, n) for p in r.rephrase_prompts]
         jobs += [(i, "locality", (t, p), a, _budget(tok, p, a, config))
                  for t, p, a in r.locality_probes()]  # fmt: skip
-    short = _generate_budgeted(model, tok, [(j[2] if j[1] == "rephrase" else j[2][1], j[4])
-                                            for j in jobs], config)  # fmt: skip
-    per_req: list[dict[str, Any]] = [
-        {"prompt": (r.prompt, main[i]), "rephrase": [], "locality": []}
-        for i, r in enumerate(requests)
-    ]
-    for (i, kind, key, answer, _), text in zip(jobs, short, strict=True):
-        per_req[i][kind].append((key, answer, text))
-    for i, r in enumerate(requests):  # the answer is judged within its own token budget
-        budget = _budget(tok, r.prompt, r.target_new, config)
-        per_req[i]["answer_window"] = _truncate_tokens(tok, main[i], budget)
+    prompts = [j[2][1] if j[1] == "locality" else j[2] for j in jobs]
+    ids = _generate_budgeted(model, tok, prompts, [j[4] for j in jobs], config)
+    per_req: list[dict[str, Any]] = [{"rephrase": [], "locality": []} for _ in requests]
+    for (i, kind, key, answer, _), row in zip(jobs, ids, strict=True):
+        text = tok.decode(row, skip_special_tokens=True)
+        if kind == "prompt":  # the answer is judged within its own budget, fluency on it all
+            n = _budget(tok, key, answer, config)
+            per_req[i]["prompt"] = (key, text)
+            per_req[i]["answer_window"] = tok.decode(row[:n], skip_special_tokens=True)
+        else:
+            per_req[i][kind].append((key, answer, text))
     return per_req
 
 
-def _generate_budgeted(model, tok, items: list[tuple[str, int]], config) -> list[str]:
-    """Generate each prompt for its own token budget (one call per distinct budget)."""
-    out: list[str | None] = [None] * len(items)
+def _generate_budgeted(model, tok, prompts: list[str], budgets: list[int], config):
+    """Token ids of each prompt's greedy continuation, cut to its budget.
+
+    Greedy decoding is prefix-consistent, so a longer generation cut to n tokens equals a
+    generation of n tokens. When everything fits in one batch, one call at the largest budget is
+    cheapest (latency-bound); otherwise prompts are grouped by budget so that short probes are
+    not generated at the length of the longest.
+    """
+    if len(prompts) <= config.batch_size:
+        rows = generate_ids(model, tok, prompts, max(budgets), config.batch_size)
+        return [row[:n] for row, n in zip(rows, budgets, strict=True)]
+    out: list[list[int] | None] = [None] * len(prompts)
     by_budget: dict[int, list[int]] = collections.defaultdict(list)
-    for k, (_, n) in enumerate(items):
+    for k, n in enumerate(budgets):
         by_budget[n].append(k)
     for n, idx in by_budget.items():
-        texts = generate(model, tok, [items[k][0] for k in idx], n, config.batch_size)
-        for k, text in zip(idx, texts, strict=True):
-            out[k] = text
-    return out  # type: ignore[return-value]
-
-
-def _truncate_tokens(tok: Any, text: str, n: int) -> str:
-    ids = tok(text, add_special_tokens=False).input_ids
-    return text if len(ids) <= n else tok.decode(ids[:n])
+        rows = generate_ids(model, tok, [prompts[k] for k in idx], n, config.batch_size)
+        for k, row in zip(idx, rows, strict=True):
+            out[k] = row
+    return out
 
 
 def _gen_state(req: EditRequest, raw: dict, ref: dict | None) -> dict[str, Any]:

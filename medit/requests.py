@@ -79,7 +79,9 @@ def load_requests(source: str | Path) -> list[EditRequest]:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
-        raise RequestError(name, None, None, f"not UTF-8 text (byte {exc.start}, line {line})")
+        raise RequestError(
+            name, None, None, f"not UTF-8 text (byte {exc.start}, line {line})"
+        ) from None
     if path.suffix == ".jsonl" or (not text.lstrip().startswith("[") and path.suffix != ".json"):
         records = []
         for lineno, line in enumerate(text.splitlines(), 1):
@@ -89,7 +91,7 @@ def load_requests(source: str | Path) -> list[EditRequest]:
                 except json.JSONDecodeError as exc:
                     raise RequestError(
                         name, lineno, None, f"invalid JSON on line {lineno}: {exc.msg}"
-                    )
+                    ) from None
         return parse_records(records, name)
     return parse_records(_parse_json(text, name), name)
 
@@ -98,7 +100,9 @@ def _parse_json(text: str, name: str) -> list[Any]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise RequestError(name, None, None, f"invalid JSON at line {exc.lineno}: {exc.msg}")
+        raise RequestError(
+            name, None, None, f"invalid JSON at line {exc.lineno}: {exc.msg}"
+        ) from None
     if isinstance(data, dict) and isinstance(data.get("requests"), list):
         data = data["requests"]
     if not isinstance(data, list):

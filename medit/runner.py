@@ -89,8 +89,8 @@ def _check_out(cfg: RunConfig) -> Path:
 def run_edit(cfg: RunConfig) -> dict[str, Any]:
     """Load, evaluate, edit, evaluate again; write the run directory; return results.json."""
     out = _check_out(cfg)
-    requests = load_requests(cfg.requests)[: cfg.limit]
     editor = make_editor(cfg.method, **cfg.hparams)
+    requests = load_requests(cfg.requests)[: cfg.limit]
     t_load = time.perf_counter()
     lm = load_model(cfg.model, cfg.device, cfg.dtype, allow_pickle=cfg.allow_pickle,
                     trust_remote_code=cfg.trust_remote_code)  # fmt: skip

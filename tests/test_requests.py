@@ -47,15 +47,23 @@ def test_whole_benchmark_files_validate(name):
 
 def test_native_jsonl_with_locality_groups(tmp_path):
     path = tmp_path / "reqs.jsonl"
-    rec = {"prompt": "Insulin is made in the", "target_new": "pancreas", "subject": "Insulin",
-           "rephrase_prompts": ["Insulin comes from the"],
-           "locality": {"general": [["The heart has four", "chambers"]],
-                        "easyedit": {"prompt": "Aspirin treats", "ground_truth": "pain"}}}
+    rec = {
+        "prompt": "Insulin is made in the",
+        "target_new": "pancreas",
+        "subject": "Insulin",
+        "rephrase_prompts": ["Insulin comes from the"],
+        "locality": {
+            "general": [["The heart has four", "chambers"]],
+            "easyedit": {"prompt": "Aspirin treats", "ground_truth": "pain"},
+        },
+    }
     path.write_text(json.dumps(rec) + "\n\n" + json.dumps(rec) + "\n")
     reqs = load_requests(path)
     assert len(reqs) == 2
     assert reqs[0].locality_probes() == [
-        ("general", "The heart has four", "chambers"), ("easyedit", "Aspirin treats", "pain")]
+        ("general", "The heart has four", "chambers"),
+        ("easyedit", "Aspirin treats", "pain"),
+    ]
 
 
 def test_builtin_sample_set_is_valid():
@@ -70,14 +78,26 @@ def test_builtin_sample_set_is_valid():
         ({"target_new": "x"}, "prompt", "missing"),
         ({"prompt": "  ", "target_new": "x"}, "prompt", "empty"),
         ({"prompt": "p", "target_new": 3}, "target_new", "expected a string, got int"),
-        ({"prompt": "Insulin is", "target_new": "x", "subject": "Aspirin"}, "subject",
-         "does not occur in the prompt"),
-        ({"prompt": "p", "target_new": "x", "rephrase_prompts": [""]}, "rephrase_prompts[0]",
-         "non-empty"),
-        ({"prompt": "p", "target_new": "x", "locality": {"a": [["q"]]}}, "locality.a[0]",
-         "expected"),
-        ({"prompt": "p", "target_new": "x", "locality_a_prompt": "q"}, "locality_a_ground_truth",
-         "missing"),
+        (
+            {"prompt": "Insulin is", "target_new": "x", "subject": "Aspirin"},
+            "subject",
+            "does not occur in the prompt",
+        ),
+        (
+            {"prompt": "p", "target_new": "x", "rephrase_prompts": [""]},
+            "rephrase_prompts[0]",
+            "non-empty",
+        ),
+        (
+            {"prompt": "p", "target_new": "x", "locality": {"a": [["q"]]}},
+            "locality.a[0]",
+            "expected",
+        ),
+        (
+            {"prompt": "p", "target_new": "x", "locality_a_prompt": "q"},
+            "locality_a_ground_truth",
+            "missing",
+        ),
     ],
 )
 def test_bad_records_name_file_record_and_field(record, field, problem):

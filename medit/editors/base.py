@@ -77,7 +77,9 @@ def _coerce(field: dataclasses.Field, value: Any) -> Any:
         try:
             return type(default)(value)
         except ValueError:
-            raise ValueError(f"hyper-parameter {field.name!r} expects a number, got {value!r}")
+            raise ValueError(
+                f"hyper-parameter {field.name!r} expects a number, got {value!r}"
+            ) from None
     return value
 
 
