@@ -71,6 +71,7 @@ def floor_per_request(lm, req, layer: int, device) -> dict:
     model, tok, arch = lm.model, lm.tokenizer, lm.arch
     batch = teacher_batch(tok, [req.prompt], [req.target_new]).to(device)
     weight = arch.module(model, layer, "mlp_out").weight
+    model.requires_grad_(False)  # as during FT: only the edited weight needs a gradient
     weight.requires_grad_(True)
     hidden = _entering_hidden(model, arch, layer, batch)
 

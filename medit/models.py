@@ -239,25 +239,27 @@ def _estimate_parameters(config: Any) -> float:
 
 
 # -- loading -------------------------------------------------------------------------------------
-def resolve_source(spec: str) -> tuple[str, dict[str, Any]]:
-    """Turn a spec into (path or hub id, extra from_pretrained kwargs); materialises GGUF files."""
+def resolve_source(spec: str) -> str:
+    """Turn a spec into a local directory or hub id; GGUF files are materialised first."""
     if spec.startswith("builtin:"):
-        gguf = builtin_gguf_path(spec.removeprefix("builtin:"))
-        # The package version pins the file; hashing 100 MB each load is avoided by keying the
-        # cache on the distribution file's size and name, then verified once at materialisation.
-        key = hashlib.sha256(f"{gguf.name}:{gguf.stat().st_size}".encode()).hexdigest()
-        return str(materialise_gguf(gguf, key)), {}
+        name = spec.removeprefix("builtin:")
+        gguf = builtin_gguf_path(name)
+        # The package version pins the file: key the cache on it (and the file's size) rather
+        # than hashing 100 MB on every load.
+        version = importlib.metadata.version(BUILTIN_MODELS[name].distribution)
+        key = hashlib.sha256(f"{gguf.name}:{version}:{gguf.stat().st_size}".encode()).hexdigest()
+        return str(materialise_gguf(gguf, key))
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ValueError(f"model file not found: {path}")
-        return str(materialise_gguf(path.resolve())), {}
+        return str(materialise_gguf(path.resolve()))
     if path.exists():
         if not path.is_dir() or not (path / "config.json").exists():
             raise ValueError(f"{path} is not a Hugging Face model directory (no config.json)")
-        return str(path.resolve()), {}
+        return str(path.resolve())
     if spec.count("/") == 1 and not spec.startswith((".", "/")):
-        return spec, {}
+        return spec
     raise ValueError(
         f"cannot resolve model {spec!r}: not a builtin (builtin:smollm2), an existing directory, "
         "a .gguf file or a hub id (org/name)"
@@ -292,7 +294,7 @@ def load_model(
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     dev = resolve_device(device)
-    source, extra = resolve_source(spec)
+    source = resolve_source(spec)
     _check_weights_format(source, allow_pickle)
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
@@ -305,9 +307,9 @@ def load_model(
         dtype=torch_dtype,
         use_safetensors=None if allow_pickle else True,
         trust_remote_code=trust_remote_code,
-        **extra,
     )
     model.to(dev).eval()
+    model.requires_grad_(False)  # inference by default; editors enable what they train
     tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     prepare_tokenizer(tok)
     return LoadedModel(
