@@ -9,7 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = Path(os.environ.get("MEDIT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+def need_data(name: str) -> Path:
+    """Path of a shared benchmark file; the test is skipped, saying why, where it is absent."""
+    path = DATA / name
+    if not path.is_file():
+        pytest.skip(f"benchmark data {path} not present (set MEDIT_DATA to the shared/data folder)")
+    return path
+
 
 CORPUS = [
     "The hormone insulin is produced by the pancreas.",

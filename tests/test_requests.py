@@ -8,11 +8,11 @@ from medit.requests import (
     load_requests,
     parse_record,
 )
-from tests.conftest import DATA
+from tests.conftest import need_data
 
 
 def _slice(tmp_path, name, n=3):
-    records = json.loads((DATA / name).read_text())[:n]
+    records = json.loads(need_data(name).read_text())[:n]
     path = tmp_path / name.replace("/", "_")
     path.write_text(json.dumps(records))
     return path, records
@@ -41,7 +41,7 @@ def test_medfe_fields_map_and_extra_fields_are_kept(tmp_path):
 
 @pytest.mark.parametrize("name", ["MedCF/test.json", "MedFE/test.json"])
 def test_whole_benchmark_files_validate(name):
-    reqs = load_requests(DATA / name)
+    reqs = load_requests(need_data(name))
     assert len(reqs) > 800 and all(r.locality for r in reqs)
 
 
