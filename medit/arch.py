@@ -91,11 +91,6 @@ class ArchSpec:
             logits = torch.tanh(logits / cap) * cap
         return logits
 
-    def linear_weight(self, model: nn.Module, layer: int, kind: str) -> torch.Tensor:
-        """The weight of a linear module as (out_features, in_features), whatever its storage."""
-        w = self.module(model, layer, kind).weight
-        return w.T if self.conv1d else w
-
 
 _LLAMA_KINDS = {
     "mlp": "mlp",

@@ -9,6 +9,7 @@ from medit.cli import main
 from medit.editors.base import make_editor
 from medit.export import apply_artifact, save_edited_model
 from medit.models import load_model
+from medit.results import read_results
 from tests.test_editors import REQS
 
 
@@ -61,7 +62,7 @@ def test_cli_edit_writes_a_complete_run_directory(tiny_model_dir, tmp_path, mode
                                     str(_requests_file(tmp_path)), "--mode", mode, "--out", str(out),
                                     "--device", "cpu", "--hparam", "lr=0.005"])  # fmt: skip
     assert res.exit_code == 0, res.output
-    results = json.loads((out / "results.json").read_text())
+    results = read_results(out)
     assert results["schema"] == "medit.results/1"
     prov = results["provenance"]
     assert len(prov["model"]["weights_sha256"]) == 64 and prov["libraries"]["torch"]

@@ -167,15 +167,6 @@ class EditResult:
             **provenance,
         )
 
-    def summary(self) -> dict[str, Any]:
-        return {
-            "method": self.method,
-            "state": self.state,
-            "tensors": self.update_norms(),
-            "seconds": self.seconds,
-            "diagnostics": self.diagnostics,
-        }
-
 
 class Editor(ABC):
     """Base class of every editing method."""
