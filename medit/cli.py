@@ -198,6 +198,92 @@ def read_prompts(path: str) -> list[str]:
 
 
 @main.command()
+@click.option(
+    "--suite",
+    type=click.Choice(["medcf", "medfe", "builtin"]),
+    default="builtin",
+    show_default=True,
+)
+@click.option(
+    "--data",
+    type=click.Path(exists=True),
+    help="The suite's JSON file or folder (MedCF/MedFE as published with MedLaSA).",
+)
+@click.option("--methods", default="ft-m", show_default=True, help="Comma-separated editors.")
+@click.option("--model", default="builtin:smollm2", show_default=True)
+@click.option(
+    "--mode",
+    type=click.Choice(["single", "batch", "sequential"]),
+    default="single",
+    show_default=True,
+)
+@click.option("--batch-size", default=8, show_default=True, help="Edits per batch (batch mode).")
+@click.option("--limit", type=int, help="First N cases.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--device", default="auto", show_default=True, help=DEVICES)
+@click.option("--dtype", type=DTYPES, default="auto", show_default=True)
+@click.option(
+    "--hparam",
+    "hparams",
+    multiple=True,
+    metavar="[METHOD:]KEY=VALUE",
+    help="Override a hyper-parameter of one method (or of all).",
+)
+@click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
+@click.option(
+    "--keep-flagged",
+    is_flag=True,
+    help="Keep metrics that data-quality flags mark as unmeasurable.",
+)
+@click.option(
+    "--compare",
+    "compare_dirs",
+    multiple=True,
+    type=click.Path(exists=True),
+    help="Merge finished runs into one table (repeatable); writes --out if given.",
+)
+@click.option("--out", type=click.Path(file_okay=False), help="Run directory.")
+@click.pass_context
+@_user_errors
+def bench(ctx, suite, data, methods, model, mode, batch_size, limit, seed, device, dtype, hparams,
+          resume, keep_flagged, compare_dirs, out):  # fmt: skip
+    """Benchmark editors on MedCF, MedFE or the built-in set (resumable); or --compare runs."""
+    from medit.bench import tables
+
+    if compare_dirs:
+        merged = tables.compare(list(compare_dirs))
+        text = tables.markdown(merged)
+        if out:
+            from medit.export import atomic_write_text
+
+            atomic_write_text(Path(out) / "results.json", json.dumps(merged, indent=2))
+            atomic_write_text(Path(out) / "table.md", text)
+            atomic_write_text(Path(out) / "table.csv", tables.csv_text(merged))
+        click.echo(text)
+        return
+    if not out:
+        raise ValueError("give --out RUN_DIR")
+    from medit.bench.runner import BenchConfig, run_bench
+
+    names = tuple(m.strip() for m in methods.split(",") if m.strip())
+    per_method: dict[str, dict] = {m: {} for m in names}
+    for key, value in _parse_hparams(hparams).items():
+        method, _, field = key.rpartition(":")
+        for m in [method] if method else names:
+            if m not in per_method:
+                raise ValueError(f"--hparam {key}: {m!r} is not among --methods")
+            per_method[m][field] = value
+    cfg = BenchConfig(
+        out=out, suite=suite, data=data, methods=names, model=model, mode=mode,
+        batch_size=batch_size, limit=limit, seed=seed, device=device, dtype=dtype,
+        hparams=per_method, resume=resume, keep_flagged=keep_flagged, quiet=ctx.obj["quiet"],
+    )  # fmt: skip
+    res = run_bench(cfg)
+    click.echo(tables.markdown(res))
+    click.echo(str(Path(out).resolve()), err=True)
+
+
+@main.command()
 def models():
     """Builtin models and the models materialised in the cache."""
     from medit.models import BUILTIN_MODELS, builtin_gguf_path, cache_dir, cached_models

@@ -1,0 +1,291 @@
+"""``run_bench``: editors over a suite, resumable case by case.
+
+Run directory:
+
+* ``bench.json`` — the configuration, data hash and provenance (checked again on ``--resume``);
+* ``cases.jsonl`` — one line per finished (method, case), appended and fsynced as each finishes;
+  a line cut short by a crash is dropped on resume and the case is run again;
+* ``checkpoints/<method>/`` — sequential mode: the cumulative edit after each request, so a
+  resumed run continues from the last edit instead of starting over;
+* ``results.json``, ``table.md``, ``table.csv`` — the aggregate, rewritten at the end.
+
+The pre-edit baseline of each case is computed once per (model weights, evaluation settings) and
+cached on disk, keyed by the case's content.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from medit import results as R
+from medit.bench import tables
+from medit.bench.metrics import aggregate_cases, case_metrics, quality_flags
+from medit.bench.suites import data_sha256, get_suite
+from medit.editors.base import EditResult, make_editor
+from medit.evaluation import evaluate
+from medit.export import apply_artifact, atomic_write_text, write_weights_artifact
+from medit.models import DEFAULT_MODEL, cache_dir, load_model
+from medit.requests import check_lengths, context_length
+from medit.runner import MODES, set_seed
+
+log = logging.getLogger(__name__)
+
+SCHEMA = "medit.bench/1"
+CASES_FILE = "cases.jsonl"
+_IDENTITY = ("suite", "data_sha256", "methods", "model", "mode", "batch_size", "limit", "seed",
+             "hparams")  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    out: str  #: run directory
+    suite: str = "builtin"  #: medcf | medfe | builtin
+    data: str | None = None  #: suite file or folder (MedCF/MedFE)
+    methods: tuple[str, ...] = ("ft-m",)
+    model: str = DEFAULT_MODEL
+    mode: str = "single"  #: single | batch | sequential
+    batch_size: int = 8  #: edits applied together in batch mode
+    limit: int | None = None  #: first N cases
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"
+    hparams: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  #: per method
+    resume: bool = False
+    keep_flagged: bool = False  #: aggregate flagged cases' affected metrics too
+    eval_batch_size: int = 32
+    quiet: bool = False
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, not {self.mode!r}")
+        if not self.methods:
+            raise ValueError("give at least one method")
+
+
+def run_bench(cfg: BenchConfig) -> dict[str, Any]:
+    suite = get_suite(cfg.suite)
+    editors = {m: make_editor(m, **cfg.hparams.get(m, {})) for m in cfg.methods}
+    requests = suite.load(cfg.data, cfg.limit)
+    out = Path(cfg.out)
+    identity = {**{k: getattr(cfg, k) for k in _IDENTITY if hasattr(cfg, k)},
+                "methods": list(cfg.methods), "data_sha256": data_sha256(suite.resolve(cfg.data))}  # fmt: skip
+    done = _prepare_dir(out, identity, cfg.resume)
+    lm = load_model(cfg.model, cfg.device, cfg.dtype)
+    check_lengths(requests, lm.tokenizer, context_length(lm.model.config))
+    ecfg = dataclasses.replace(suite.eval, batch_size=cfg.eval_batch_size)
+    if not (out / "bench.json").exists():
+        atomic_write_text(out / "bench.json", json.dumps(
+            {"schema": SCHEMA, "config": dataclasses.asdict(cfg), "identity": identity,
+             "provenance": R.provenance(model=lm.provenance())}, indent=2))  # fmt: skip
+    pre = baseline(lm, requests, ecfg, quiet=cfg.quiet)
+    for method, editor in editors.items():
+        todo = [i for i in range(len(requests)) if (method, i) not in done]
+        if not todo:
+            continue
+        set_seed(cfg.seed)
+        bar = tqdm(total=len(todo), desc=f"{cfg.suite} {method}", unit="case", disable=cfg.quiet)
+        run = _RUNNERS[cfg.mode]
+        run(cfg, suite, method, editor, lm, requests, pre, todo, ecfg, out, bar)
+        bar.close()
+    return finish(out)
+
+
+def _prepare_dir(out: Path, identity: dict, resume: bool) -> set[tuple[str, int]]:
+    """Create or reopen the run directory; the (method, case) pairs already finished."""
+    if out.exists() and any(out.iterdir()):
+        if not resume:
+            raise ValueError(f"--out {out} is not empty; pass --resume to continue that run")
+        bench = (
+            json.loads((out / "bench.json").read_text()) if (out / "bench.json").exists() else {}
+        )
+        if bench and bench.get("identity") != json.loads(json.dumps(identity)):
+            raise ValueError(f"--resume: {out} was started with different settings "
+                             f"({bench.get('identity')}); use another --out")  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    return {(c["method"], c["case"]) for c in read_cases(out, repair=True)}
+
+
+def read_cases(out: Path, repair: bool = False) -> list[dict[str, Any]]:
+    """Finished cases; with ``repair``, a trailing line cut short by a crash is removed."""
+    path = out / CASES_FILE
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    good_end, cases = 0, []
+    for line in data.splitlines(keepends=True):
+        if not line.endswith(b"\n"):
+            break
+        try:
+            cases.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+        good_end += len(line)
+    if repair and good_end < len(data):
+        log.warning("%s: dropping an incomplete last line (interrupted run)", path)
+        with open(path, "r+b") as f:
+            f.truncate(good_end)
+    seen, unique = set(), []
+    for c in cases:  # a case is never counted twice
+        if (c["method"], c["case"]) not in seen:
+            seen.add((c["method"], c["case"]))
+            unique.append(c)
+    return unique
+
+
+def _append(out: Path, record: dict[str, Any]) -> None:
+    with open(out / CASES_FILE, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _record(suite, method, i, req, post, seconds, steps, lm) -> dict[str, Any]:
+    post = dict(post)
+    post["teacher_forced"] = {k: v for k, v in post["teacher_forced"].items()
+                              if k != "locality_tokens"}  # fmt: skip
+    return {
+        "method": method,
+        "case": i,
+        "id": req.id,
+        "flags": quality_flags(req),
+        "metrics": case_metrics(req, post, suite.explanation),
+        "seconds": seconds,
+        "steps": steps,
+        "peak_memory_mb": _peak_mb(lm.device),
+        "post": post,
+    }
+
+
+def _peak_mb(device: torch.device) -> float:
+    mem = R.peak_memory_mb(device)
+    return mem.get("cuda_peak_allocated_mb", mem["process_peak_rss_mb"])
+
+
+def _steps(result: EditResult) -> float | None:
+    steps = [d["steps"] for d in result.diagnostics if "steps" in d]
+    return sum(steps) / len(steps) if steps else None
+
+
+def _run_single(cfg, suite, method, editor, lm, requests, pre, todo, ecfg, out, bar):
+    model, tok, arch = lm.model, lm.tokenizer, lm.arch
+    for i in todo:
+        if lm.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(lm.device)
+        result = editor.apply(model, tok, [requests[i]])
+        post = evaluate(model, tok, arch, [requests[i]], ecfg, reference=[pre[i]])[0]
+        _append(out, _record(suite, method, i, requests[i], post, result.seconds,
+                             _steps(result), lm))  # fmt: skip
+        result.restore()
+        bar.update(1)
+
+
+def _run_batch(cfg, suite, method, editor, lm, requests, pre, todo, ecfg, out, bar):
+    """Fixed chunks of ``batch_size`` cases; a chunk with missing cases is redone whole and only
+    its missing cases are written (the edit is deterministic for a given seed)."""
+    model, tok, arch = lm.model, lm.tokenizer, lm.arch
+    missing = set(todo)
+    for start in range(0, len(requests), cfg.batch_size):
+        idx = list(range(start, min(start + cfg.batch_size, len(requests))))
+        if not missing.intersection(idx):
+            continue
+        chunk = [requests[i] for i in idx]
+        result = editor.apply(model, tok, chunk)
+        posts = evaluate(model, tok, arch, chunk, ecfg, reference=[pre[i] for i in idx])
+        for i, post in zip(idx, posts, strict=True):
+            if i in missing:
+                _append(out, _record(suite, method, i, requests[i], post,
+                                     result.seconds / len(idx), _steps(result), lm))  # fmt: skip
+                bar.update(1)
+        result.restore()
+
+
+def _run_sequential(cfg, suite, method, editor, lm, requests, pre, todo, ecfg, out, bar):
+    """All edits one after another (checkpointed), then every case evaluated (retention)."""
+    model, tok, arch = lm.model, lm.tokenizer, lm.arch
+    ckpt = out / "checkpoints" / method
+    seconds: list[float] = []
+    results: list[EditResult] = []
+    if (ckpt / "artifact").exists():
+        manifest = apply_artifact(model, ckpt)
+        seconds = manifest["edit_seconds"]
+        log.info("resumed %s after %d sequential edits", method, len(seconds))
+    base_originals = _checkpoint_originals(ckpt)
+    for i in range(len(seconds), len(requests)):
+        results.append(editor.apply(model, tok, [requests[i]]))
+        seconds.append(results[-1].seconds)
+        combined = EditResult.combine(results)
+        originals = {**combined.originals, **base_originals}  # weights before the first edit
+        params = dict(model.named_parameters())
+        edited = {n: params[n].detach() for n in originals}
+        write_weights_artifact(ckpt, method=method, hparams=combined.hparams.to_dict(),
+                               edited=edited, originals=originals, edit_seconds=seconds)  # fmt: skip
+        bar.set_postfix_str(f"edit {i + 1}/{len(requests)}")
+    posts = evaluate(model, tok, arch, [requests[i] for i in todo], ecfg,
+                     reference=[pre[i] for i in todo])  # fmt: skip
+    for i, post in zip(todo, posts, strict=True):
+        _append(out, _record(suite, method, i, requests[i], post, seconds[i], None, lm))
+        bar.update(1)
+    apply_artifact(model, ckpt, revert=True)
+
+
+def _checkpoint_originals(ckpt: Path) -> dict[str, torch.Tensor]:
+    if not (ckpt / "artifact").exists():
+        return {}
+    from medit.export import read_artifact
+
+    return read_artifact(ckpt)[2]
+
+
+_RUNNERS = {"single": _run_single, "batch": _run_batch, "sequential": _run_sequential}
+
+
+def baseline(lm, requests, ecfg, quiet: bool = False) -> list[dict[str, Any]]:
+    """Pre-edit states, computed once per (model weights, evaluation settings) and cached."""
+    key = hashlib.sha256(
+        json.dumps([lm.weights_sha256, dataclasses.asdict(ecfg)], sort_keys=True).encode()
+    ).hexdigest()[:24]
+    path = cache_dir() / "baselines" / f"{key}.json"
+    cache = json.loads(path.read_text()) if path.exists() else {}
+    hashes = [hashlib.sha256(json.dumps({k: v for k, v in r.to_dict().items() if k != "id"},
+                                        sort_keys=True).encode()).hexdigest() for r in requests]  # fmt: skip
+    missing = [i for i, h in enumerate(hashes) if h not in cache]
+    if missing:
+        log.info("pre-edit baseline: evaluating %d cases (cached: %d)", len(missing),
+                 len(requests) - len(missing))  # fmt: skip
+        t = time.perf_counter()
+        states = evaluate(lm.model, lm.tokenizer, lm.arch, [requests[i] for i in missing], ecfg)
+        log.info("baseline took %.1f s", time.perf_counter() - t)
+        for i, state in zip(missing, states, strict=True):
+            cache[hashes[i]] = state
+        atomic_write_text(path, json.dumps(cache))
+    return [cache[h] for h in hashes]
+
+
+def finish(out: Path) -> dict[str, Any]:
+    """Aggregate ``cases.jsonl`` into results.json, table.md and table.csv."""
+    bench = json.loads((out / "bench.json").read_text())
+    cfg = bench["config"]
+    suite = get_suite(cfg["suite"])
+    cases = read_cases(out)
+    methods = {}
+    for method in cfg["methods"]:
+        mine = sorted((c for c in cases if c["method"] == method), key=lambda c: c["case"])
+        if mine:
+            methods[method] = aggregate_cases(mine, suite.locality_types, cfg["keep_flagged"])
+    res = {"schema": SCHEMA, "suite": cfg["suite"], "mode": cfg["mode"], "model": cfg["model"],
+           "locality_types": list(suite.locality_types), "methods": methods,
+           "provenance": bench["provenance"], "config": cfg}  # fmt: skip
+    atomic_write_text(out / "results.json", json.dumps(res, indent=2))
+    atomic_write_text(out / "table.md", tables.markdown(res))
+    atomic_write_text(out / "table.csv", tables.csv_text(res))
+    return res

@@ -1,0 +1,109 @@
+"""Benchmark tables (Markdown, CSV) rendered from results.json alone, and run comparison."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+PROTOCOL_LABELS = {"teacher_forced": "teacher-forced (comparable to the MedLaSA paper)",
+                   "generation": "generation-based (greedy decoding)"}  # fmt: skip
+
+
+def _fmt(v: Any, scale: float = 100.0) -> str:
+    return "–" if v is None else f"{v * scale:.1f}"
+
+
+def _columns(res: dict[str, Any], protocol: str) -> list[tuple[str, Any]]:
+    """(header, getter) pairs of one protocol's table."""
+    cols = [("Efficacy", lambda t: _fmt(t.get("efficacy"))),
+            ("Generality", lambda t: _fmt(t.get("generality")))]  # fmt: skip
+    for kind in res["locality_types"]:
+        cols.append((f"Loc:{kind}", lambda t, k=kind: _fmt(t.get("locality", {}).get(k))))
+    cols += [("Locality", lambda t: _fmt(t.get("locality_avg"))),
+             ("Average", lambda t: _fmt(t.get("average")))]  # fmt: skip
+    if protocol == "generation":
+        cols.append(("Fluency", lambda t: _fmt(t.get("fluency"), 1.0)))
+        if any("rouge_l" in m.get("generation", {}) for m in res["methods"].values()):
+            cols += [("ROUGE-L", lambda t: _fmt(t.get("rouge_l"))),
+                     ("Answer", lambda t: _fmt(t.get("answer_stated")))]  # fmt: skip
+    return cols
+
+
+def rows(res: dict[str, Any], protocol: str) -> tuple[list[str], list[list[str]]]:
+    cols = _columns(res, protocol)
+    header = ["Method", *(h for h, _ in cols), "n", "s/edit", "peak MB"]
+    body = []
+    for label, m in res["methods"].items():
+        if protocol not in m:
+            continue
+        t = m[protocol]
+        sec, mem = m.get("seconds_per_edit"), m.get("peak_memory_mb")
+        body.append([label, *(get(t) for _, get in cols), str(m["n"]),
+                     "–" if sec is None else f"{sec:.2f}",
+                     "–" if mem is None else f"{mem:.0f}"])  # fmt: skip
+    return header, body
+
+
+def markdown(res: dict[str, Any]) -> str:
+    out = [f"# {res['suite']} — {res['mode']} editing on {res['model']}\n"]
+    for protocol, label in PROTOCOL_LABELS.items():
+        header, body = rows(res, protocol)
+        if not body:
+            continue
+        out.append(f"## {label}\n")
+        out.append("| " + " | ".join(header) + " |")
+        out.append("|" + "---|" * len(header))
+        out += ["| " + " | ".join(r) + " |" for r in body]
+        out.append("")
+    excluded = {k: v for m in res["methods"].values() for k, v in m.get("excluded", {}).items()}
+    if excluded:
+        out.append("Data-quality flags (affected metrics excluded): "
+                   + ", ".join(f"{k}: {v} cases" for k, v in sorted(excluded.items())))  # fmt: skip
+    out.append("Scores in %; Average = (mean(Efficacy, Generality) + Locality) / 2 as in the "
+               "MedLaSA paper; Fluency = n-gram entropy; peak MB = CUDA allocator peak on GPU, "
+               "process peak RSS on CPU.")  # fmt: skip
+    return "\n".join(out) + "\n"
+
+
+def csv_text(res: dict[str, Any]) -> str:
+    """Tidy CSV: one row per (protocol, method, metric), scores in %."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["protocol", "method", "metric", "value"])
+    for protocol in PROTOCOL_LABELS:
+        header, body = rows(res, protocol)
+        for r in body:
+            for metric, value in zip(header[1:], r[1:], strict=True):
+                w.writerow([protocol, r[0], metric, value])
+    return buf.getvalue()
+
+
+def compare(run_dirs: list[str | Path]) -> dict[str, Any]:
+    """Merge several benchmark runs of one suite into one results dict (method labels get the
+    run's mode when it differs between runs)."""
+    runs = []
+    for d in run_dirs:
+        path = Path(d) / "results.json"
+        if not path.is_file():
+            raise ValueError(f"{d} is not a finished benchmark run (no results.json)")
+        runs.append(json.loads(path.read_text()))
+    suites = {r["suite"] for r in runs}
+    if len(suites) > 1:
+        raise ValueError(f"cannot compare runs of different suites: {', '.join(sorted(suites))}")
+    modes = {r["mode"] for r in runs}
+    merged = {
+        **runs[0],
+        "methods": {},
+        "mode": "/".join(sorted(modes)),
+        "compared": [str(d) for d in run_dirs],
+    }
+    for r in runs:
+        for label, m in r["methods"].items():
+            name = f"{label} ({r['mode']})" if len(modes) > 1 else label
+            if name in merged["methods"]:
+                name = f"{name} [{len(merged['methods'])}]"
+            merged["methods"][name] = m
+    return merged

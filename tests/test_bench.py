@@ -1,0 +1,148 @@
+import json
+
+import pytest
+
+from medit.bench import runner as bench_runner
+from medit.bench import tables
+from medit.bench.metrics import aggregate_cases, quality_flags, rouge_l
+from medit.bench.runner import BenchConfig, read_cases, run_bench
+from medit.bench.suites import get_suite
+from medit.requests import RequestError, parse_record
+from tests.conftest import need_data
+
+
+def _slice(tmp_path, name, n):
+    records = json.loads(need_data(name).read_text())[:n]
+    path = tmp_path / name.replace("/", "_")
+    path.write_text(json.dumps(records))
+    return path
+
+
+@pytest.mark.parametrize(
+    "suite, name, types",
+    [("medcf", "MedCF/test.json", {"target", "mapping", "struc", "tokenSem"}),
+     ("medfe", "MedFE/test.json", {"topic", "tokenSem"})],
+)  # fmt: skip
+def test_suites_load_their_files_with_datasets(tmp_path, suite, name, types):
+    path = _slice(tmp_path, name, 5)
+    reqs = get_suite(suite).load(str(path))
+    raw = json.loads(path.read_text())
+    assert len(reqs) == 5 and set(reqs[0].locality) == types
+    assert reqs[2].prompt == raw[2]["prompt"] and reqs[2].rephrase_prompts == (
+        raw[2]["rephrase_prompt"],
+    )
+
+
+def test_a_suite_needs_its_locality_types_and_its_data(tmp_path):
+    path = tmp_path / "x.json"
+    path.write_text(json.dumps([{"prompt": "p", "target_new": "t"}]))
+    with pytest.raises(RequestError, match="x.json: record 1, field 'locality_mapping_prompt'"):
+        get_suite("medcf").load(str(path))
+    with pytest.raises(ValueError, match="needs --data"):
+        get_suite("medcf").load(None)
+
+
+def test_quality_flags_find_the_known_medcf_cases():
+    reqs = get_suite("medcf").load(str(need_data("MedCF/test.json")))
+    flags = [quality_flags(r) for r in reqs]
+    assert sum("locality_prompt_is_edit_prompt:mapping" in f for f in flags) == 46
+    assert sum("target_equals_ground_truth" in f for f in flags) == 4
+
+
+def test_rouge_l_by_hand():
+    # candidate "a b c d", reference "a c d e": LCS = a c d (3); P = 3/4, R = 3/4
+    assert rouge_l("a b c d", "a c d e") == pytest.approx(0.75)
+    assert rouge_l("x y", "a b") == 0.0 and rouge_l("", "a") == 0.0
+
+
+def test_aggregation_by_hand_with_exclusions():
+    cases = [
+        {"metrics": {"tf.efficacy": 1.0, "tf.generality": 0.5, "tf.locality.a": 1.0,
+                     "tf.locality.b": 0.0, "gen.efficacy": 1.0, "gen.generality": 0.0,
+                     "gen.locality.a": 1.0, "gen.locality.b": 1.0, "gen.fluency": 5.0},
+         "flags": {}, "seconds": 1.0},
+        {"metrics": {"tf.efficacy": 0.0, "tf.generality": 1.0, "tf.locality.a": 0.5,
+                     "tf.locality.b": 1.0, "gen.efficacy": 0.0, "gen.generality": 1.0,
+                     "gen.locality.a": 0.0, "gen.locality.b": 0.0, "gen.fluency": 3.0},
+         "flags": {"locality_prompt_is_edit_prompt:b": ["tf.locality.b", "gen.locality.b"]},
+         "seconds": 3.0},
+    ]  # fmt: skip
+    agg = aggregate_cases(cases, ["a", "b"])
+    tf = agg["teacher_forced"]
+    assert tf["efficacy"] == 0.5 and tf["generality"] == 0.75
+    assert tf["locality"] == {"a": 0.75, "b": 0.0}  # case 2's b excluded
+    assert tf["locality_avg"] == 0.375 and tf["average"] == pytest.approx((0.625 + 0.375) / 2)
+    assert agg["generation"]["locality"]["b"] == 1.0 and agg["generation"]["fluency"] == 4.0
+    assert agg["excluded"] == {"locality_prompt_is_edit_prompt": 1}
+    assert agg["seconds_per_edit"] == 2.0
+    kept = aggregate_cases(cases, ["a", "b"], keep_flagged=True)
+    assert kept["teacher_forced"]["locality"]["b"] == 0.5
+
+
+@pytest.mark.parametrize("mode", ["single", "batch", "sequential"])
+def test_resume_after_a_crash_gives_the_same_aggregate(tmp_path, tiny_model_dir, monkeypatch, mode):
+    data = _slice(tmp_path, "MedCF/test.json", 6)
+    common = dict(suite="medcf", data=str(data), model=str(tiny_model_dir), mode=mode,
+                  batch_size=4, device="cpu", quiet=True, hparams={"ft-m": {"steps": 3}})  # fmt: skip
+    whole = run_bench(BenchConfig(out=str(tmp_path / "whole"), **common))
+
+    crashed = tmp_path / "crashed"
+    real_append, calls = bench_runner._append, []
+
+    def crash_after_three(out, record):
+        if len(calls) == 3:
+            with open(out / "cases.jsonl", "ab") as f:
+                f.write(b'{"method": "ft-m", "case": 5, "flags"')  # a line cut by kill -9
+            raise KeyboardInterrupt
+        calls.append(record["case"])
+        real_append(out, record)
+
+    monkeypatch.setattr(bench_runner, "_append", crash_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(BenchConfig(out=str(crashed), **common))
+    monkeypatch.setattr(bench_runner, "_append", real_append)
+    with pytest.raises(ValueError, match="pass --resume"):
+        run_bench(BenchConfig(out=str(crashed), **common))
+    resumed = run_bench(BenchConfig(out=str(crashed), resume=True, **common))
+
+    cases = read_cases(crashed)
+    assert sorted(c["case"] for c in cases) == list(range(6))  # none lost, none duplicated
+
+    def strip(m):
+        return {k: v for k, v in m.items() if k not in ("seconds_per_edit", "peak_memory_mb")}  # noqa: E731
+
+    assert strip(resumed["methods"]["ft-m"]) == strip(whole["methods"]["ft-m"])
+    assert (crashed / "table.md").read_text().count("ft-m") == 2
+
+
+def test_resume_refuses_other_settings(tmp_path, tiny_model_dir):
+    data = _slice(tmp_path, "MedCF/test.json", 2)
+    common = dict(suite="medcf", data=str(data), model=str(tiny_model_dir), device="cpu",
+                  quiet=True, hparams={"ft-m": {"steps": 2}})  # fmt: skip
+    run_bench(BenchConfig(out=str(tmp_path / "r"), **common))
+    with pytest.raises(ValueError, match="different settings"):
+        run_bench(BenchConfig(out=str(tmp_path / "r"), resume=True, seed=1, **common))
+
+
+def test_tables_and_compare(tmp_path, tiny_model_dir):
+    data = _slice(tmp_path, "MedFE/test.json", 2)
+    common = dict(suite="medfe", data=str(data), model=str(tiny_model_dir), device="cpu",
+                  quiet=True)  # fmt: skip
+    a = run_bench(BenchConfig(out=str(tmp_path / "a"), methods=("ft-m",),
+                              hparams={"ft-m": {"steps": 2}}, **common))  # fmt: skip
+    run_bench(BenchConfig(out=str(tmp_path / "b"), methods=("ft-l",), **common))
+    md = tables.markdown(a)
+    assert "teacher-forced" in md and "Loc:topic" in md and "ROUGE-L" in md
+    assert "protocol,method,metric,value" in (tmp_path / "a" / "table.csv").read_text()
+    merged = tables.compare([tmp_path / "a", tmp_path / "b"])
+    assert set(merged["methods"]) == {"ft-m", "ft-l"}
+    with pytest.raises(ValueError, match="not a finished benchmark run"):
+        tables.compare([tmp_path])
+
+
+def test_builtin_flags_nothing():
+    reqs = get_suite("builtin").load(None)
+    assert not any(quality_flags(r) for r in reqs)
+    assert quality_flags(parse_record({"prompt": "p", "target_new": "x", "ground_truth": "X"},
+                                      "t", 1)) == {"target_equals_ground_truth": [
+        "tf.efficacy", "tf.generality", "gen.efficacy", "gen.efficacy_exact", "gen.generality"]}  # fmt: skip
