@@ -29,6 +29,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_ft.py
+	$(PY) benchmarks/bench_eval.py
 
 clean:
 	rm -rf $(VENV) .cache runs .pytest_cache
