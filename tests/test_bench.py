@@ -146,3 +146,28 @@ def test_builtin_flags_nothing():
     assert quality_flags(parse_record({"prompt": "p", "target_new": "x", "ground_truth": "X"},
                                       "t", 1)) == {"target_equals_ground_truth": [
         "tf.efficacy", "tf.generality", "gen.efficacy", "gen.efficacy_exact", "gen.generality"]}  # fmt: skip
+
+
+def test_cli_bench_and_compare(tmp_path, tiny_model_dir):
+    from click.testing import CliRunner
+
+    from medit.cli import main
+
+    runner = CliRunner()
+    args = ["-q", "bench", "--suite", "builtin", "--model", str(tiny_model_dir), "--limit", "2",
+            "--device", "cpu", "--methods", "ft-m,ft-l", "--hparam", "ft-m:steps=2"]  # fmt: skip
+    res = runner.invoke(main, [*args, "--out", str(tmp_path / "a")])
+    assert res.exit_code == 0, res.output
+    assert "| ft-m |" in res.output and "| ft-l |" in res.output
+    bench = json.loads((tmp_path / "a" / "bench.json").read_text())
+    assert bench["config"]["hparams"] == {"ft-m": {"steps": 2}, "ft-l": {}}
+    res = runner.invoke(main, [*args, "--out", str(tmp_path / "a")])
+    assert res.exit_code == 2 and "pass --resume" in res.output
+    res = runner.invoke(
+        main, ["bench", "--compare", str(tmp_path / "a"), "--out", str(tmp_path / "c")]
+    )
+    assert res.exit_code == 0 and (tmp_path / "c" / "table.md").exists()
+    res = runner.invoke(
+        main, [*args[:-2], "--hparam", "rome:steps=2", "--out", str(tmp_path / "b")]
+    )
+    assert res.exit_code == 2 and "'rome' is not among --methods" in res.output
