@@ -101,12 +101,22 @@ def main(ctx: click.Context, quiet: bool, verbose: bool) -> None:
 @click.option("--batch-size", default=32, show_default=True, help="Evaluation batch size.")
 @click.option("--no-generation", is_flag=True, help="Skip the generation-based protocol.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty run directory.")
+@click.option(
+    "--threshold",
+    "thresholds",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Pass-rate threshold the report's verdict uses (efficacy, generality, "
+    "locality; generation-based), declared before the run. Repeatable.",
+)
+@click.option("--fail-under", is_flag=True, help="Exit 3 when the verdict fails the thresholds.")
 @click.option("--allow-pickle", is_flag=True, help="Allow pickle (.bin) weights. Unsafe.")
 @click.option("--trust-remote-code", is_flag=True, help="Run the model repo's code. Unsafe.")
 @click.pass_context
 @_user_errors
 def edit(ctx, model, method, requests_, mode, out, save_model, seed, device, dtype, limit, hparams,
-         batch_size, no_generation, overwrite, allow_pickle, trust_remote_code):  # fmt: skip
+         batch_size, no_generation, overwrite, thresholds, fail_under, allow_pickle,
+         trust_remote_code):  # fmt: skip
     """Edit facts into a model and evaluate the edit before/after; writes RUN_DIR."""
     from medit.evaluation import EvalConfig
     from medit.runner import RunConfig, run_edit
@@ -117,28 +127,20 @@ def edit(ctx, model, method, requests_, mode, out, save_model, seed, device, dty
         save_model=save_model, overwrite=overwrite, allow_pickle=allow_pickle,
         trust_remote_code=trust_remote_code, quiet=ctx.obj["quiet"],
         eval=EvalConfig(batch_size=batch_size, generation=not no_generation),
+        thresholds=_parse_thresholds(thresholds),
     )  # fmt: skip
+    from medit.report.render import verdict, write_report
+    from medit.results import format_summary
+
     res = run_edit(cfg)
     if not ctx.obj["quiet"]:
         click.echo(format_summary(res), err=True)
+    report = write_report(out)
+    click.echo(f"report: {report.resolve()}", err=True)
     click.echo(str(Path(out).resolve()))
-
-
-def format_summary(res: dict) -> str:
-    """A few lines: before -> after for the headline metrics of each protocol."""
-    pre, post = res["metrics"]["pre"], res["metrics"]["post"]
-    lines = [f"{res['config']['method']} ({res['config']['mode']}), {post['n']} requests, "
-             f"{res['edit']['seconds_per_edit']:.2f} s/edit"]  # fmt: skip
-    rows = [("teacher_forced", "efficacy"), ("teacher_forced", "generality"),
-            ("teacher_forced", "locality_mean"), ("generation", "efficacy_contains"),
-            ("generation", "generality_contains"), ("generation", "locality_mean"),
-            ("generation", "fluency")]  # fmt: skip
-    for proto, key in rows:
-        if proto in post and post[proto].get(key) is not None:
-            before = pre.get(proto, {}).get(key)
-            b = "  -  " if before is None else f"{before:.3f}"
-            lines.append(f"  {proto:15s} {key:20s} {b} -> {post[proto][key]:.3f}")
-    return "\n".join(lines)
+    if fail_under and not verdict(res)["passed"]:
+        click.echo("medit: verdict FAIL against the run's thresholds (--fail-under)", err=True)
+        sys.exit(3)
 
 
 @main.command()
@@ -281,6 +283,46 @@ def bench(ctx, suite, data, methods, model, mode, batch_size, limit, seed, devic
     res = run_bench(cfg)
     click.echo(tables.markdown(res))
     click.echo(str(Path(out).resolve()), err=True)
+
+
+def _parse_thresholds(items: tuple[str, ...]) -> dict[str, float]:
+    from medit.report.render import DEFAULT_THRESHOLDS
+
+    out = dict(DEFAULT_THRESHOLDS)
+    for key, value in _parse_hparams(items).items():
+        if key not in DEFAULT_THRESHOLDS:
+            raise ValueError(f"unknown --threshold {key!r}; use {', '.join(DEFAULT_THRESHOLDS)}")
+        if not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise ValueError(f"--threshold {key}: expected a pass rate between 0 and 1")
+        out[key] = float(value)
+    return out
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False),
+    help="Report file (default: RUN_DIR/report.html or report.md).",
+)
+@click.option(
+    "--format", "fmt", type=click.Choice(["html", "md"]), default="html", show_default=True
+)
+@click.option(
+    "--fail-under", is_flag=True, help="Exit 3 when an edit run's verdict fails its thresholds."
+)
+@_user_errors
+def report(run_dir, output, fmt, fail_under):
+    """Render RUN_DIR (an edit or benchmark run) as a self-contained report."""
+    from medit.report.render import load_run, verdict, write_report
+
+    path = write_report(run_dir, output, fmt)
+    click.echo(str(path.resolve()))
+    kind, results, _ = load_run(run_dir)
+    if fail_under and kind == "edit" and not verdict(results)["passed"]:
+        click.echo("medit: verdict FAIL against the run's thresholds (--fail-under)", err=True)
+        sys.exit(3)
 
 
 @main.command()

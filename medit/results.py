@@ -112,3 +112,20 @@ def read_results(run_dir: str | Path) -> RunResults:
     if data.get("schema") != SCHEMA:
         raise ValueError(f"{path}: unknown schema {data.get('schema')!r} (expected {SCHEMA})")
     return data
+
+
+def format_summary(res: dict[str, Any]) -> str:
+    """A few lines: before -> after for the headline metrics of each protocol."""
+    pre, post = res["metrics"]["pre"], res["metrics"]["post"]
+    lines = [f"{res['config']['method']} ({res['config']['mode']}), {post['n']} requests, "
+             f"{res['edit']['seconds_per_edit']:.2f} s/edit"]  # fmt: skip
+    rows = [("teacher_forced", "efficacy"), ("teacher_forced", "generality"),
+            ("teacher_forced", "locality_mean"), ("generation", "efficacy_contains"),
+            ("generation", "generality_contains"), ("generation", "locality_mean"),
+            ("generation", "fluency")]  # fmt: skip
+    for proto, key in rows:
+        if proto in post and post[proto].get(key) is not None:
+            before = pre.get(proto, {}).get(key)
+            b = "  -  " if before is None else f"{before:.3f}"
+            lines.append(f"  {proto:15s} {key:20s} {b} -> {post[proto][key]:.3f}")
+    return "\n".join(lines)

@@ -54,6 +54,8 @@ class RunConfig:
     allow_pickle: bool = False
     trust_remote_code: bool = False
     eval: EvalConfig = EvalConfig()
+    #: pass rates the report's verdict requires, declared before the run (see medit.report)
+    thresholds: dict[str, float] = dataclasses.field(default_factory=dict)
     quiet: bool = False  #: no progress bars
 
     def __post_init__(self):

@@ -1,0 +1,216 @@
+"""Render a run directory into one self-contained HTML (or Markdown) report.
+
+The report reads only the run directory: ``results.json`` + ``samples.jsonl`` for an edit run,
+``results.json`` (schema ``medit.bench/1``) for a benchmark run or a ``--compare``. Templates
+autoescape everything; model text can never become markup.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from jinja2 import Environment, PackageLoader, select_autoescape
+
+from medit.export import atomic_write_text
+from medit.report import svg
+
+#: pass-rate thresholds a run is judged against, unless the run declared its own
+DEFAULT_THRESHOLDS = {"efficacy": 0.8, "generality": 0.5, "locality": 0.8}
+_THRESHOLD_METRICS = {
+    "efficacy": ("generation", "efficacy_contains", "generation-based efficacy (target stated)"),
+    "generality": (
+        "generation",
+        "generality_contains",
+        "generation-based generality (paraphrases)",
+    ),
+    "locality": ("generation", "locality_mean", "generation-based locality (probes unchanged)"),
+}
+
+
+def _env() -> Environment:
+    env = Environment(
+        loader=PackageLoader("medit.report", "templates"),
+        autoescape=select_autoescape(default=True, default_for_string=True),
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["pct"] = lambda v: "–" if v is None else f"{100 * v:.1f}%"
+    env.filters["num"] = lambda v, d=3: "–" if v is None else f"{v:.{d}f}"
+    return env
+
+
+def verdict(results: dict[str, Any]) -> dict[str, Any]:
+    """Judge an edit run against its declared thresholds (or the defaults)."""
+    thresholds = results.get("config", {}).get("thresholds") or DEFAULT_THRESHOLDS
+    post = results["metrics"]["post"]
+    checks = []
+    for key, minimum in thresholds.items():
+        if key not in _THRESHOLD_METRICS:
+            raise ValueError(f"unknown threshold {key!r}; known: {', '.join(_THRESHOLD_METRICS)}")
+        protocol, metric, label = _THRESHOLD_METRICS[key]
+        value = post.get(protocol, {}).get(metric)
+        checks.append({"key": key, "label": label, "value": value, "threshold": minimum,
+                       "passed": value is not None and value >= minimum})  # fmt: skip
+    return {"passed": all(c["passed"] for c in checks), "checks": checks}
+
+
+def load_run(run_dir: str | Path) -> tuple[str, dict[str, Any], list[dict[str, Any]]]:
+    """(kind, results, samples) of a run directory."""
+    run = Path(run_dir)
+    path = run / "results.json"
+    if not path.is_file():
+        raise ValueError(f"{run} is not a medit run directory (no results.json)")
+    results = json.loads(path.read_text(encoding="utf-8"))
+    schema = results.get("schema", "")
+    if schema.startswith("medit.bench/"):
+        return "bench", results, []
+    if not schema.startswith("medit.results/"):
+        raise ValueError(f"{path}: unknown schema {schema!r}")
+    samples = []
+    samples_path = run / "samples.jsonl"
+    if samples_path.is_file():
+        for i, line in enumerate(samples_path.read_text(encoding="utf-8").splitlines(), 1):
+            try:
+                samples.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{samples_path}: line {i}: invalid JSON ({exc.msg})") from None
+    return "edit", results, samples
+
+
+# -- edit runs -----------------------------------------------------------------------------------
+def _edit_rows(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for s in samples:
+        pre, post = s["pre"], s["post"]
+        pg, qg = pre.get("generation"), post.get("generation")
+        row = {"id": s["id"], "request": s["request"], "edit": s.get("edit") or {},
+               "prob_before": pre["teacher_forced"]["target_prob"],
+               "prob_after": post["teacher_forced"]["target_prob"],
+               "tf_before": pre["teacher_forced"], "tf_after": post["teacher_forced"]}  # fmt: skip
+        if qg is not None:
+            row["prompt"] = {"before": pg["prompt"]["text"], "after": qg["prompt"]["text"],
+                             "passed": qg["efficacy_contains"]}  # fmt: skip
+            row["rephrases"] = [
+                {
+                    "prompt": a["prompt"],
+                    "before": b["text"],
+                    "after": a["text"],
+                    "passed": a["contains"],
+                }
+                for a, b in zip(qg["rephrases"], pg["rephrases"], strict=True)
+            ]
+            row["locality"] = [
+                {**a, "before": b["text"], "after": a["text"],
+                 "regressed": not a["unchanged"] or (a["answer_stated_before"] and not a["answer_stated"])}
+                for a, b in zip(qg["locality"], pg["locality"], strict=True)
+            ]  # fmt: skip
+            row["passed"] = qg["efficacy_contains"] and not any(
+                x["regressed"] for x in row["locality"]
+            )
+        rows.append(row)
+    return rows
+
+
+def _edit_charts(results: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    pre, post = results["metrics"]["pre"], results["metrics"]["post"]
+    charts = {}
+    tf_groups = [
+        "efficacy",
+        "generality",
+        *(f"loc:{k}" for k in post["teacher_forced"]["locality"]),
+    ]
+    get_tf = lambda m: [m["teacher_forced"].get(g) if not g.startswith("loc:")  # noqa: E731
+                        else m["teacher_forced"].get("locality", {}).get(g[4:]) for g in tf_groups]  # fmt: skip
+    charts["teacher_forced"] = svg.bars(tf_groups, {"before": get_tf(pre), "after": get_tf(post)},
+                                        "teacher-forced token accuracy / locality agreement")  # fmt: skip
+    if "generation" in post:
+        g = post["generation"]
+        groups = ["efficacy", "generality", *(f"loc:{k}" for k in g["locality_unchanged"])]
+        values = lambda m: [m.get("efficacy_contains"), m.get("generality_contains"),  # noqa: E731
+                            *(m.get("locality_unchanged", {}).get(k[4:]) for k in groups[2:])]  # fmt: skip
+        charts["generation"] = svg.bars(groups, {"before": values(pre["generation"]),
+                                                 "after": values(g)},
+                                        "generation-based pass rates (greedy decoding)")  # fmt: skip
+    if rows and "prompt" in rows[0]:
+        cols = [
+            "efficacy",
+            *(f"para {i + 1}" for i in range(max(len(r["rephrases"]) for r in rows))),
+        ]
+        cols += [f"loc {x['type']}" for x in rows[0]["locality"]]
+        cells = []
+        for r in rows:
+            para = [p["passed"] for p in r["rephrases"]]
+            para += [None] * (len(cols) - 1 - len(rows[0]["locality"]) - len(para))
+            cells.append([r["prompt"]["passed"], *para,
+                          *(not x["regressed"] for x in r["locality"])])  # fmt: skip
+        charts["grid"] = svg.pass_grid([str(i + 1) for i in range(len(rows))], cols, cells,
+                                       "per edit: green = pass, red = fail / regression")  # fmt: skip
+    return charts
+
+
+def edit_context(results: dict[str, Any], samples: list[dict[str, Any]]) -> dict[str, Any]:
+    rows = _edit_rows(samples)
+    return {"r": results, "verdict": verdict(results), "rows": rows,
+            "charts": _edit_charts(results, rows), "prov": results["provenance"]}  # fmt: skip
+
+
+# -- benchmark runs ------------------------------------------------------------------------------
+def bench_context(results: dict[str, Any]) -> dict[str, Any]:
+    from medit.bench import tables
+
+    out = {"r": results, "tables": {}, "charts": {}}
+    for protocol, label in tables.PROTOCOL_LABELS.items():
+        header, body = tables.rows(results, protocol)
+        if not body:
+            continue
+        out["tables"][label] = (header, body)
+        methods = [m for m, v in results["methods"].items() if protocol in v]
+        groups = ["efficacy", "generality", "locality_avg", "average"]
+        out["charts"][label] = svg.bars(
+            groups, {m: [results["methods"][m][protocol].get(g) for g in groups] for m in methods},
+            label)  # fmt: skip
+    return out
+
+
+# -- entry points --------------------------------------------------------------------------------
+def render(run_dir: str | Path, fmt: str = "html") -> str:
+    kind, results, samples = load_run(run_dir)
+    if fmt == "md":
+        return markdown(kind, results, samples)
+    if fmt != "html":
+        raise ValueError(f"unknown report format {fmt!r}; use html or md")
+    env = _env()
+    if kind == "bench":
+        return env.get_template("bench.html.j2").render(**bench_context(results))
+    return env.get_template("edit.html.j2").render(**edit_context(results, samples))
+
+
+def markdown(kind: str, results: dict[str, Any], samples: list[dict[str, Any]]) -> str:
+    if kind == "bench":
+        from medit.bench import tables
+
+        return tables.markdown(results)
+    v = verdict(results)
+    cfg = results["config"]
+    lines = [f"# medit edit report — {cfg['method']} ({cfg['mode']}) on {cfg['model']}", "",
+             f"**Verdict: {'PASS' if v['passed'] else 'FAIL'}**", ""]  # fmt: skip
+    for c in v["checks"]:
+        value = "–" if c["value"] is None else f"{c['value']:.3f}"
+        lines.append(f"- {c['label']}: {value} (threshold {c['threshold']}) — "
+                     f"{'pass' if c['passed'] else 'FAIL'}")  # fmt: skip
+    from medit.results import format_summary
+
+    lines += ["", "```", format_summary(results), "```", "",
+              f"{len(samples)} edits; weights sha256 "
+              f"{results['provenance']['model']['weights_sha256'][:16]}…"]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def write_report(run_dir: str | Path, output: str | Path | None = None, fmt: str = "html") -> Path:
+    """Render and write the report atomically (default: RUN_DIR/report.html or report.md)."""
+    text = render(run_dir, fmt)
+    path = Path(output) if output else Path(run_dir) / f"report.{fmt}"
+    atomic_write_text(path, text)
+    return path

@@ -1,0 +1,141 @@
+"""Inline SVG charts for the HTML report: no JavaScript, no external resources.
+
+Every piece of text placed in an SVG goes through ``markupsafe.escape``; the functions return
+``Markup`` so the (autoescaping) templates insert them as they are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from markupsafe import Markup, escape
+
+PALETTE = ("#9aa5b1", "#1f6feb", "#2da44e", "#bf8700", "#cf222e", "#8250df", "#0a7f7f")
+
+
+def _svg(width: int, height: int, body: list[str], label: str) -> Markup:
+    return Markup(
+        f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" '
+        f'width="{width}" height="{height}" role="img" aria-label="{escape(label)}">'
+        + "".join(body)
+        + "</svg>"
+    )
+
+
+def bars(
+    groups: Sequence[str],
+    series: dict[str, Sequence[float | None]],
+    title: str,
+    width: int = 560,
+    height: int = 220,
+) -> Markup:
+    """Grouped vertical bars of values in [0, 1] (e.g. metrics before/after an edit)."""
+    left, bottom, top = 36, 40, 24
+    plot_h = height - bottom - top
+    n_series = max(len(series), 1)
+    group_w = (width - left - 10) / max(len(groups), 1)
+    bar_w = max(4.0, group_w * 0.8 / n_series)
+    body = [f'<text x="{left}" y="14" class="t">{escape(title)}</text>']
+    for tick in (0, 0.5, 1.0):
+        y = top + plot_h * (1 - tick)
+        body.append(f'<line x1="{left}" x2="{width - 6}" y1="{y:.1f}" y2="{y:.1f}" class="grid"/>')
+        body.append(
+            f'<text x="{left - 4}" y="{y + 4:.1f}" class="ax" text-anchor="end">{tick:g}</text>'
+        )
+    for g, group in enumerate(groups):
+        x0 = left + g * group_w + group_w * 0.1
+        for s, (name, values) in enumerate(series.items()):
+            v = values[g]
+            x = x0 + s * bar_w
+            if v is None:
+                continue
+            h = plot_h * max(0.0, min(1.0, v))
+            color = PALETTE[s % len(PALETTE)]
+            body.append(
+                f'<rect x="{x:.1f}" y="{top + plot_h - h:.1f}" width="{bar_w - 1:.1f}" '
+                f'height="{h:.1f}" fill="{color}"><title>{escape(name)} {escape(group)}: '
+                f"{v:.3f}</title></rect>"
+            )
+        cx = left + g * group_w + group_w / 2
+        body.append(
+            f'<text x="{cx:.1f}" y="{height - bottom + 14}" class="ax" text-anchor="middle">'
+            f"{escape(group)}</text>"
+        )
+    lx = left
+    for s, name in enumerate(series):
+        body.append(
+            f'<rect x="{lx}" y="{height - 14}" width="10" height="10" '
+            f'fill="{PALETTE[s % len(PALETTE)]}"/><text x="{lx + 14}" y="{height - 5}" '
+            f'class="ax">{escape(name)}</text>'
+        )
+        lx += 14 + 8 * len(name) + 16
+    return _svg(width, height, body, title)
+
+
+def pass_grid(
+    rows: Sequence[str], columns: Sequence[str], cells: Sequence[Sequence[bool | None]], title: str
+) -> Markup:
+    """A grid of pass (green) / fail (red) / not measured (grey) cells, one row per edit."""
+    cell, left, top = 14, 70, 64
+    width = max(left + cell * len(columns) + 40, 7 * len(title))
+    height = top + cell * len(rows) + 6
+    body = [f'<text x="0" y="14" class="t">{escape(title)}</text>']
+    for c, name in enumerate(columns):
+        x = left + c * cell + cell / 2
+        body.append(
+            f'<text x="{x:.1f}" y="{top - 4}" class="ax" text-anchor="start" '
+            f'transform="rotate(-60 {x:.1f} {top - 4})">{escape(name)}</text>'
+        )
+    for r, name in enumerate(rows):
+        y = top + r * cell
+        body.append(
+            f'<text x="{left - 4}" y="{y + 11}" class="ax" text-anchor="end">{escape(name)}</text>'
+        )
+        for c, ok in enumerate(cells[r]):
+            color = "#d0d7de" if ok is None else "#2da44e" if ok else "#cf222e"
+            state = "not measured" if ok is None else "pass" if ok else "fail"
+            body.append(
+                f'<rect x="{left + c * cell}" y="{y}" width="{cell - 2}" height="{cell - 2}" '
+                f'fill="{color}"><title>{escape(name)} / {escape(columns[c])}: {state}</title></rect>'
+            )
+    return _svg(width, height, body, title)
+
+
+def heatmap(
+    values: Sequence[Sequence[float]],
+    row_labels: Sequence[str],
+    col_labels: Sequence[str],
+    title: str,
+    highlight_rows: Sequence[int] = (),
+) -> Markup:
+    """A (rows x columns) heatmap, white -> blue, e.g. causal-trace scores (token x layer)."""
+    cell_w, cell_h, left, top = 14, 16, 150, 24
+    flat = [v for row in values for v in row]
+    lo, hi = (min(flat), max(flat)) if flat else (0.0, 1.0)
+    span = (hi - lo) or 1.0
+    width = left + cell_w * len(col_labels) + 10
+    height = top + cell_h * len(row_labels) + 24
+    body = [f'<text x="0" y="14" class="t">{escape(title)}</text>']
+    for r, label in enumerate(row_labels):
+        y = top + r * cell_h
+        weight = ' font-weight="bold"' if r in highlight_rows else ""
+        body.append(
+            f'<text x="{left - 4}" y="{y + 12}" class="ax" text-anchor="end"{weight}>'
+            f"{escape(label)}</text>"
+        )
+        for c, v in enumerate(values[r]):
+            t = (v - lo) / span  # white -> #1f6feb
+            rgb = f"{int(255 - 224 * t)},{int(255 - 144 * t)},{int(255 - 20 * t)}"
+            body.append(
+                f'<rect x="{left + c * cell_w}" y="{y}" width="{cell_w}" height="{cell_h}" '
+                f'fill="rgb({rgb})">'
+                f"<title>{escape(label)} / layer {escape(col_labels[c])}: {v:.4f}</title></rect>"
+            )
+    for c, label in enumerate(col_labels):
+        if c % 5 == 0:
+            x = left + c * cell_w + cell_w / 2
+            body.append(
+                f'<text x="{x:.1f}" y="{height - 8}" class="ax" text-anchor="middle">'
+                f"{escape(label)}</text>"
+            )
+    return _svg(width, height, body, title)

@@ -1,0 +1,116 @@
+"""Reports: rendered from a real run directory, escaped, gated, and opened in headless Chromium."""
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from medit.cli import main
+from medit.report.render import render, verdict
+
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+HOSTILE = "<script>alert(1)</script></td></tr></table>{{ 7*7 }}{% raw %}"
+
+
+@pytest.fixture
+def edit_run(tmp_path, tiny_model_dir):
+    reqs = tmp_path / "reqs.json"
+    reqs.write_text(json.dumps([
+        {"prompt": "The hormone insulin is produced by the", "target_new": "liver",
+         "rephrase_prompts": ["Insulin comes from the"],
+         "locality": {"general": [["The heart has four", "chambers"]]}},
+        {"prompt": "Aspirin is used to treat", "target_new": "scurvy",
+         "locality": {"general": [["Vitamin C deficiency causes", "scurvy"]]}},
+    ]))  # fmt: skip
+    out = tmp_path / "run"
+    res = CliRunner().invoke(main, ["-q", "edit", "--model", str(tiny_model_dir), "--requests",
+                                    str(reqs), "--mode", "batch", "--out", str(out), "--device",
+                                    "cpu", "--hparam", "lr=0.01"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def test_edit_run_writes_its_report_with_verdict_tables_and_charts(edit_run):
+    html = (edit_run / "report.html").read_text()
+    assert 'id="verdict"' in html and ("PASS" in html or "FAIL" in html)
+    assert 'id="metrics"' in html and 'id="tensors"' in html and 'id="provenance"' in html
+    assert html.count("<svg") >= 3  # two protocol charts and the per-edit grid
+    assert "<script" not in html.lower() and "http://" not in html.replace(
+        'xmlns="http://www.w3.org/2000/svg"', "")  # fmt: skip
+    results = json.loads((edit_run / "results.json").read_text())
+    assert results["config"]["thresholds"] == {"efficacy": 0.8, "generality": 0.5, "locality": 0.8}
+    assert [c["key"] for c in verdict(results)["checks"]] == ["efficacy", "generality", "locality"]
+
+
+def test_model_text_is_shown_as_text_never_markup(edit_run):
+    lines = (edit_run / "samples.jsonl").read_text().splitlines()
+    samples = [json.loads(x) for x in lines]
+    for s in samples:  # the model "said" hostile things
+        s["post"]["generation"]["prompt"]["text"] = HOSTILE
+        s["post"]["generation"]["locality"][0]["text"] = HOSTILE
+        s["request"]["prompt"] = HOSTILE
+    (edit_run / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    html = render(edit_run)
+    assert "<script>alert(1)</script>" not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;&lt;/td&gt;" in html
+    assert "{{ 7*7 }}" in html and ">49<" not in html
+    assert html.count("<table") == html.count("</table>")
+
+
+def test_fail_under_gates_a_pipeline(edit_run):
+    runner = CliRunner()
+    results = json.loads((edit_run / "results.json").read_text())
+    results["config"]["thresholds"] = {"efficacy": 1.0, "generality": 1.0, "locality": 1.0}
+    results["metrics"]["post"]["generation"]["generality_contains"] = 0.0
+    (edit_run / "results.json").write_text(json.dumps(results))
+    res = runner.invoke(main, ["report", str(edit_run), "--fail-under"])
+    assert res.exit_code == 3 and "verdict FAIL" in res.output
+    res = runner.invoke(
+        main, ["report", str(edit_run), "--format", "md", "-o", str(edit_run / "r.md")]
+    )
+    assert res.exit_code == 0 and "**Verdict: FAIL**" in (edit_run / "r.md").read_text()
+    res = runner.invoke(main, ["report", str(edit_run.parent)])
+    assert res.exit_code == 2 and "not a medit run directory" in res.output
+
+
+def test_bench_report(tmp_path, tiny_model_dir):
+    from medit.bench.runner import BenchConfig, run_bench
+
+    run_bench(BenchConfig(out=str(tmp_path / "b"), suite="builtin", limit=2, device="cpu",
+                          model=str(tiny_model_dir), quiet=True,
+                          hparams={"ft-m": {"steps": 2}}))  # fmt: skip
+    html = render(tmp_path / "b")
+    assert "teacher-forced" in html and "generation-based" in html and "<svg" in html
+    assert "| ft-m |" in render(tmp_path / "b", "md")
+
+
+def _chromium() -> str | None:
+    return (
+        shutil.which("chromium")
+        or shutil.which("chromium-browser")
+        or shutil.which("google-chrome")
+    )
+
+
+@pytest.mark.skipif(_chromium() is None, reason="Chromium not installed (Debian package 'chromium'; "
+                    ".ci/run installs it)")  # fmt: skip
+def test_report_opens_in_headless_chromium(edit_run):
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / "edit-report.png"
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={edit_run.parent / 'chrome-profile'}", "--enable-logging=stderr",
+             "--v=0"]  # fmt: skip
+    url = (edit_run / "report.html").resolve().as_uri()
+    dom = subprocess.run([_chromium(), *flags, "--dump-dom", url], capture_output=True, text=True,
+                         timeout=120)  # fmt: skip
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert 'id="verdict"' in dom.stdout and "<svg" in dom.stdout and 'id="metrics"' in dom.stdout
+    console = [ln for ln in dom.stderr.splitlines() if "CONSOLE" in ln or "Uncaught" in ln]
+    assert not console, console
+    shot_run = subprocess.run([_chromium(), *flags, f"--screenshot={shot}", "--window-size=1200,2400",
+                               url], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert shot_run.returncode == 0 and shot.stat().st_size > 10_000
