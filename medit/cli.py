@@ -326,6 +326,76 @@ def report(run_dir, output, fmt, fail_under):
 
 
 @main.command()
+@click.option("--model", default="builtin:smollm2", show_default=True, help="Model spec.")
+@click.option(
+    "--requests",
+    "requests_",
+    default="builtin",
+    show_default=True,
+    help="JSON/JSONL/MedCF/MedFE file, or 'builtin'. Requests without a subject get one detected.",
+)
+@click.option("--prompt", help="Trace this one prompt (instead of --requests).")
+@click.option("--subject", help="The prompt's subject (detected when omitted).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
+@click.option(
+    "--answer",
+    type=click.Choice(["predicted", "ground_truth", "target_new"]),
+    default="predicted",
+    show_default=True,
+    help="Answer whose first token is scored: the model's prediction or a request field.",
+)
+@click.option(
+    "--mode",
+    type=click.Choice(["full", "fast"]),
+    default="full",
+    show_default=True,
+    help="full: every restoration run (batched); fast: attribution-patching estimate.",
+)
+@click.option("--fast", is_flag=True, help="Same as --mode fast.")
+@click.option("--kinds", default="hidden,mlp,attn", show_default=True, help="Comma-separated.")
+@click.option("--samples", default=10, show_default=True, type=int, help="Noise samples.")
+@click.option("--noise", default="auto", show_default=True,
+              help="Noise std, or 'auto': 3 x std of the subject embeddings of the request set.")  # fmt: skip
+@click.option("--window", default=10, show_default=True, type=int, help="Layers per mlp/attn window.")  # fmt: skip
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--limit", type=int, help="Trace only the first N requests.")
+@click.option("--device", default="auto", show_default=True, help=DEVICES)
+@click.option("--dtype", type=DTYPES, default="auto", show_default=True)
+@click.option("--no-cache", is_flag=True, help="Recompute traces cached on disk.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty run directory.")
+@click.pass_context
+@_user_errors
+def trace(ctx, model, requests_, prompt, subject, out, answer, mode, fast, kinds, samples, noise,
+          window, seed, limit, device, dtype, no_cache, overwrite):  # fmt: skip
+    """Causal tracing of the requests' facts; writes RUN_DIR/traces.json and SVG heatmaps."""
+    from medit.tracing import TraceConfig
+    from medit.tracing_run import TraceRunConfig, run_trace
+
+    if subject and not prompt:
+        raise ValueError("--subject goes with --prompt")
+    mode = "fast" if fast else mode
+
+    try:
+        noise_std = None if noise == "auto" else float(noise)
+    except ValueError:
+        raise ValueError(f"--noise must be a number or 'auto', not {noise!r}") from None
+    cfg = TraceRunConfig(
+        out=out, model=model, requests=requests_, prompt=prompt, subject=subject, answer=answer,
+        limit=limit, device=device,
+        dtype=dtype, use_cache=not no_cache, overwrite=overwrite, quiet=ctx.obj["quiet"],
+        trace=TraceConfig(kinds=tuple(k.strip() for k in kinds.split(",") if k.strip()),
+                          samples=samples, noise=noise_std, window=window, seed=seed, mode=mode),
+    )  # fmt: skip
+    doc = run_trace(cfg)
+    if not ctx.obj["quiet"]:
+        for item in doc["traces"]:
+            peaks = ", ".join(f"{k} {v}" for k, v in item["peak_layers"].items())
+            click.echo(f"{item['id']}: {item['answer_token']!r} p={item['clean_prob']:.3f} -> "
+                       f"{item['corrupted_prob']:.3f} corrupted; peak layers: {peaks}", err=True)  # fmt: skip
+    click.echo(str(Path(out).resolve()))
+
+
+@main.command()
 def models():
     """Builtin models and the models materialised in the cache."""
     from medit.models import BUILTIN_MODELS, builtin_gguf_path, cache_dir, cached_models

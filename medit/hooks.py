@@ -2,7 +2,9 @@
 
 ``hooked`` registers forward (pre-)hooks for the duration of a ``with`` block; ``capture_input``
 reads what a module received; ``frozen_prefix`` runs a model from a decoder layer onwards, the
-hidden state entering that layer being given (computed once, reused across optimisation steps).
+hidden state entering that layer being given (computed once, reused across optimisation steps);
+``edited_outputs`` replaces module outputs (per batch row and position with ``put_rows`` /
+``add_rows``, or reads them with ``record``), for activation patching.
 """
 
 from __future__ import annotations
@@ -92,3 +94,55 @@ def frozen_prefix(model: nn.Module, arch: ArchSpec, start: int, hidden: torch.Te
     finally:
         for layer in layers[:start]:
             del layer.forward
+
+
+# -- editing module outputs ----------------------------------------------------------------------
+TensorEdit = Callable[[torch.Tensor], torch.Tensor]
+
+
+def output_tensor(output: Any) -> torch.Tensor:
+    """The main tensor of a module's output (attention modules return ``(output, weights)``)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def with_output_tensor(output: Any, tensor: torch.Tensor) -> Any:
+    """``output`` with its main tensor replaced, keeping a tuple's other elements."""
+    return (tensor, *output[1:]) if isinstance(output, tuple) else tensor
+
+
+@contextlib.contextmanager
+def edited_outputs(edits: list[tuple[nn.Module, TensorEdit]]) -> Iterator[None]:
+    """Within the block, each module's output tensor ``t`` is replaced by ``edit(t)``.
+
+    Several edits of one module apply in order. Specialise ``edit`` with ``functools.partial``
+    over :func:`put_rows`, :func:`add_rows` or :func:`record`.
+    """
+
+    def post(edit: TensorEdit) -> PostHook:
+        def hook(_m, _args, _kwargs, output):
+            return with_output_tensor(output, edit(output_tensor(output)))
+
+        return hook
+
+    with hooked([(module, None, post(edit)) for module, edit in edits]):
+        yield
+
+
+def put_rows(
+    rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, tensor: torch.Tensor
+) -> torch.Tensor:
+    """``tensor`` (B, T, d) with ``tensor[rows[i], cols[i]] = values[i]`` (out of place)."""
+    return tensor.index_put((rows, cols), values.to(tensor.dtype))
+
+
+def add_rows(
+    rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, tensor: torch.Tensor
+) -> torch.Tensor:
+    """``tensor`` (B, T, d) with ``values[i]`` added at ``tensor[rows[i], cols[i]]`` (out of place)."""
+    return tensor.index_put((rows, cols), values.to(tensor.dtype), accumulate=True)
+
+
+def record(store: list[torch.Tensor], tensor: torch.Tensor) -> torch.Tensor:
+    """Append ``tensor`` to ``store`` and pass it on unchanged."""
+    store.append(tensor)
+    return tensor

@@ -114,3 +114,16 @@ def test_report_opens_in_headless_chromium(edit_run):
     shot_run = subprocess.run([_chromium(), *flags, f"--screenshot={shot}", "--window-size=1200,2400",
                                url], capture_output=True, text=True, timeout=120)  # fmt: skip
     assert shot_run.returncode == 0 and shot.stat().st_size > 10_000
+
+
+def test_trace_run_report_shows_heatmaps(tmp_path, tiny_model_dir):
+    from medit.tracing import TraceConfig
+    from medit.tracing_run import TraceRunConfig, run_trace
+
+    run_trace(TraceRunConfig(out=str(tmp_path / "t"), model=str(tiny_model_dir), device="cpu",
+                             prompt="The hormone insulin is produced by the", subject="insulin",
+                             trace=TraceConfig(samples=2, window=2), quiet=True))  # fmt: skip
+    html = render(tmp_path / "t")
+    assert "Causal traces" in html and html.count("<svg") >= 2  # profile chart + heatmap
+    assert "insulin" in html and "<script" not in html.lower()
+    assert "peak layers" in render(tmp_path / "t", "md")

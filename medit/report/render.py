@@ -60,12 +60,16 @@ def load_run(run_dir: str | Path) -> tuple[str, dict[str, Any], list[dict[str, A
     """(kind, results, samples) of a run directory."""
     run = Path(run_dir)
     path = run / "results.json"
+    if not path.is_file() and (run / "traces.json").is_file():
+        path = run / "traces.json"  # a `medit trace` run
     if not path.is_file():
         raise ValueError(f"{run} is not a medit run directory (no results.json)")
     results = json.loads(path.read_text(encoding="utf-8"))
     schema = results.get("schema", "")
     if schema.startswith("medit.bench/"):
         return "bench", results, []
+    if schema.startswith("medit.traces/"):
+        return "trace", results, []
     if not schema.startswith("medit.results/"):
         raise ValueError(f"{path}: unknown schema {schema!r}")
     samples = []
@@ -174,6 +178,26 @@ def bench_context(results: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# -- causal traces -------------------------------------------------------------------------------
+def trace_context(results: dict[str, Any]) -> dict[str, Any]:
+    """Heatmaps (escaped SVG from medit.heatmap) and the set's association profile chart."""
+    from markupsafe import Markup
+
+    from medit.heatmap import trace_svg
+
+    items = [{**t, "svg": Markup(trace_svg(t))} for t in results["traces"]]
+    profile = results.get("association_profile") or {}
+    chart = None
+    if profile:
+        n_layers = len(next(iter(profile.values())))
+        top = max((abs(v) for vals in profile.values() for v in vals), default=1.0) or 1.0
+        chart = svg.bars([str(i) for i in range(n_layers)],
+                         {k: [v / top for v in vals] for k, vals in profile.items()},
+                         "association profile over subject tokens (indirect effect, scaled)",
+                         width=max(560, 24 * n_layers))  # fmt: skip
+    return {"r": results, "items": items, "profile_chart": chart}
+
+
 # -- entry points --------------------------------------------------------------------------------
 def render(run_dir: str | Path, fmt: str = "html") -> str:
     kind, results, samples = load_run(run_dir)
@@ -184,6 +208,8 @@ def render(run_dir: str | Path, fmt: str = "html") -> str:
     env = _env()
     if kind == "bench":
         return env.get_template("bench.html.j2").render(**bench_context(results))
+    if kind == "trace":
+        return env.get_template("trace.html.j2").render(**trace_context(results))
     return env.get_template("edit.html.j2").render(**edit_context(results, samples))
 
 
@@ -192,6 +218,13 @@ def markdown(kind: str, results: dict[str, Any], samples: list[dict[str, Any]]) 
         from medit.bench import tables
 
         return tables.markdown(results)
+    if kind == "trace":
+        lines = ["# medit causal traces", ""]
+        for t in results["traces"]:
+            peaks = ", ".join(f"{k} {v}" for k, v in t["peak_layers"].items())
+            lines.append(f"- {t['prompt']} → {t['answer_token']!r}: p {t['clean_prob']:.3f} clean, "
+                         f"{t['corrupted_prob']:.3f} corrupted; peak layers {peaks}")  # fmt: skip
+        return "\n".join(lines) + "\n"
     v = verdict(results)
     cfg = results["config"]
     lines = [f"# medit edit report — {cfg['method']} ({cfg['mode']}) on {cfg['model']}", "",

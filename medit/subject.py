@@ -1,0 +1,125 @@
+"""Subjects of prompts: which tokens they are, and finding one when a request names none.
+
+* :func:`subject_tokens` — the token positions of a subject inside a tokenised prompt (from the
+  tokenizer's character offsets), what causal tracing corrupts and ROME edits.
+* :func:`detect_subject` — the subject of a prompt: the first medical term in it (a spaCy
+  EntityRuler over ``medit/data/medical_terms.txt``, case-insensitive); where an English spaCy
+  pipeline with a parser is installed, the grammatical subject's noun chunk otherwise. With
+  neither, a clear error asks for an explicit subject.
+"""
+
+from __future__ import annotations
+
+import functools
+from importlib import resources
+from typing import Any
+
+#: spaCy pipelines tried, in order, for the parser fallback (only where installed)
+PARSER_PIPELINES = ("en_core_web_sm", "en_core_web_md", "en_core_web_lg", "en_core_web_trf")
+_SUBJECT_DEPS = ("nsubj", "nsubjpass")
+
+
+# -- locating a subject's tokens -----------------------------------------------------------------
+def subject_span(prompt: str, subject: str) -> tuple[int, int]:
+    """Character span of the first occurrence of ``subject`` in ``prompt`` (exact match first,
+    then case-insensitive)."""
+    if not subject or not subject.strip():
+        raise ValueError(f"empty subject for the prompt {prompt!r}")
+    start = prompt.find(subject)
+    if start < 0:
+        start = prompt.lower().find(subject.lower())
+    if start < 0:
+        raise ValueError(f"subject {subject!r} does not occur in the prompt {prompt!r}")
+    return start, start + len(subject)
+
+
+def subject_tokens(tok: Any, prompt: str, subject: str) -> tuple[int, int]:
+    """Token range ``[start, end)`` of ``subject`` in ``tok(prompt).input_ids``: every token that
+    overlaps the subject's characters (a leading-space token such as " insulin" counts)."""
+    c0, c1 = subject_span(prompt, subject)
+    ids = tok(prompt).input_ids
+    spans = _token_char_spans(tok, prompt, ids)
+    inside = [i for i, (a, b) in enumerate(spans) if a < c1 and b > c0 and b > a]
+    if not inside:
+        raise ValueError(f"subject {subject!r} covers no token of the prompt {prompt!r}")
+    return inside[0], inside[-1] + 1
+
+
+def _token_char_spans(tok: Any, prompt: str, ids: list[int]) -> list[tuple[int, int]]:
+    """(start, end) characters of each token: the tokenizer's offsets, or, for tokenizers
+    without them, lengths of decoded prefixes."""
+    try:
+        enc = tok(prompt, return_offsets_mapping=True)
+        return [tuple(span) for span in enc["offset_mapping"]]
+    except (NotImplementedError, KeyError, TypeError):
+        pass
+    spans, prev = [], 0
+    for i in range(len(ids)):
+        n = len(tok.decode(ids[: i + 1], skip_special_tokens=True))
+        spans.append((prev, n))
+        prev = n
+    return spans
+
+
+# -- detecting a subject -------------------------------------------------------------------------
+def medical_terms() -> list[str]:
+    """The shipped medical term list (one term per line, ``#`` comments)."""
+    text = resources.files("medit.data").joinpath("medical_terms.txt").read_text("utf-8")
+    return [s for line in text.splitlines() if (s := line.strip()) and not s.startswith("#")]
+
+
+def installed_parser() -> str | None:
+    """Name of the first installed English spaCy pipeline with a parser, if any."""
+    import spacy
+
+    return next((name for name in PARSER_PIPELINES if spacy.util.is_package(name)), None)
+
+
+@functools.lru_cache(maxsize=2)
+def subject_pipeline(parser: bool = True) -> Any:
+    """A spaCy pipeline with the medical EntityRuler: an installed English pipeline (its own NER
+    left out) when ``parser`` and one exists, else ``spacy.blank("en")``."""
+    try:
+        import spacy
+    except ImportError:
+        raise ValueError(
+            "subject detection needs spaCy (pip install spacy); or give each request a 'subject'"
+        ) from None
+    name = installed_parser() if parser else None
+    nlp = spacy.load(name, exclude=["ner"]) if name else spacy.blank("en")
+    ruler = nlp.add_pipe("entity_ruler", config={"phrase_matcher_attr": "LOWER"})
+    ruler.add_patterns([{"label": "MEDICAL", "pattern": term} for term in medical_terms()])
+    return nlp
+
+
+def detect_subject(prompt: str, nlp: Any = None) -> str:
+    """The subject of ``prompt``: the first medical term in it, else (with a parser) the noun
+    chunk of its grammatical subject. Raises ValueError when neither finds one."""
+    doc = (nlp or subject_pipeline())(prompt)
+    if doc.ents:
+        return doc.ents[0].text
+    found = parsed_subject(doc)
+    if found is None:
+        raise ValueError(
+            f"no subject found in the prompt {prompt!r} (no known medical term"
+            + ("" if doc.has_annotation("DEP") else "; no spaCy English parser installed")
+            + "); give the request a 'subject'"
+        )
+    return found
+
+
+def parsed_subject(doc: Any) -> str | None:
+    """The noun chunk whose root is the grammatical subject, else the first noun chunk; None for
+    a document without a dependency parse."""
+    if not doc.has_annotation("DEP"):
+        return None
+    chunks = list(doc.noun_chunks)
+    for chunk in chunks:
+        if chunk.root.dep_ in _SUBJECT_DEPS:
+            return _strip_determiner(chunk)
+    return _strip_determiner(chunks[0]) if chunks else None
+
+
+def _strip_determiner(chunk: Any) -> str:
+    tokens = [t for t in chunk if t.dep_ != "det" and not t.is_stop] or list(chunk)
+    return chunk.doc[tokens[0].i : tokens[-1].i + 1].text

@@ -1,0 +1,86 @@
+"""The ``medit trace`` run directory: trace requests (or one prompt), write ``traces.json``
+(schema ``medit.traces/1``: per prompt the grids, probabilities, subject span, association
+profile and peak layers; the set's association profile) and one standalone SVG heatmap per
+prompt. Written atomically: a failed run leaves nothing behind."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from medit import results as R
+from medit.export import atomic_dir, atomic_write_text
+from medit.heatmap import trace_svg
+from medit.models import load_model
+from medit.requests import EditRequest, load_requests
+from medit.tracing import (
+    TraceConfig,
+    association_profile,
+    request_answer,
+    request_subjects,
+    trace_requests,
+)
+
+TRACES_FILE = "traces.json"
+RUN_SCHEMA = "medit.traces/1"
+
+
+@dataclasses.dataclass(frozen=True)
+class TraceRunConfig:
+    out: str  #: run directory to write (traces.json + one SVG heatmap per prompt)
+    model: str = "builtin:smollm2"  #: model spec (see medit.models)
+    requests: str = "builtin"  #: request file, or "builtin"; prompts and subjects are traced
+    prompt: str | None = None  #: trace this one prompt instead of a request file
+    subject: str | None = None  #: its subject (detected when omitted)
+    answer: str = "predicted"  #: predicted | ground_truth | target_new
+    trace: TraceConfig = TraceConfig()
+    limit: int | None = None  #: trace only the first N requests
+    device: str = "auto"
+    dtype: str = "auto"
+    use_cache: bool = True  #: reuse traces cached on disk
+    overwrite: bool = False  #: replace an existing run directory
+    quiet: bool = False  #: no progress bars
+
+
+def run_trace(cfg: TraceRunConfig) -> dict[str, Any]:
+    """Trace the requests' prompts; write ``traces.json`` and the heatmaps; return the JSON."""
+
+    out = Path(cfg.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not cfg.overwrite:
+        raise ValueError(f"--out {out} exists and is not an empty directory (pass --overwrite)")
+    if cfg.limit is not None and cfg.limit < 1:
+        raise ValueError("--limit must be >= 1")
+    if cfg.prompt is not None:
+        requests = [EditRequest(prompt=cfg.prompt, target_new="", subject=cfg.subject, id="prompt")]
+        if cfg.subject is not None and cfg.subject not in cfg.prompt:
+            raise ValueError(f"--subject {cfg.subject!r} does not occur in --prompt")
+    else:
+        requests = load_requests(cfg.requests)[: cfg.limit]
+    for req in requests:
+        request_answer(req, cfg.answer)  # bad input fails before the model loads
+    subjects = request_subjects(requests)
+    requests = [dataclasses.replace(r, subject=s) for r, s in zip(requests, subjects, strict=True)]
+    lm = load_model(cfg.model, cfg.device, cfg.dtype)
+    traces = trace_requests(lm, requests, cfg.trace, cfg.answer, cfg.use_cache, cfg.quiet)
+    config = {**dataclasses.asdict(cfg), "trace": dataclasses.asdict(cfg.trace)}
+    items = [{"id": r.id, "svg": f"trace-{i:03d}.svg", "profile": t.profile(),
+              "peak_layers": t.peak_layers(), **t.to_dict()}
+             for i, (r, t) in enumerate(zip(requests, traces, strict=True))]  # fmt: skip
+    doc = {
+        "schema": RUN_SCHEMA,
+        "kind": "trace",
+        "config": config,
+        "provenance": R.provenance(
+            model=lm.provenance(), requests_sha256=None if cfg.prompt else R.file_hash(cfg.requests)
+        ),
+        "settings": traces[0].settings,
+        "association_profile": association_profile(traces),
+        "traces": items,
+    }
+    with atomic_dir(out) as tmp:
+        for item, t in zip(items, traces, strict=True):
+            atomic_write_text(tmp / item["svg"], trace_svg(t))
+        atomic_write_text(tmp / TRACES_FILE, json.dumps(doc, indent=1, ensure_ascii=False))
+    return doc
