@@ -121,3 +121,11 @@ def test_parser_pipeline_is_used_only_where_installed(monkeypatch):
         assert loaded == ["en_core_web_sm"] and "entity_ruler" in nlp.pipe_names
     finally:
         S.subject_pipeline.cache_clear()
+
+
+def test_a_repeated_subject_is_located_once_at_its_first_occurrence(tokenizer):
+    prompt = "Aspirin or aspirin? Aspirin is used to treat pain"
+    start, end = S.subject_tokens(tokenizer, prompt, "Aspirin")
+    ids = tokenizer(prompt).input_ids
+    assert tokenizer.decode(ids[start:end]).strip() == "Aspirin"
+    assert tokenizer.decode(ids[:start]) == ""  # the first occurrence, not a later one
