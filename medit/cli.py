@@ -129,7 +129,7 @@ def edit(ctx, model, method, requests_, mode, out, save_model, seed, device, dty
         eval=EvalConfig(batch_size=batch_size, generation=not no_generation),
         thresholds=_parse_thresholds(thresholds),
     )  # fmt: skip
-    from medit.report.render import verdict, write_report
+    from medit.report.render import write_report
     from medit.results import format_summary
 
     res = run_edit(cfg)
@@ -138,9 +138,8 @@ def edit(ctx, model, method, requests_, mode, out, save_model, seed, device, dty
     report = write_report(out)
     click.echo(f"report: {report.resolve()}", err=True)
     click.echo(str(Path(out).resolve()))
-    if fail_under and not verdict(res)["passed"]:
-        click.echo("medit: verdict FAIL against the run's thresholds (--fail-under)", err=True)
-        sys.exit(3)
+    if fail_under:
+        _gate(res)
 
 
 @main.command()
@@ -315,12 +314,20 @@ def _parse_thresholds(items: tuple[str, ...]) -> dict[str, float]:
 @_user_errors
 def report(run_dir, output, fmt, fail_under):
     """Render RUN_DIR (an edit or benchmark run) as a self-contained report."""
-    from medit.report.render import load_run, verdict, write_report
+    from medit.report.render import load_run, write_report
 
     path = write_report(run_dir, output, fmt)
     click.echo(str(path.resolve()))
     kind, results, _ = load_run(run_dir)
-    if fail_under and kind == "edit" and not verdict(results)["passed"]:
+    if fail_under and kind == "edit":
+        _gate(results)
+
+
+def _gate(results: dict) -> None:
+    """Exit 3 when an edit run's verdict fails its declared thresholds (--fail-under)."""
+    from medit.report.render import verdict
+
+    if not verdict(results)["passed"]:
         click.echo("medit: verdict FAIL against the run's thresholds (--fail-under)", err=True)
         sys.exit(3)
 
