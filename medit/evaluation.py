@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from medit.arch import ArchSpec
+from medit.arch import ArchSpec, get_arch
 from medit.forward import logits_at
 from medit.requests import EditRequest
 from medit.text import encode_pair, left_padded, normalise, teacher_batch
@@ -85,28 +85,48 @@ def score_targets(
 def generate_ids(
     model: Any, tok: Any, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 32
 ) -> list[list[int]]:
-    """Greedy continuation token ids (EOS and padding dropped), batched with left padding."""
+    """Greedy continuation token ids (up to the first EOS), batched with left padding."""
     device = next(model.parameters()).device
+    arch = get_arch(model)
+    stop = torch.tensor(sorted({tok.eos_token_id, tok.pad_token_id} - {None}), device=device)
     out: list[list[int] | None] = [None] * len(prompts)
-    stop = {tok.eos_token_id, tok.pad_token_id} - {None}
     for idx in _length_order([len(p) for p in prompts], batch_size):
         enc = left_padded(tok, [prompts[i] for i in idx], device)
-        ids = model.generate(
-            **enc,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            num_beams=1,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-            pad_token_id=tok.pad_token_id,
-        )
-        new = ids[:, enc["input_ids"].shape[1] :].tolist()
-        for j, i in enumerate(idx):
-            row = new[j]
-            cut = next((k for k, t in enumerate(row) if t in stop), len(row))
-            out[i] = row[:cut]
+        rows = _greedy(model, arch, enc["input_ids"], enc["attention_mask"], max_new_tokens, stop)
+        for i, row in zip(idx, rows, strict=True):
+            out[i] = row
     return out  # type: ignore[return-value]
+
+
+def _greedy(model, arch: ArchSpec, ids, mask, max_new_tokens: int, stop) -> list[list[int]]:
+    """Greedy decoding with a KV cache that drops each row as soon as it emits a stop token, so
+    a batch costs what its live rows cost (a plain batched generate keeps decoding every row
+    until the longest finishes). Logits only at the last position."""
+    from transformers import DynamicCache
+
+    base = arch.base_model(model)
+    cache = DynamicCache(config=model.config)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    alive = torch.arange(ids.shape[0], device=ids.device)
+    rows: list[list[int]] = [[] for _ in range(ids.shape[0])]
+    step_ids, step_pos = ids, positions
+    for _ in range(max_new_tokens):
+        hidden = base(input_ids=step_ids, attention_mask=mask, position_ids=step_pos,
+                      past_key_values=cache, use_cache=True).last_hidden_state  # fmt: skip
+        nxt = arch.head(model, hidden[:, -1]).argmax(-1)
+        done = torch.isin(nxt, stop)
+        for r, t, d in zip(alive.tolist(), nxt.tolist(), done.tolist(), strict=True):
+            if not d:
+                rows[r].append(t)
+        keep = (~done).nonzero().squeeze(1)
+        if keep.numel() == 0:
+            break
+        if keep.numel() < alive.numel():
+            alive, nxt, mask, step_pos = alive[keep], nxt[keep], mask[keep], step_pos[keep]
+            cache.reorder_cache(keep)
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        step_ids, step_pos = nxt[:, None], step_pos[:, -1:] + 1
+    return rows
 
 
 def generate(
