@@ -45,14 +45,20 @@ def subject_tokens(tok: Any, prompt: str, subject: str) -> tuple[int, int]:
     return inside[0], inside[-1] + 1
 
 
+def _offsets(tok: Any, prompt: str) -> list[tuple[int, int]] | None:
+    """The tokenizer's character offsets, or None for tokenizers that have none."""
+    try:
+        return [tuple(span) for span in tok(prompt, return_offsets_mapping=True)["offset_mapping"]]
+    except (NotImplementedError, KeyError, TypeError):
+        return None
+
+
 def _token_char_spans(tok: Any, prompt: str, ids: list[int]) -> list[tuple[int, int]]:
     """(start, end) characters of each token: the tokenizer's offsets, or, for tokenizers
     without them, lengths of decoded prefixes."""
-    try:
-        enc = tok(prompt, return_offsets_mapping=True)
-        return [tuple(span) for span in enc["offset_mapping"]]
-    except (NotImplementedError, KeyError, TypeError):
-        pass
+    offsets = _offsets(tok, prompt)
+    if offsets is not None:
+        return offsets
     spans, prev = [], 0
     for i in range(len(ids)):
         n = len(tok.decode(ids[: i + 1], skip_special_tokens=True))
