@@ -30,6 +30,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_ft.py
 	$(PY) benchmarks/bench_eval.py
+	$(PY) benchmarks/bench_tracing.py
 
 clean:
 	rm -rf $(VENV) .cache runs .pytest_cache
