@@ -46,11 +46,11 @@ def subject_tokens(tok: Any, prompt: str, subject: str) -> tuple[int, int]:
 
 
 def _offsets(tok: Any, prompt: str) -> list[tuple[int, int]] | None:
-    """The tokenizer's character offsets, or None for tokenizers that have none."""
-    try:
-        return [tuple(span) for span in tok(prompt, return_offsets_mapping=True)["offset_mapping"]]
-    except (NotImplementedError, KeyError, TypeError):
+    """The tokenizer's character offsets, or None for tokenizers that have none (only fast,
+    Rust-backed tokenizers report offsets)."""
+    if not getattr(tok, "is_fast", False):
         return None
+    return [tuple(span) for span in tok(prompt, return_offsets_mapping=True)["offset_mapping"]]
 
 
 def _token_char_spans(tok: Any, prompt: str, ids: list[int]) -> list[tuple[int, int]]:
