@@ -1,7 +1,8 @@
 """Evaluation throughput: batched evaluation of N cases vs one case at a time, same run.
 
     python benchmarks/bench_eval.py [--suite medcf] [--data ../shared/data/MedCF/test.json]
-                                    [--n 32] [--batch-size 32] [--out FILE]
+                                    [--n 32] [--batch-size 32] [--model SPEC] [--device D]
+                                    [--out FILE]
 
 Both ways evaluate the unedited default model on the same N cases, both protocols (teacher-forced
 scoring and greedy generation), and must give the same metrics; the script prints cases per
@@ -23,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from medit.bench.suites import get_suite  # noqa: E402
 from medit.evaluation import evaluate  # noqa: E402
-from medit.models import load_model  # noqa: E402
+from medit.models import DEFAULT_MODEL, load_model  # noqa: E402
+from medit.requests import BUILTIN, load_requests  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -34,13 +36,15 @@ def main() -> None:
     ap.add_argument("--data", default=str(DATA / "MedCF" / "test.json"))
     ap.add_argument("--n", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
     suite = get_suite(args.suite)
-    requests = suite.load(args.data if suite.needs_data else None, args.n)
-    lm = load_model("builtin:smollm2", args.device)
+    # medit's own reader (no `datasets` needed, so the script also runs on a bare GPU machine)
+    requests = load_requests(args.data if suite.needs_data else BUILTIN)[: args.n]
+    lm = load_model(args.model, args.device)
     cfg = dataclasses.replace(suite.eval, batch_size=args.batch_size)
     run = lambda reqs: evaluate(lm.model, lm.tokenizer, lm.arch, reqs, cfg)  # noqa: E731
     run(requests[:2])  # warm-up
@@ -60,6 +64,8 @@ def main() -> None:
     )
     figures = {
         "device": str(lm.device),
+        "device_name": torch.cuda.get_device_name(lm.device) if lm.device.type == "cuda" else None,
+        "model": args.model,
         "torch_threads": torch.get_num_threads(),
         "suite": args.suite,
         "n_cases": len(requests),

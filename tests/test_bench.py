@@ -4,7 +4,7 @@ import pytest
 
 from medit.bench import runner as bench_runner
 from medit.bench import tables
-from medit.bench.metrics import aggregate_cases, quality_flags, rouge_l
+from medit.bench.metrics import aggregate_cases, case_metrics, quality_flags, rouge_l
 from medit.bench.runner import BenchConfig, read_cases, run_bench
 from medit.bench.suites import get_suite
 from medit.requests import RequestError, parse_record
@@ -53,6 +53,24 @@ def test_rouge_l_by_hand():
     # candidate "a b c d", reference "a c d e": LCS = a c d (3); P = 3/4, R = 3/4
     assert rouge_l("a b c d", "a c d e") == pytest.approx(0.75)
     assert rouge_l("x y", "a b") == 0.0 and rouge_l("", "a") == 0.0
+
+
+def test_medfe_generation_scores_explanations_by_rouge_l():
+    req = parse_record({"prompt": "Why? Adiponectin", "target_new": "a b c d",
+                        "subject": "Adiponectin", "rephrase_prompt": "How? Adiponectin"}, "x", 1)  # fmt: skip
+    post = {"teacher_forced": {"efficacy": 0.5, "generality": 0.25, "locality": {}},
+            "generation": {"prompt": {"text": " Adiponectin: a c d e", "exact": False,
+                                      "contains": False},
+                           "rephrases": [{"text": "", "exact": False, "contains": False}],
+                           "efficacy_contains": False, "efficacy_exact": False,
+                           "generality_contains": 0.0, "locality_unchanged": {},
+                           "fluency": 4.0}}  # fmt: skip
+    m = case_metrics(req, post, explanation=True)
+    # candidate words: adiponectin a c d e (5); LCS with "a b c d" = a c d: P 3/5, R 3/4
+    assert m["gen.efficacy"] == pytest.approx(2 * 0.6 * 0.75 / 1.35)
+    assert m["gen.generality"] == 0.0 and m["gen.answer_stated"] == 1.0
+    assert "gen.efficacy_exact" not in m
+    assert case_metrics(req, post, explanation=False)["gen.efficacy"] == 0.0
 
 
 def test_aggregation_by_hand_with_exclusions():

@@ -68,19 +68,24 @@ def case_metrics(req: EditRequest, post: dict[str, Any], explanation: bool) -> d
     for kind, v in tf.get("locality", {}).items():
         out[f"tf.locality.{kind}"] = v
     if gen is not None:
-        out |= {
-            "gen.efficacy": float(gen["efficacy_contains"]),
-            "gen.efficacy_exact": float(gen["efficacy_exact"]),
-            "gen.generality": gen["generality_contains"],
-            "gen.fluency": gen["fluency"],
-        }
+        if explanation:
+            # A reference explanation is ~100 words: "is it stated verbatim" is 0 for every
+            # method, so the generated explanation is scored by its ROUGE-L against the reference.
+            out["gen.efficacy"] = rouge_l(gen["prompt"]["text"], req.target_new)
+            scores = [rouge_l(r["text"], req.target_new) for r in gen["rephrases"]]
+            out["gen.generality"] = sum(scores) / len(scores) if scores else None
+            answer = req.subject or ""
+            text = gen["prompt"]["text"]
+            out["gen.answer_stated"] = float(bool(answer) and normalise(answer) in normalise(text))
+        else:
+            out |= {
+                "gen.efficacy": float(gen["efficacy_contains"]),
+                "gen.efficacy_exact": float(gen["efficacy_exact"]),
+                "gen.generality": gen["generality_contains"],
+            }
+        out["gen.fluency"] = gen["fluency"]
         for kind, v in gen["locality_unchanged"].items():
             out[f"gen.locality.{kind}"] = v
-        if explanation:
-            text = gen["prompt"]["text"]
-            out["gen.rouge_l"] = rouge_l(text, req.target_new)
-            answer = req.subject or ""
-            out["gen.answer_stated"] = float(bool(answer) and normalise(answer) in normalise(text))
     return out
 
 
@@ -114,7 +119,7 @@ def aggregate_cases(
         table["locality_avg"] = _mean(list(table["locality"].values()))
         head = _mean([table["efficacy"], table["generality"]])
         table["average"] = _mean([head, table["locality_avg"]]) if head is not None else None
-        for extra in ("efficacy_exact", "fluency", "rouge_l", "answer_stated"):
+        for extra in ("efficacy_exact", "fluency", "answer_stated"):
             if col(extra) is not None:
                 table[extra] = col(extra)
         out[name] = table

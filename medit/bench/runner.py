@@ -276,16 +276,40 @@ def finish(out: Path) -> dict[str, Any]:
     bench = json.loads((out / "bench.json").read_text())
     cfg = bench["config"]
     suite = get_suite(cfg["suite"])
-    cases = read_cases(out)
+    cases = rescore(read_cases(out), suite, cfg, bench["identity"])
     methods = {}
     for method in cfg["methods"]:
         mine = sorted((c for c in cases if c["method"] == method), key=lambda c: c["case"])
         if mine:
             methods[method] = aggregate_cases(mine, suite.locality_types, cfg["keep_flagged"])
     res = {"schema": SCHEMA, "suite": cfg["suite"], "mode": cfg["mode"], "model": cfg["model"],
-           "locality_types": list(suite.locality_types), "methods": methods,
+           "locality_types": list(suite.locality_types), "explanation": suite.explanation,
+           "methods": methods,
            "provenance": bench["provenance"], "config": cfg}  # fmt: skip
     atomic_write_text(out / "results.json", json.dumps(res, indent=2))
     atomic_write_text(out / "table.md", tables.markdown(res))
     atomic_write_text(out / "table.csv", tables.csv_text(res))
     return res
+
+
+def rescore(cases: list[dict[str, Any]], suite, cfg: dict[str, Any], identity: dict[str, Any]):
+    """Recompute each case's metrics and flags from its stored outputs (``post``), so a run is
+    aggregated with the current metric definitions without editing again. Falls back to the
+    stored metrics when the suite's data is not at hand or has changed since the run."""
+    try:
+        source = suite.resolve(cfg.get("data"))
+        if data_sha256(source) != identity.get("data_sha256"):
+            log.warning("data changed since the run; aggregating the stored metrics")
+            return cases
+        requests = suite.load(cfg.get("data"), cfg.get("limit"))
+    except (ValueError, OSError) as exc:
+        log.warning("cannot re-read the suite's data (%s); aggregating the stored metrics", exc)
+        return cases
+    out = []
+    for c in cases:
+        if "post" in c and c["case"] < len(requests):
+            req = requests[c["case"]]
+            c = {**c, "flags": quality_flags(req),
+                 "metrics": case_metrics(req, c["post"], suite.explanation)}  # fmt: skip
+        out.append(c)
+    return out

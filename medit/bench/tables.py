@@ -18,17 +18,18 @@ def _fmt(v: Any, scale: float = 100.0) -> str:
 
 def _columns(res: dict[str, Any], protocol: str) -> list[tuple[str, Any]]:
     """(header, getter) pairs of one protocol's table."""
-    cols = [("Efficacy", lambda t: _fmt(t.get("efficacy"))),
-            ("Generality", lambda t: _fmt(t.get("generality")))]  # fmt: skip
+    rouge = protocol == "generation" and res.get("explanation", False)
+    suffix = " (ROUGE-L)" if rouge else ""  # MedFE: generated explanation vs the reference
+    cols = [(f"Efficacy{suffix}", lambda t: _fmt(t.get("efficacy"))),
+            (f"Generality{suffix}", lambda t: _fmt(t.get("generality")))]  # fmt: skip
     for kind in res["locality_types"]:
         cols.append((f"Loc:{kind}", lambda t, k=kind: _fmt(t.get("locality", {}).get(k))))
     cols += [("Locality", lambda t: _fmt(t.get("locality_avg"))),
              ("Average", lambda t: _fmt(t.get("average")))]  # fmt: skip
     if protocol == "generation":
         cols.append(("Fluency", lambda t: _fmt(t.get("fluency"), 1.0)))
-        if any("rouge_l" in m.get("generation", {}) for m in res["methods"].values()):
-            cols += [("ROUGE-L", lambda t: _fmt(t.get("rouge_l"))),
-                     ("Answer", lambda t: _fmt(t.get("answer_stated")))]  # fmt: skip
+        if rouge:
+            cols.append(("Answer stated", lambda t: _fmt(t.get("answer_stated"))))
     return cols
 
 
@@ -62,6 +63,10 @@ def markdown(res: dict[str, Any]) -> str:
     if excluded:
         out.append("Data-quality flags (affected metrics excluded): "
                    + ", ".join(f"{k}: {v} cases" for k, v in sorted(excluded.items())))  # fmt: skip
+    if res.get("explanation"):
+        out.append("Generation-based Efficacy/Generality: ROUGE-L F1 of the greedy explanation of "
+                   "the edit prompt / its paraphrases against the reference explanation; Answer "
+                   "stated: the fact's answer appears in the generated explanation.")  # fmt: skip
     out.append("Scores in %; Average = (mean(Efficacy, Generality) + Locality) / 2 as in the "
                "MedLaSA paper; Fluency = n-gram entropy; peak MB = CUDA allocator peak on GPU, "
                "process peak RSS on CPU.")  # fmt: skip
