@@ -23,11 +23,16 @@ down        alias of mlp_out for gated MLPs
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+
+#: separate projections -> the fused module that holds them, where an architecture fuses them
+_FUSED = {"q": "qkv", "k": "qkv", "v": "qkv", "o": "attn_out",
+          "gate": "mlp_in", "up": "mlp_in", "down": "mlp_out"}  # fmt: skip
 
 @dataclasses.dataclass(frozen=True)
 class ArchSpec:
@@ -54,6 +59,19 @@ class ArchSpec:
                 f"it has: {', '.join(sorted(self.kinds))}"
             )
         return f"{path}.{self.kinds[kind]}"
+
+    def resolve_kinds(self, kinds: Sequence[str]) -> tuple[str, ...]:
+        """Module kinds named for separate projections (q, k, v, o, gate, up, down) mapped onto
+        an architecture that fuses them (GPT-2: qkv, attn_out, mlp_in, mlp_out), deduplicated."""
+        out: list[str] = []
+        for kind in kinds:
+            k = kind if kind in self.kinds else _FUSED.get(kind, kind)
+            if k not in self.kinds:
+                raise ValueError(f"the {self.family} architecture has no module kind {kind!r}; "
+                                 f"it has: {', '.join(sorted(self.kinds))}")  # fmt: skip
+            if k not in out:
+                out.append(k)
+        return tuple(out)
 
     def weight_name(self, layer: int, kind: str) -> str:
         """State-dict name of the weight of a linear module of one layer."""

@@ -166,12 +166,12 @@ def generate(model, artifact, prompts, prompts_file, max_new_tokens, device, dty
     if not all_prompts:
         raise ValueError("give --prompt TEXT or --prompts FILE")
     from medit.evaluation import generate as greedy
-    from medit.export import apply_artifact
+    from medit.export import load_edit
     from medit.models import load_model
 
     lm = load_model(model, device, dtype)
     if artifact:
-        apply_artifact(lm.model, artifact)
+        load_edit(lm.model, lm.tokenizer, artifact)
     for prompt, completion in zip(
         all_prompts, greedy(lm.model, lm.tokenizer, all_prompts, max_new_tokens), strict=True
     ):

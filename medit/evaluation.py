@@ -27,6 +27,7 @@ import torch
 from medit.arch import ArchSpec, get_arch
 from medit.forward import logits_at
 from medit.requests import EditRequest
+from medit.routing import prompts_for_rows, select_rows
 from medit.text import encode_pair, left_padded, normalise, teacher_batch
 
 
@@ -67,7 +68,9 @@ def score_targets(
     for idx in _length_order(lengths, batch_size):
         batch = teacher_batch(tok, [pairs[i][0] for i in idx], [pairs[i][1] for i in idx])
         batch = batch.to(device)
-        logp = torch.log_softmax(logits_at(model, arch, batch).float(), dim=-1)
+        with prompts_for_rows(model, [pairs[i][0] for i in idx]):
+            logits = logits_at(model, arch, batch)
+        logp = torch.log_softmax(logits.float(), dim=-1)
         label_lp = logp.gather(1, batch.labels[:, None]).squeeze(1).cpu()
         argmax = logp.argmax(-1).cpu()
         labels, owner = batch.labels.cpu(), batch.owner.cpu()
@@ -92,7 +95,9 @@ def generate_ids(
     out: list[list[int] | None] = [None] * len(prompts)
     for idx in _length_order([len(p) for p in prompts], batch_size):
         enc = left_padded(tok, [prompts[i] for i in idx], device)
-        rows = _greedy(model, arch, enc["input_ids"], enc["attention_mask"], max_new_tokens, stop)
+        with prompts_for_rows(model, [prompts[i] for i in idx]):
+            rows = _greedy(model, arch, enc["input_ids"], enc["attention_mask"], max_new_tokens,
+                           stop)  # fmt: skip
         for i, row in zip(idx, rows, strict=True):
             out[i] = row
     return out  # type: ignore[return-value]
@@ -124,6 +129,7 @@ def _greedy(model, arch: ArchSpec, ids, mask, max_new_tokens: int, stop) -> list
         if keep.numel() < alive.numel():
             alive, nxt, mask, step_pos = alive[keep], nxt[keep], mask[keep], step_pos[keep]
             cache.reorder_cache(keep)
+            select_rows(model, keep)
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         step_ids, step_pos = nxt[:, None], step_pos[:, -1:] + 1
     return rows

@@ -171,6 +171,17 @@ def apply_artifact(model: torch.nn.Module, path: str | Path, revert: bool = Fals
     return manifest
 
 
+def load_edit(model: torch.nn.Module, tok: Any, path: str | Path) -> dict:
+    """Put any edit artifact onto its base model: weights are written in; adapter edits
+    (MedLaSA) are installed beside the weights with their routing. Returns the manifest."""
+    from medit.editors.adapter_result import is_adapter_artifact, load_adapter_artifact
+
+    if is_adapter_artifact(path) is not None:
+        result = load_adapter_artifact(model, tok, path)
+        return {"kind": "adapters", "method": result.method, "edits": len(result.adapters)}
+    return apply_artifact(model, path)
+
+
 def save_edited_model(model: Any, tok: Any, directory: str | Path, delta: dict | None) -> Path:
     """Save a loadable HF directory (safetensors) plus ``medit-delta.safetensors`` of the edit.
 

@@ -312,13 +312,16 @@ def load_model(
     model.requires_grad_(False)  # inference by default; editors enable what they train
     tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     prepare_tokenizer(tok)
+    sha = state_dict_sha256(model)
+    # the loaded weights' hash, for caches of work on the base model (causal traces)
+    model.medit_weights_sha256 = sha
     return LoadedModel(
         model=model,
         tokenizer=tok,
         arch=arch,
         spec=spec,
         source=source,
-        weights_sha256=state_dict_sha256(model),
+        weights_sha256=sha,
         device=dev,
         dtype=torch_dtype,
     )

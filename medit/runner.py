@@ -14,6 +14,7 @@ directory that replaces ``out`` only when the run succeeds: a failed run writes 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -139,14 +140,24 @@ def run_edit(cfg: RunConfig) -> dict[str, Any]:
                             edited_weights_sha256=edited_sha)  # fmt: skip
             res["artifact"] = "artifact"
         if cfg.save_model:
-            save_edited_model(model, tok, cfg.save_model, delta=dict(
-                method=cfg.method, hparams=resolved, edited=combined.edited_tensors(),
-                originals=combined.originals, base_model=lm.spec,
-                base_weights_sha256=lm.weights_sha256, edited_weights_sha256=edited_sha))  # fmt: skip
+            _save_model(cfg, model, tok, combined, resolved, lm, edited_sha)
             res["saved_model"] = str(Path(cfg.save_model).resolve())
         atomic_write_text(tmp / R.SAMPLES_FILE, R.jsonl(samples))
         atomic_write_text(tmp / R.RESULTS_FILE, json.dumps(res, indent=2, ensure_ascii=False))
     return res
+
+
+def _save_model(cfg, model, tok, combined, resolved, lm, edited_sha) -> None:
+    """An HF directory of the edited weights; adapter edits are merged in (each fully on: the
+    per-input routing of MedLaSA lives only in the artifact)."""
+    merged = getattr(combined, "merged_into_model", None)
+    ctx = merged() if merged is not None else contextlib.nullcontext()
+    originals = combined.merged_originals if merged is not None else combined.originals
+    with ctx:
+        save_edited_model(model, tok, cfg.save_model, delta=dict(
+            method=cfg.method, hparams=resolved, edited=combined.edited_tensors(),
+            originals=originals, base_model=lm.spec,
+            base_weights_sha256=lm.weights_sha256, edited_weights_sha256=edited_sha))  # fmt: skip
 
 
 def _run_mode(cfg, editor, lm, requests, pre, bar):
@@ -170,7 +181,7 @@ def _run_mode(cfg, editor, lm, requests, pre, bar):
         for req in requests:
             edits.append(editor.apply(model, tok, [req]))
             bar.update(1)
-        combined = EditResult.combine(edits)
+        combined = type(edits[0]).combine(edits)
     post = evaluate(model, tok, arch, requests, cfg.eval, reference=pre)
     return post, edits, combined
 

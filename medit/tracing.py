@@ -493,13 +493,32 @@ def trace_requests(
     log.info("tracing %d prompts (%s mode, noise %.4g)", len(pairs), config.mode, noise)
     traces = []
     bar = tqdm(list(zip(pairs, answers, strict=True)), desc="trace", unit="prompt", disable=quiet)
+    sha = lm.weights_sha256 if use_cache else None
     for (prompt, subject), ans in bar:
-        key = trace_key(lm.weights_sha256, prompt, subject, ans, config.settings(noise))
-        path = cache_dir() / "traces" / f"{key}.json"
-        if use_cache and path.is_file():
-            traces.append(Trace.from_dict(json.loads(path.read_text(encoding="utf-8"))))
-            continue
-        traces.append(trace(model, tok, arch, prompt, subject, ans, config, noise))
-        if use_cache:
-            atomic_write_text(path, json.dumps(traces[-1].to_dict()))
+        traces.append(cached_trace(model, tok, arch, prompt, subject, ans, config, noise, sha))
     return traces
+
+
+def cached_trace(
+    model: Any,
+    tok: Any,
+    arch: ArchSpec,
+    prompt: str,
+    subject: str,
+    answer: str | None = None,
+    config: TraceConfig = TraceConfig(),
+    noise: float | None = None,
+    weights_sha256: str | None = None,
+) -> Trace:
+    """:func:`trace`, cached under ``cache_dir()/traces`` when the weights' hash is given."""
+    noise = noise or config.noise or noise_level(model, tok, arch, [(prompt, subject)],
+                                                 config.noise_scale)  # fmt: skip
+    if weights_sha256 is None:
+        return trace(model, tok, arch, prompt, subject, answer, config, noise)
+    key = trace_key(weights_sha256, prompt, subject, answer, config.settings(noise))
+    path = cache_dir() / "traces" / f"{key}.json"
+    if path.is_file():
+        return Trace.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    out = trace(model, tok, arch, prompt, subject, answer, config, noise)
+    atomic_write_text(path, json.dumps(out.to_dict()))
+    return out

@@ -206,6 +206,9 @@ class Editor(ABC):
 METHODS: dict[str, str] = {
     "ft-l": "medit.editors.ft:FTL",
     "ft-m": "medit.editors.ft:FTM",
+    "lora": "medit.editors.lora:LoRA",
+    "adalora": "medit.editors.lora:AdaLoRA",
+    "medlasa": "medit.editors.medlasa:MedLaSA",
 }
 
 

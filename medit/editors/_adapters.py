@@ -1,0 +1,261 @@
+"""Low-rank adapters kept beside the base weights, gated per batch row (MedLaSA's runtime).
+
+Each edited piece of knowledge owns one :class:`Adapter`: for every adapted linear module ``m``
+a pair ``A_m (r, in)``, ``B_m (out, r)`` and a scale ``alpha_m / r``, plus a *key*, the base
+model's representation of its prompt. An :class:`AdapterBank` installs the adapters on a model
+through forward hooks (the base weights are never written, so removing the hooks restores the
+model bit for bit) and adds, for batch row b,
+
+    y_b += c_m[b] · B_{e(b),m} A_{e(b),m} x_b
+
+where e(b) is the adapter chosen for the row and c_m[b] its coefficient. How rows are routed
+(``RoutingConfig.mode``):
+
+* ``nearest`` — the row's prompt is represented like the keys (masked mean of the base model's
+  hidden state entering layer ``route_layer``, minus the mean over background prompts, unit
+  norm); the nearest key by cosine similarity (scikit-learn) picks the adapter, and the
+  similarity sets the gate: 0 at or below ``gate_off`` (the base model exactly), 1 at or above
+  ``gate_on``, linear in between. c_m[b] = gate · alpha_m / r.
+* ``oracle`` — the MedLaSA paper's protocol: each prompt is causally traced and its own
+  association scores give alpha_m (the paper looks the scores up in traces precomputed for every
+  test prompt; here they are computed on demand, cached on disk).
+* ``always`` — every row uses the adapter at its training scales (what merging it would give).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from importlib import resources
+from typing import Any
+
+import torch
+
+from medit.arch import ArchSpec, get_module
+from medit.hooks import capture_input
+from medit.routing import ROUTER
+
+ROUTING_MODES = ("nearest", "oracle", "always")
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutingConfig:
+    mode: str = "nearest"  #: nearest | oracle | always
+    route_depth: float = 0.5  #: relative depth of the layer whose input represents a prompt
+    gate_on: float = 0.6  #: cosine similarity from which an adapter is fully on
+    gate_off: float = 0.4  #: cosine similarity at or below which it is off
+
+    def __post_init__(self):
+        if self.mode not in ROUTING_MODES:
+            raise ValueError(f"routing must be one of {', '.join(ROUTING_MODES)}, "
+                             f"not {self.mode!r}")  # fmt: skip
+        if not -1.0 <= self.gate_off < self.gate_on <= 1.0:
+            raise ValueError("need -1 <= gate_off < gate_on <= 1")
+        if not 0.0 <= self.route_depth <= 1.0:
+            raise ValueError("route_depth must lie in [0, 1]")
+
+
+@dataclasses.dataclass
+class Adapter:
+    """The adapter of one edited piece of knowledge."""
+
+    request_id: str
+    prompt: str
+    A: dict[str, torch.Tensor]  #: module name -> (r, in)
+    B: dict[str, torch.Tensor]  #: module name -> (out, r)
+    scale: dict[str, float]  #: module name -> alpha / r used in training
+    key: torch.Tensor | None = None  #: routing representation of the prompt (unit norm)
+    info: dict[str, Any] = dataclasses.field(default_factory=dict)  #: alphas, ranks, profile
+
+
+def background_prompts() -> list[str]:
+    text = resources.files("medit.data").joinpath("background_prompts.txt").read_text("utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip() and line[0] != "#"]
+
+
+class AdapterBank:
+    """Adapters installed on a model, routed per batch row. One bank per model, at
+    ``model.medit_router`` while it holds adapters."""
+
+    def __init__(self, model: Any, tok: Any, arch: ArchSpec, routing: RoutingConfig,
+                 oracle_scales: Callable[[str], dict[str, float]] | None = None):  # fmt: skip
+        self.model, self.tok, self.arch, self.routing = model, tok, arch, routing
+        self.oracle_scales = oracle_scales  #: prompt -> module -> alpha (oracle mode)
+        self.adapters: list[Adapter] = []
+        self.enabled = True
+        self._handles: list[Any] = []
+        self._stacks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._center: torch.Tensor | None = None
+        self._state: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None
+        self._explicit = False
+
+    # -- membership ------------------------------------------------------------------------------
+    @classmethod
+    def of(cls, model: Any, tok: Any, arch: ArchSpec, routing: RoutingConfig, **kw) -> AdapterBank:
+        """The model's bank, created (and installed) when it has none."""
+        bank = getattr(model, ROUTER, None)
+        if bank is None:
+            bank = cls(model, tok, arch, routing, **kw)
+        elif bank.routing != routing:
+            raise ValueError(f"the model already carries adapters routed with {bank.routing}; "
+                             f"cannot add adapters routed with {routing}")  # fmt: skip
+        return bank
+
+    def add(self, adapter: Adapter) -> None:
+        if adapter.key is None and self.routing.mode == "nearest":
+            adapter.key = self.represent([adapter.prompt])[0]
+        self.adapters.append(adapter)
+        self._rebuild()
+
+    def remove(self, adapter: Adapter) -> None:
+        self.adapters = [a for a in self.adapters if a is not adapter]
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles, self._stacks, self._state = [], {}, None
+        if not self.adapters:
+            if getattr(self.model, ROUTER, None) is self:
+                delattr(self.model, ROUTER)
+            return
+        setattr(self.model, ROUTER, self)
+        names = sorted({m for a in self.adapters for m in a.A})
+        for name in names:
+            self._stacks[name] = self._stack(name)
+            module = get_module(self.model, name)
+            self._handles.append(module.register_forward_hook(self._hook(name)))
+        base = self.arch.base_model(self.model)
+        self._handles.append(base.register_forward_pre_hook(self._fallback, with_kwargs=True))
+
+    def _stack(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(E, r_max, in) and (E, out, r_max) over the adapters, zero-padded (exact)."""
+        ref = next(a for a in self.adapters if name in a.A)
+        r_max = max(a.A[name].shape[0] for a in self.adapters if name in a.A)
+        n_in, n_out = ref.A[name].shape[1], ref.B[name].shape[0]
+        A = ref.A[name].new_zeros(len(self.adapters), r_max, n_in)
+        B = ref.B[name].new_zeros(len(self.adapters), n_out, r_max)
+        for e, a in enumerate(self.adapters):
+            if name in a.A:
+                r = a.A[name].shape[0]
+                A[e, :r], B[e, :, :r] = a.A[name], a.B[name]
+        return A, B
+
+    # -- routing ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def represent(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Unit-norm, background-centred prompt representations (n, d) from the base model."""
+        if self._center is None:
+            self._center = self._raw(background_prompts()).mean(0)
+        reps = self._raw(prompts) - self._center
+        return reps / reps.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+    def _raw(self, prompts: Sequence[str], batch_size: int = 32) -> torch.Tensor:
+        layer = round(self.routing.route_depth * (self.arch.n_layers(self.model) - 1))
+        base, device = self.arch.base_model(self.model), self.arch.embedding(self.model).weight.device
+        out = []
+        was, self.enabled = self.enabled, False
+        try:
+            for i in range(0, len(prompts), batch_size):
+                enc = self.tok(list(prompts[i : i + batch_size]), return_tensors="pt",
+                               padding=True).to(device)  # fmt: skip
+                hidden = capture_input(self.arch.module(self.model, layer), lambda e=enc: base(
+                    input_ids=e["input_ids"], attention_mask=e["attention_mask"], use_cache=False))  # fmt: skip
+                mask = enc["attention_mask"][..., None].to(hidden.dtype)
+                out.append(((hidden * mask).sum(1) / mask.sum(1)).float())
+        finally:
+            self.enabled = was
+        return torch.cat(out)
+
+    def _coefficients(self, prompts: Sequence[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Per row: the adapter index, and per module the coefficient c_m (0: unchanged)."""
+        device = self.arch.embedding(self.model).weight.device
+        n, mode = len(prompts), self.routing.mode
+        which = torch.zeros(n, dtype=torch.long)
+        gate = torch.ones(n)
+        if len(self.adapters) > 1 or mode == "nearest":
+            from sklearn.neighbors import NearestNeighbors
+
+            keys = torch.stack([a.key if a.key is not None else self.represent([a.prompt])[0]
+                                for a in self.adapters]).cpu().numpy()  # fmt: skip
+            reps = self.represent(prompts).cpu().numpy()
+            nn = NearestNeighbors(n_neighbors=1, metric="cosine").fit(keys)
+            dist, idx = nn.kneighbors(reps)
+            which = torch.from_numpy(idx[:, 0]).long()
+            if mode == "nearest":
+                sim = torch.from_numpy(1.0 - dist[:, 0]).float()
+                r = self.routing
+                gate = ((sim - r.gate_off) / (r.gate_on - r.gate_off)).clamp(0.0, 1.0)
+        coeff = {}
+        own = [self.oracle_scales(p) for p in prompts] if mode == "oracle" else []  # type: ignore[misc]
+        for name in self._stacks:
+            if mode == "oracle":  # the prompt's own alpha over the chosen adapter's rank
+                c = torch.tensor([s.get(name, 0.0) / self.adapters[e].A[name].shape[0]
+                                  if name in self.adapters[e].A else 0.0
+                                  for s, e in zip(own, which.tolist(), strict=True)])  # fmt: skip
+            else:
+                c = torch.tensor([self.adapters[e].scale.get(name, 0.0) for e in which.tolist()])
+            coeff[name] = (gate * c).to(device)
+        return which.to(device), coeff
+
+    def route(self, prompts: Sequence[str]) -> None:
+        self._state, self._explicit = self._coefficients(prompts), True
+
+    def select_rows(self, keep: torch.Tensor) -> None:
+        if self._state is not None:
+            which, coeff = self._state
+            self._state = which[keep], {m: c[keep] for m, c in coeff.items()}
+
+    def clear(self) -> None:
+        self._state, self._explicit = None, False
+
+    def _fallback(self, _module, args, kwargs):
+        """A forward nobody routed: route each new sequence by its own (unpadded) text."""
+        if not self.enabled or self._explicit:
+            return None
+        past = kwargs.get("past_key_values")
+        if past is not None and past.get_seq_length() > 0 and self._state is not None:
+            return None  # decoding: keep the routing of the sequence's prefill
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            raise ValueError("medlasa routing needs input_ids (got only inputs_embeds)")
+        mask = kwargs.get("attention_mask")
+        rows = ids.tolist() if mask is None else [
+            [t for t, m in zip(r, mr, strict=True) if m] for r, mr in zip(ids.tolist(), mask.tolist(), strict=True)]  # fmt: skip
+        self._state = self._coefficients(self.tok.batch_decode(rows, skip_special_tokens=True))
+        return None
+
+    # -- the adapted forward ---------------------------------------------------------------------
+    def _hook(self, name: str):
+        def hook(_module, args, output):
+            if not self.enabled or self._state is None:
+                return None
+            which, coeff = self._state
+            c = coeff[name]
+            x = args[0]
+            if c.shape[0] != x.shape[0]:
+                raise RuntimeError(f"routing holds {c.shape[0]} rows, the batch has {x.shape[0]}")
+            active = (c != 0).nonzero().squeeze(1)
+            if active.numel() == 0:
+                return None  # the base model's output, untouched
+            A, B = self._stacks[name]
+            e = which[active]
+            h = torch.einsum("nti,nri->ntr", x[active].to(A.dtype), A[e])
+            y = torch.einsum("ntr,nor->nto", h, B[e]) * c[active, None, None].to(A.dtype)
+            return output.index_add(0, active, y.to(output.dtype))
+
+        return hook
+
+
+def lora_init(r: int, n_in: int, n_out: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """LoRA's initialisation (as in peft): A Kaiming-uniform (a = sqrt 5), B zero."""
+    A = torch.empty(r, n_in, device=device, dtype=dtype)
+    torch.nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+    return A, torch.zeros(n_out, r, device=device, dtype=dtype)
+
+
+def linear_dims(module: Any, conv1d: bool) -> tuple[int, int]:
+    """(in, out) features of a linear module (GPT-2's Conv1D stores its weight transposed)."""
+    w = module.weight
+    return (w.shape[0], w.shape[1]) if conv1d else (w.shape[1], w.shape[0])

@@ -1,0 +1,227 @@
+"""Results of adapter edits (MedLaSA): restore, combine, export, and loading artifacts back.
+
+An adapter edit never writes the base weights: ``restore()`` removes its adapters from the
+model's :class:`~medit.editors._adapters.AdapterBank`, which leaves the model bit-identical to
+before. The artifact (``RUN_DIR/artifact/``) holds:
+
+* ``adapters.safetensors`` — every adapter's A and B per module, its routing key and the
+  background centre, with a JSON manifest (kind ``adapters``: method, hparams, routing, per-edit
+  scales and request ids, base weights hash);
+* ``peft/edit-<i>/`` — each adapter as a standard PEFT LoRA directory at its training scales
+  (``peft.PeftModel.from_pretrained(base, dir)``): what the edit does where it is fully on. The
+  per-input routing exists only in medit (``medit generate --artifact RUN_DIR``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from medit.editors._adapters import Adapter, AdapterBank, RoutingConfig
+from medit.editors.base import EditResult, HParams
+from medit.export import ARTIFACT_DIR, FORMAT, atomic_dir
+
+ADAPTERS_FILE = "adapters.safetensors"
+
+
+class AdapterEditResult(EditResult):
+    """An edit made of adapters in a bank (no weight written)."""
+
+    def __init__(self, method: str, hparams: HParams, bank: AdapterBank, adapters: Sequence[Adapter]):
+        self.method, self.hparams, self.bank = method, hparams, bank
+        self.adapters = list(adapters)
+        self._params, self.originals = {}, {}
+        self.diagnostics: list[dict[str, Any]] = []
+        self.state = "edited"
+        self.seconds = 0.0
+
+    @property
+    def names(self) -> list[str]:
+        return sorted({m for a in self.adapters for m in a.A})
+
+    def restore(self) -> None:
+        """Remove this edit's adapters; the model is then bit-identical to before the edit."""
+        for a in self.adapters:
+            self.bank.remove(a)
+        self.state = "restored"
+
+    @classmethod
+    def combine(cls, results: Sequence[EditResult]) -> AdapterEditResult:
+        first = results[0]
+        assert isinstance(first, AdapterEditResult)
+        out = cls(first.method, first.hparams, first.bank,
+                  [a for r in results for a in r.adapters])  # type: ignore[attr-defined]
+        for r in results:
+            out.diagnostics += r.diagnostics
+            out.seconds += r.seconds
+        return out
+
+    def merged_deltas(self) -> dict[str, torch.Tensor]:
+        """Weight name -> sum over adapters of (alpha/r)·B·A (each adapter fully on)."""
+        conv1d = self.bank.arch.conv1d
+        out: dict[str, torch.Tensor] = {}
+        for a in self.adapters:
+            for m in a.A:
+                d = (a.B[m] @ a.A[m]) * a.scale[m]
+                d = d.T if conv1d else d
+                out[f"{m}.weight"] = out.get(f"{m}.weight", 0) + d
+        return out
+
+    def edited_tensors(self) -> dict[str, torch.Tensor]:
+        """The base weights with every adapter merged in (routing is lost: each fully on)."""
+        params = dict(self.bank.model.named_parameters())
+        return {n: (params[n].detach().float() + d.to(params[n].device)).to(params[n].dtype)
+                for n, d in self.merged_deltas().items()}  # fmt: skip
+
+    @property
+    def merged_originals(self) -> dict[str, torch.Tensor]:
+        params = dict(self.bank.model.named_parameters())
+        return {n: params[n].detach().clone() for n in self.merged_deltas()}
+
+    @contextlib.contextmanager
+    def merged_into_model(self):
+        """Inside the block the model's weights hold every adapter merged in (for saving)."""
+        params = dict(self.bank.model.named_parameters())
+        originals = self.merged_originals
+        was, self.bank.enabled = self.bank.enabled, False
+        try:
+            with torch.no_grad():
+                for n, t in self.edited_tensors().items():
+                    params[n].copy_(t)
+            yield
+        finally:
+            with torch.no_grad():
+                for n, t in originals.items():
+                    params[n].copy_(t)
+            self.bank.enabled = was
+
+    def update_norms(self) -> dict[str, dict[str, float]]:
+        params = dict(self.bank.model.named_parameters())
+        out = {}
+        for n, d in self.merged_deltas().items():
+            base = params[n].detach().float().norm().item()
+            delta = d.norm().item()
+            out[n] = {"delta_norm": delta, "relative": delta / base if base else float("inf")}
+        return out
+
+    def export(self, directory: str | Path, **provenance: Any) -> Path:
+        target = Path(directory) / ARTIFACT_DIR
+        with atomic_dir(target) as tmp:
+            write_adapters(tmp, self, **provenance)
+            for i, a in enumerate(self.adapters):
+                write_peft_adapter(tmp / "peft" / f"edit-{i}", a.A, a.B, a.scale,
+                                   self.bank.arch.conv1d)  # fmt: skip
+        return target
+
+
+def write_adapters(directory: Path, result: AdapterEditResult, **provenance: Any) -> dict:
+    bank = result.bank
+    tensors: dict[str, torch.Tensor] = {}
+    for i, a in enumerate(result.adapters):
+        for m in a.A:
+            tensors[f"{i}::{m}::A"] = a.A[m].detach().contiguous().cpu()
+            tensors[f"{i}::{m}::B"] = a.B[m].detach().contiguous().cpu()
+        if a.key is not None:
+            tensors[f"{i}::key"] = a.key.detach().contiguous().cpu()
+    if bank._center is not None:
+        tensors["center"] = bank._center.detach().contiguous().cpu()
+    manifest = {
+        "format": FORMAT, "version": 1, "kind": "adapters", "method": result.method,
+        "hparams": result.hparams.to_dict(), "routing": vars(bank.routing),
+        "edits": [{"request_id": a.request_id, "prompt": a.prompt, "scale": a.scale}
+                  for a in result.adapters],
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **provenance,
+    }  # fmt: skip
+    path = directory / ADAPTERS_FILE
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file(tensors, str(tmp), metadata={"medit_manifest": json.dumps(manifest)})
+    os.replace(tmp, path)
+    (directory / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def write_peft_adapter(directory: Path, A: dict[str, torch.Tensor], B: dict[str, torch.Tensor],
+                       scale: dict[str, float], conv1d: bool) -> None:  # fmt: skip
+    """A LoRA update per module (scale·B·A) as a PEFT LoRA directory, each module's rank and
+    alpha given through PEFT's rank and alpha patterns."""
+    from peft import LoraConfig
+
+    names = sorted(A)
+    ranks = {n: int(A[n].shape[0]) for n in names}
+    alphas = {n: scale[n] * ranks[n] for n in names}
+    config = LoraConfig(
+        r=max(ranks.values()), lora_alpha=max(alphas.values()), target_modules=names,
+        rank_pattern={f"^{n}$": r for n, r in ranks.items()},
+        alpha_pattern={f"^{n}$": a for n, a in alphas.items()},
+        lora_dropout=0.0, bias="none", fan_in_fan_out=conv1d, task_type="CAUSAL_LM",
+    )  # fmt: skip
+    directory.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(directory))
+    tensors = {}
+    for n in names:
+        tensors[f"base_model.model.{n}.lora_A.weight"] = A[n].float().contiguous().cpu()
+        tensors[f"base_model.model.{n}.lora_B.weight"] = B[n].float().contiguous().cpu()
+    save_file(tensors, str(directory / "adapter_model.safetensors"))
+
+
+def low_rank_factors(delta: torch.Tensor, max_rank: int, rtol: float = 1e-6):
+    """Exact factors (A (k, in), B (out, k)) of a weight change of rank <= max_rank, by SVD."""
+    U, S, Vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    k = max(1, min(max_rank, int((S > S[0] * rtol).sum().item()) if S[0] > 0 else 1))
+    return Vh[:k].float(), (U[:, :k] * S[:k]).float()
+
+
+def is_adapter_artifact(path: str | Path) -> Path | None:
+    p = Path(path)
+    for candidate in (p if p.name == ADAPTERS_FILE else p / ADAPTERS_FILE,
+                      p / ARTIFACT_DIR / ADAPTERS_FILE):  # fmt: skip
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load_adapter_artifact(model: Any, tok: Any, path: str | Path) -> AdapterEditResult:
+    """Install an adapter artifact's edits on ``model`` (the base model it was made for)."""
+    from medit.arch import get_arch
+    from medit.editors.base import get_editor_class
+
+    file = is_adapter_artifact(path)
+    if file is None:
+        raise ValueError(f"no adapter artifact at {path}")
+    with safe_open(str(file), framework="pt") as f:
+        manifest = json.loads((f.metadata() or {})["medit_manifest"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    sha = getattr(model, "medit_weights_sha256", None)
+    if sha and manifest.get("base_weights_sha256") and sha != manifest["base_weights_sha256"]:
+        raise ValueError(f"{file} was made for another base model (weights sha256 "
+                         f"{manifest['base_weights_sha256'][:12]}..., this model {sha[:12]}...)")  # fmt: skip
+    arch = get_arch(model)
+    device = arch.embedding(model).weight.device
+    hparams = get_editor_class(manifest["method"]).hparams_class.from_dict(manifest["hparams"])
+    bank = AdapterBank.of(model, tok, arch, RoutingConfig(**manifest["routing"]))
+    if "center" in tensors and bank._center is None:
+        bank._center = tensors["center"].to(device)
+    adapters = []
+    for i, e in enumerate(manifest["edits"]):
+        mods = e["scale"]
+        adapters.append(Adapter(
+            request_id=e["request_id"], prompt=e["prompt"],
+            A={m: tensors[f"{i}::{m}::A"].to(device) for m in mods},
+            B={m: tensors[f"{i}::{m}::B"].to(device) for m in mods},
+            scale=dict(mods), key=tensors[f"{i}::key"].to(device) if f"{i}::key" in tensors else None,
+        ))  # fmt: skip
+    if bank.routing.mode == "oracle" and bank.oracle_scales is None:
+        editor = get_editor_class(manifest["method"])()
+        bank.oracle_scales = lambda p: editor._oracle_alphas(model, tok, arch, p, hparams)
+    for a in adapters:
+        bank.add(a)
+    return AdapterEditResult(manifest["method"], hparams, bank, adapters)
