@@ -11,11 +11,14 @@ model bit for bit) and adds, for batch row b,
 where e(b) is the adapter chosen for the row and c_m[b] its coefficient. How rows are routed
 (``RoutingConfig.mode``):
 
-* ``nearest`` — the row's prompt is represented like the keys (masked mean of the base model's
-  hidden state entering layer ``route_layer``, minus the mean over background prompts, unit
-  norm); the nearest key by cosine similarity (scikit-learn) picks the adapter, and the
-  similarity sets the gate: 0 at or below ``gate_off`` (the base model exactly), 1 at or above
-  ``gate_on``, linear in between. c_m[b] = gate · alpha_m / r.
+* ``nearest`` — the row's prompt is represented like the keys: the base model's hidden states
+  entering layer ``route_depth`` (first position, the attention sink, left out), standardised per
+  dimension with token statistics of background prompts, mean-pooled, centred on the background
+  prompts' mean and scaled to unit norm. Among the nearest keys (scikit-learn, cosine) the one with
+  the highest gate wins; the gate is 0 at or below ``gate_off`` similarity (the base model,
+  exactly), 1 at or above ``gate_on``, linear in between. An input that does not mention the
+  edit's subject must clear the stricter ``gate_off_unmentioned`` / ``gate_on_unmentioned``.
+  c_m[b] = gate · alpha_m / r.
 * ``oracle`` — the MedLaSA paper's protocol: each prompt is causally traced and its own
   association scores give alpha_m (the paper looks the scores up in traces precomputed for every
   test prompt; here they are computed on demand, cached on disk).
@@ -42,16 +45,21 @@ ROUTING_MODES = ("nearest", "oracle", "always")
 @dataclasses.dataclass(frozen=True)
 class RoutingConfig:
     mode: str = "nearest"  #: nearest | oracle | always
-    route_depth: float = 0.5  #: relative depth of the layer whose input represents a prompt
-    gate_on: float = 0.6  #: cosine similarity from which an adapter is fully on
-    gate_off: float = 0.4  #: cosine similarity at or below which it is off
+    route_depth: float = 0.28  #: relative depth of the layer whose input represents a prompt
+    gate_on: float = 0.75  #: cosine similarity from which an adapter is fully on
+    gate_off: float = 0.65  #: cosine similarity at or below which it is off
+    gate_on_unmentioned: float = 0.9  #: gate_on for inputs not mentioning the edit's subject
+    gate_off_unmentioned: float = 0.8  #: gate_off for inputs not mentioning the edit's subject
+    candidates: int = 8  #: nearest keys considered per input
 
     def __post_init__(self):
         if self.mode not in ROUTING_MODES:
             raise ValueError(f"routing must be one of {', '.join(ROUTING_MODES)}, "
                              f"not {self.mode!r}")  # fmt: skip
-        if not -1.0 <= self.gate_off < self.gate_on <= 1.0:
-            raise ValueError("need -1 <= gate_off < gate_on <= 1")
+        for off, on in ((self.gate_off, self.gate_on),
+                        (self.gate_off_unmentioned, self.gate_on_unmentioned)):  # fmt: skip
+            if not -1.0 <= off < on <= 1.0:
+                raise ValueError("need -1 <= gate_off < gate_on <= 1 (both pairs)")
         if not 0.0 <= self.route_depth <= 1.0:
             raise ValueError("route_depth must lie in [0, 1]")
 
@@ -66,6 +74,7 @@ class Adapter:
     B: dict[str, torch.Tensor]  #: module name -> (out, r)
     scale: dict[str, float]  #: module name -> alpha / r used in training
     key: torch.Tensor | None = None  #: routing representation of the prompt (unit norm)
+    subject: str = ""  #: the edit's subject ("" when unknown: no lexical evidence asked)
     info: dict[str, Any] = dataclasses.field(default_factory=dict)  #: alphas, ranks, profile
 
 
@@ -87,6 +96,7 @@ class AdapterBank:
         self._handles: list[Any] = []
         self._stacks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._center: torch.Tensor | None = None
+        self._token_stats: tuple[torch.Tensor, torch.Tensor] | None = None
         self._state: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None
         self._explicit = False
 
@@ -145,13 +155,20 @@ class AdapterBank:
     # -- routing ---------------------------------------------------------------------------------
     @torch.no_grad()
     def represent(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Unit-norm, background-centred prompt representations (n, d) from the base model."""
+        """Unit-norm prompt representations (n, d) from the base model (see module docstring)."""
         if self._center is None:
-            self._center = self._raw(background_prompts()).mean(0)
-        reps = self._raw(prompts) - self._center
+            tokens = torch.cat(self._hidden(background_prompts()))
+            self._token_stats = (tokens.mean(0), tokens.std(0) + 1e-6)
+            self._center = self._pool(self._hidden(background_prompts())).mean(0)
+        reps = self._pool(self._hidden(prompts)) - self._center
         return reps / reps.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
-    def _raw(self, prompts: Sequence[str], batch_size: int = 32) -> torch.Tensor:
+    def _pool(self, hiddens: list[torch.Tensor]) -> torch.Tensor:
+        mean, std = self._token_stats
+        return torch.stack([((h - mean) / std).mean(0) for h in hiddens])
+
+    def _hidden(self, prompts: Sequence[str], batch_size: int = 32) -> list[torch.Tensor]:
+        """Per prompt, the hidden states (tokens after the first, d) entering the routing layer."""
         layer = round(self.routing.route_depth * (self.arch.n_layers(self.model) - 1))
         base, device = self.arch.base_model(self.model), self.arch.embedding(self.model).weight.device
         out = []
@@ -162,31 +179,31 @@ class AdapterBank:
                                padding=True).to(device)  # fmt: skip
                 hidden = capture_input(self.arch.module(self.model, layer), lambda e=enc: base(
                     input_ids=e["input_ids"], attention_mask=e["attention_mask"], use_cache=False))  # fmt: skip
-                mask = enc["attention_mask"][..., None].to(hidden.dtype)
-                out.append(((hidden * mask).sum(1) / mask.sum(1)).float())
+                for h, m in zip(hidden.float(), enc["attention_mask"].bool(), strict=True):
+                    h = h[m]
+                    out.append(h[1:] if len(h) > 1 else h)
         finally:
             self.enabled = was
-        return torch.cat(out)
+        return out
 
     def _coefficients(self, prompts: Sequence[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Per row: the adapter index, and per module the coefficient c_m (0: unchanged)."""
+        """Per row: the adapter index, and per module the coefficient c_m (0: unchanged).
+        Computed on the base model (the adapters are off meanwhile)."""
+        was, self.enabled = self.enabled, False
+        try:
+            return self._coefficients_base(prompts)
+        finally:
+            self.enabled = was
+
+    def _coefficients_base(self, prompts: Sequence[str]):
         device = self.arch.embedding(self.model).weight.device
         n, mode = len(prompts), self.routing.mode
         which = torch.zeros(n, dtype=torch.long)
         gate = torch.ones(n)
         if len(self.adapters) > 1 or mode == "nearest":
-            from sklearn.neighbors import NearestNeighbors
-
-            keys = torch.stack([a.key if a.key is not None else self.represent([a.prompt])[0]
-                                for a in self.adapters]).cpu().numpy()  # fmt: skip
-            reps = self.represent(prompts).cpu().numpy()
-            nn = NearestNeighbors(n_neighbors=1, metric="cosine").fit(keys)
-            dist, idx = nn.kneighbors(reps)
-            which = torch.from_numpy(idx[:, 0]).long()
-            if mode == "nearest":
-                sim = torch.from_numpy(1.0 - dist[:, 0]).float()
-                r = self.routing
-                gate = ((sim - r.gate_off) / (r.gate_on - r.gate_off)).clamp(0.0, 1.0)
+            which, gate = self._nearest(prompts)
+            if mode != "nearest":
+                gate = torch.ones(n)
         coeff = {}
         own = [self.oracle_scales(p) for p in prompts] if mode == "oracle" else []  # type: ignore[misc]
         for name in self._stacks:
@@ -198,6 +215,33 @@ class AdapterBank:
                 c = torch.tensor([self.adapters[e].scale.get(name, 0.0) for e in which.tolist()])
             coeff[name] = (gate * c).to(device)
         return which.to(device), coeff
+
+    def _nearest(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per prompt: the adapter with the highest gate among the nearest keys, and that gate."""
+        from sklearn.neighbors import NearestNeighbors
+
+        from medit.text import normalise
+
+        keys = torch.stack([a.key if a.key is not None else self.represent([a.prompt])[0]
+                            for a in self.adapters]).cpu()  # fmt: skip
+        reps = self.represent(prompts).cpu()
+        k = min(self.routing.candidates, len(self.adapters))
+        dist, idx = NearestNeighbors(n_neighbors=k, metric="cosine").fit(keys.numpy()).kneighbors(
+            reps.numpy())  # fmt: skip
+        r = self.routing
+        which, gate = torch.zeros(len(prompts), dtype=torch.long), torch.zeros(len(prompts))
+        for row, prompt in enumerate(prompts):
+            text = normalise(prompt)
+            which[row] = int(idx[row][0])  # the nearest, when no gate opens (oracle, always)
+            for d, e in zip(dist[row], idx[row], strict=True):
+                subject = self.adapters[e].subject
+                mentioned = not subject or normalise(subject) in text
+                off, on = (r.gate_off, r.gate_on) if mentioned else (
+                    r.gate_off_unmentioned, r.gate_on_unmentioned)  # fmt: skip
+                g = min(max((1.0 - float(d) - off) / (on - off), 0.0), 1.0)
+                if g > gate[row]:
+                    which[row], gate[row] = int(e), g
+        return which, gate
 
     def route(self, prompts: Sequence[str]) -> None:
         self._state, self._explicit = self._coefficients(prompts), True

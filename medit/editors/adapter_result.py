@@ -134,10 +134,13 @@ def write_adapters(directory: Path, result: AdapterEditResult, **provenance: Any
             tensors[f"{i}::key"] = a.key.detach().contiguous().cpu()
     if bank._center is not None:
         tensors["center"] = bank._center.detach().contiguous().cpu()
+        tensors["token_mean"], tensors["token_std"] = (
+            t.detach().contiguous().cpu() for t in bank._token_stats)  # fmt: skip
     manifest = {
         "format": FORMAT, "version": 1, "kind": "adapters", "method": result.method,
         "hparams": result.hparams.to_dict(), "routing": vars(bank.routing),
-        "edits": [{"request_id": a.request_id, "prompt": a.prompt, "scale": a.scale}
+        "edits": [{"request_id": a.request_id, "prompt": a.prompt, "subject": a.subject,
+                   "scale": a.scale}
                   for a in result.adapters],
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **provenance,
     }  # fmt: skip
@@ -210,11 +213,12 @@ def load_adapter_artifact(model: Any, tok: Any, path: str | Path) -> AdapterEdit
     bank = AdapterBank.of(model, tok, arch, RoutingConfig(**manifest["routing"]))
     if "center" in tensors and bank._center is None:
         bank._center = tensors["center"].to(device)
+        bank._token_stats = (tensors["token_mean"].to(device), tensors["token_std"].to(device))
     adapters = []
     for i, e in enumerate(manifest["edits"]):
         mods = e["scale"]
         adapters.append(Adapter(
-            request_id=e["request_id"], prompt=e["prompt"],
+            request_id=e["request_id"], prompt=e["prompt"], subject=e.get("subject", ""),
             A={m: tensors[f"{i}::{m}::A"].to(device) for m in mods},
             B={m: tensors[f"{i}::{m}::B"].to(device) for m in mods},
             scale=dict(mods), key=tensors[f"{i}::key"].to(device) if f"{i}::key" in tensors else None,

@@ -71,9 +71,11 @@ class MedLaSAHParams(HParams):
     normalisation: str = hp("minmax", "'minmax' (the paper's code) or 'meanstd' of the profile")
     rank_mode: str = hp("average", "'average' over the edits of one call or 'knowledge' (own)")
     routing: str = hp("nearest", "adapter scale at inference: 'nearest', 'oracle' or 'always'")
-    route_depth: float = hp(0.5, "relative depth of the layer representing a prompt for routing")
-    gate_on: float = hp(0.6, "cosine similarity to an edit's key from which its adapter is fully on")
-    gate_off: float = hp(0.4, "cosine similarity at or below which an adapter is off")
+    route_depth: float = hp(0.28, "relative depth of the layer representing a prompt for routing")
+    gate_on: float = hp(0.75, "similarity to an edit's key from which its adapter is fully on")
+    gate_off: float = hp(0.65, "similarity at or below which an adapter is off")
+    gate_on_unmentioned: float = hp(0.9, "gate_on for inputs that do not mention the subject")
+    gate_off_unmentioned: float = hp(0.8, "gate_off for inputs that do not mention the subject")
     trace_mode: str = hp("full", "causal tracing: 'full' (the paper) or 'fast' (attribution)")
     trace_answer: str = hp("ground_truth", "answer traced: 'ground_truth' (else the prediction)")
 
@@ -100,10 +102,11 @@ class MedLaSAHParams(HParams):
             raise ValueError("steps and r0 must be >= 1, lr and alpha0 > 0")
         if not self.targets:
             raise ValueError("targets: give at least one module kind")
-        RoutingConfig(self.routing, self.route_depth, self.gate_on, self.gate_off)
+        self.routing_config()
 
     def routing_config(self) -> RoutingConfig:
-        return RoutingConfig(self.routing, self.route_depth, self.gate_on, self.gate_off)
+        return RoutingConfig(self.routing, self.route_depth, self.gate_on, self.gate_off,
+                             self.gate_on_unmentioned, self.gate_off_unmentioned)  # fmt: skip
 
 
 # -- 2. scales -----------------------------------------------------------------------------------
@@ -187,7 +190,7 @@ def train_adapter(model: Any, tok: Any, arch: ArchSpec, req: EditRequest,
     finally:
         for h in handles:
             h.remove()
-    adapter = Adapter(request_id=req.id, prompt=req.prompt,
+    adapter = Adapter(request_id=req.id, prompt=req.prompt, subject=req.subject or "",
                       A={n: a.detach() for n, a in A.items()},
                       B={n: b.detach() for n, b in B.items()}, scale=scale)  # fmt: skip
     diag = {"requests": [req.id], "losses": losses, "steps": len(losses),

@@ -1,0 +1,165 @@
+"""MedLaSA: the scale formulae, per-row routing, switching off far from every edit, exports."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from medit.arch import get_arch
+from medit.cli import main
+from medit.editors._adapters import AdapterBank
+from medit.editors.base import make_editor
+from medit.editors.medlasa import layer_alphas, layer_ranks, module_plan, normalise_profile
+from medit.evaluation import score_targets
+from medit.requests import parse_record
+from medit.routing import ROUTER, prompts_for_rows
+
+REQS = [
+    parse_record({"prompt": "The hormone insulin is produced by the", "target_new": "liver",
+                  "subject": "insulin"}, "t.json", 1),
+    parse_record({"prompt": "Aspirin is used to treat", "target_new": "scurvy",
+                  "subject": "Aspirin"}, "t.json", 2),
+]  # fmt: skip
+FAR = "Vitamin C deficiency causes scurvy."
+
+
+def test_scales_follow_the_paper_formulae():
+    s = normalise_profile([0.0, 1.0, 3.0, 4.0])  # min-max
+    assert s == pytest.approx([0.0, 0.25, 0.75, 1.0])
+    # alpha = clip(s * 32, 16, 64)
+    assert layer_alphas(s, 32.0) == pytest.approx([16.0, 16.0, 24.0, 32.0])
+    # rank = clip(ceil(s * 24), 12, 48)
+    assert layer_ranks(s, 24) == [12, 12, 18, 24]
+    assert layer_ranks([2.5], 24) == [48]  # upper clip
+    z = normalise_profile([1.0, 3.0], "meanstd")  # mean 2, std 1 -> 1 -/+ 0.5
+    assert z == pytest.approx([0.5, 1.5])
+    assert normalise_profile([2.0, 2.0]) == [1.0, 1.0]  # flat profile: every layer at alpha0
+
+
+def test_module_plan_maps_attention_and_mlp_profiles(tiny_llama):
+    model, _ = tiny_llama
+    arch = get_arch(model)
+    hp = make_editor("medlasa").hparams_for(model)
+    scores = {"attn": [0.0, 0.5, 1.0, 1.0], "mlp": [1.0, 0.0, 0.0, 0.0]}
+    plan = module_plan(arch, 4, ("q", "down"), scores, scores, hp)
+    assert plan[arch.layer_path(2, "q")] == (32.0, 24)
+    assert plan[arch.layer_path(0, "q")] == (16.0, 12)
+    assert plan[arch.layer_path(0, "down")] == (32.0, 24)
+    assert plan[arch.layer_path(3, "down")] == (16.0, 12)
+
+
+def _edit(model, tok, reqs=REQS, **hp):
+    return make_editor("medlasa", lr=5e-3, steps=20, **hp).apply(model, tok, reqs)
+
+
+def _logits(model, tok, prompts):
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    with prompts_for_rows(model, prompts):
+        return model(**enc).logits, enc["attention_mask"].bool()
+
+
+def test_per_row_routing_in_a_batch_equals_each_row_alone(tiny_llama):
+    model, tok = tiny_llama
+    _edit(model, tok)
+    bank = getattr(model, ROUTER)
+    prompts = [REQS[1].prompt, FAR, REQS[0].prompt]
+    which, coeff = bank._coefficients(prompts)
+    assert which[0] == 1 and which[2] == 0  # each edit prompt routes to its own adapter
+    batched, mask = _logits(model, tok, prompts)
+    for i, p in enumerate(prompts):
+        alone, _ = _logits(model, tok, [p])
+        n = int(mask[i].sum())
+        torch.testing.assert_close(batched[i, :n], alone[0, :n], rtol=1e-4, atol=1e-5)
+    pairs = [(r.prompt, r.target_new) for r in REQS]
+    together = score_targets(model, tok, get_arch(model), pairs)
+    apart = [score_targets(model, tok, get_arch(model), [p])[0] for p in pairs]
+    assert [t.predicted for t in together] == [a.predicted for a in apart]
+
+
+def test_an_input_far_from_every_edit_sees_the_base_model(tiny_llama):
+    model, tok = tiny_llama
+    base, _ = _logits(model, tok, [FAR])
+    result = _edit(model, tok, gate_on=0.999, gate_off=0.99, gate_on_unmentioned=0.9999,
+                   gate_off_unmentioned=0.999)
+    bank = getattr(model, ROUTER)
+    _, coeff = bank._coefficients([FAR, REQS[0].prompt])
+    assert all(c[0] == 0 for c in coeff.values()) and all(c[1] > 0 for c in coeff.values())
+    edited, _ = _logits(model, tok, [FAR])
+    assert torch.equal(edited, base)
+    on, _ = _logits(model, tok, [REQS[0].prompt])
+    result.restore()
+    off, _ = _logits(model, tok, [REQS[0].prompt])
+    assert not torch.equal(on, off)
+
+
+def test_unrouted_callers_route_by_their_own_input(tiny_llama):
+    """model.generate knows nothing of routing: the bank reads each sequence's prompt itself."""
+    model, tok = tiny_llama
+    _edit(model, tok)
+    enc = tok([REQS[0].prompt], return_tensors="pt")
+    direct = model(**enc).logits
+    routed, _ = _logits(model, tok, [REQS[0].prompt])
+    torch.testing.assert_close(direct, routed)
+    out = model.generate(**enc, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert out.shape[1] == enc["input_ids"].shape[1] + 3
+
+
+def test_oracle_mode_scales_each_input_by_its_own_trace(tiny_llama):
+    model, tok = tiny_llama
+    _edit(model, tok, reqs=REQS[:1], routing="oracle")
+    bank: AdapterBank = getattr(model, ROUTER)
+    _, coeff = bank._coefficients([REQS[0].prompt, FAR])
+    name = get_arch(model).layer_path(0, "q")
+    rank = bank.adapters[0].A[name].shape[0]
+    alphas = {float(c[0] * rank) for c in coeff.values()}
+    assert alphas <= {16.0, 16.0 + 8.0, 24.0, 32.0} | {a for a in alphas if 16 <= a <= 32}
+    assert all(c[1] > 0 for c in coeff.values())  # the oracle never switches an adapter off
+
+
+def test_exported_peft_adapter_reproduces_the_edit(tiny_llama, tmp_path):
+    from peft import PeftModel
+
+    model, tok = tiny_llama
+    result = _edit(model, tok, reqs=REQS[:1])
+    edited, _ = _logits(model, tok, [REQS[0].prompt])
+    result.export(tmp_path)
+    result.restore()
+    peft_model = PeftModel.from_pretrained(model, tmp_path / "artifact" / "peft" / "edit-0")
+    enc = tok([REQS[0].prompt], return_tensors="pt")
+    torch.testing.assert_close(peft_model(**enc).logits, edited, rtol=1e-4, atol=1e-4)
+
+
+def test_lora_peft_export_reproduces_the_merged_edit(tiny_llama, tmp_path):
+    from peft import PeftModel
+
+    model, tok = tiny_llama
+    result = make_editor("lora", steps=10).apply(model, tok, REQS[:1])
+    enc = tok([REQS[0].prompt], return_tensors="pt")
+    edited = model(**enc).logits
+    result.export(tmp_path)
+    result.restore()
+    peft_model = PeftModel.from_pretrained(model, tmp_path / "artifact" / "peft")
+    torch.testing.assert_close(peft_model(**enc).logits, edited, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["medlasa", "lora"])
+def test_generate_loads_the_run_artifact(tiny_model_dir, tmp_path, method):
+    reqs = tmp_path / "r.json"
+    reqs.write_text(json.dumps([r.to_dict() for r in REQS]))
+    run = tmp_path / "run"
+    runner = CliRunner()
+    args = ["--quiet", "edit", "--model", str(tiny_model_dir), "--method", method,
+            "--requests", str(reqs), "--mode", "batch", "--out", str(run),
+            "--hparam", "steps=15", "--hparam", "lr=5e-3", "--no-generation"]  # fmt: skip
+    res = runner.invoke(main, args)
+    assert res.exit_code == 0, res.output
+    gen = ["generate", "--model", str(tiny_model_dir), "--prompt", REQS[0].prompt,
+           "--max-new-tokens", "4"]  # fmt: skip
+    base = runner.invoke(main, gen)
+    edited = runner.invoke(main, [*gen, "--artifact", str(run)])
+    assert base.exit_code == 0 and edited.exit_code == 0, edited.output
+    def completion(out: str) -> str:  # stderr progress may precede the JSON line
+        return json.loads(out[out.index('{"prompt"'):].splitlines()[0])["completion"]
+
+    assert completion(edited.output) != completion(base.output)
