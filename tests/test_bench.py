@@ -153,7 +153,7 @@ def test_tables_and_compare(tmp_path, tiny_model_dir):
     assert "teacher-forced" in md and "Loc:topic" in md and "ROUGE-L" in md
     assert "protocol,method,metric,value" in (tmp_path / "a" / "table.csv").read_text()
     merged = tables.compare([tmp_path / "a", tmp_path / "b"])
-    assert set(merged["methods"]) == {"ft-m", "ft-l"}
+    assert set(merged["methods"]) == {"ft-m (steps=2)", "ft-l"}  # overrides name the row
     with pytest.raises(ValueError, match="not a finished benchmark run"):
         tables.compare([tmp_path])
 

@@ -74,7 +74,8 @@ class BenchConfig:
 
 def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     suite = get_suite(cfg.suite)
-    editors = {m: make_editor(m, **cfg.hparams.get(m, {})) for m in cfg.methods}
+    editors = {m: make_editor(m, **{**suite.method_defaults.get(m, {}), **cfg.hparams.get(m, {})})
+               for m in cfg.methods}  # fmt: skip
     requests = suite.load(cfg.data, cfg.limit)
     out = Path(cfg.out)
     identity = {**{k: getattr(cfg, k) for k in _IDENTITY if hasattr(cfg, k)},

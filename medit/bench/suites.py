@@ -31,6 +31,7 @@ class Suite:
     needs_data: bool = True  #: a --data path is required
     default_file: str = "test.json"  #: file used when --data names a folder
     eval: EvalConfig = EvalConfig()  #: evaluation settings for this suite
+    method_defaults: dict = dataclasses.field(default_factory=dict)  #: method -> hparams
 
     def resolve(self, data: str | None) -> str:
         """The file to read: --data itself, or its default file when it is a folder."""
@@ -109,6 +110,7 @@ SUITES: dict[str, Suite] = {
         locality_types=("topic", "tokenSem"),
         explanation=True,
         eval=EvalConfig(fluency_tokens=64),
+        method_defaults={"medlasa": {"preset": "medfe"}},  # the paper's MedFE preset
     ),
     "builtin": Suite(
         name="builtin",

@@ -107,7 +107,12 @@ def compare(run_dirs: list[str | Path]) -> dict[str, Any]:
     }
     for r in runs:
         for label, m in r["methods"].items():
-            name = f"{label} ({r['mode']})" if len(modes) > 1 else label
+            name = label
+            overrides = (r.get("config") or {}).get("hparams", {}).get(label) or {}
+            if overrides:  # the same method with other settings: say which
+                name += " (" + ", ".join(f"{k}={v}" for k, v in sorted(overrides.items())) + ")"
+            if len(modes) > 1:
+                name += f" ({r['mode']})"
             if name in merged["methods"]:
                 name = f"{name} [{len(merged['methods'])}]"
             merged["methods"][name] = m

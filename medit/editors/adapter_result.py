@@ -225,7 +225,8 @@ def load_adapter_artifact(model: Any, tok: Any, path: str | Path) -> AdapterEdit
         ))  # fmt: skip
     if bank.routing.mode == "oracle" and bank.oracle_scales is None:
         editor = get_editor_class(manifest["method"])()
-        bank.oracle_scales = lambda p: editor._oracle_alphas(model, tok, arch, p, hparams)
+        bank.oracle_scales = lambda p: editor._oracle_alphas(
+            model, tok, arch, p, hparams, [a.subject for a in bank.adapters])  # fmt: skip
     for a in adapters:
         bank.add(a)
     return AdapterEditResult(manifest["method"], hparams, bank, adapters)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -209,7 +210,8 @@ class MedLaSA(Editor):
         arch = get_arch(model)
         n_layers = arch.n_layers(model)
         bank = AdapterBank.of(model, tok, arch, hp.routing_config(),
-                              oracle_scales=lambda p: self._oracle_alphas(model, tok, arch, p, hp))  # fmt: skip
+                              oracle_scales=lambda p: self._oracle_alphas(
+                                  model, tok, arch, p, hp, [a.subject for a in bank.adapters]))  # fmt: skip
         was, bank.enabled = bank.enabled, False  # trace and train on the base model
         try:
             profiles = [self._scores(model, tok, arch, r, hp) for r in requests]
@@ -238,9 +240,16 @@ class MedLaSA(Editor):
         profile = _profile(model, tok, arch, req.prompt, req.subject, answer, hp)
         return {k: normalise_profile(profile[k], hp.normalisation) for k in ("attn", "mlp")}
 
-    def _oracle_alphas(self, model, tok, arch, prompt: str, hp: MedLaSAHParams) -> dict[str, float]:
-        """The paper's inference scales: the prompt's own trace -> alpha per module."""
-        profile = _profile(model, tok, arch, prompt, None, None, hp)
+    def _oracle_alphas(self, model, tok, arch, prompt: str, hp: MedLaSAHParams,
+                       subjects: Sequence[str] = ()) -> dict[str, float]:  # fmt: skip
+        """The paper's inference scales: the prompt's own trace -> alpha per module. The subject
+        corrupted is an edited subject the prompt mentions, else a detected one."""
+        low = prompt.lower()
+        subject = next((s for s in subjects if s and s.lower() in low), None)
+        if subject is not None:
+            start = low.index(subject.lower())
+            subject = prompt[start : start + len(subject)]
+        profile = _profile(model, tok, arch, prompt, subject, None, hp)
         scores = {k: normalise_profile(profile[k], hp.normalisation) for k in ("attn", "mlp")}
         out = {}
         for kind in arch.resolve_kinds(hp.targets):
@@ -258,8 +267,8 @@ def _profile(model, tok, arch, prompt: str, subject: str | None, answer: str | N
     if not subject:
         try:
             subject = detect_subject(prompt)
-        except ValueError:
-            subject = prompt.strip()  # no medical term found: the whole prompt is corrupted
+        except (ValueError, ImportError):  # no medical term found (or no spaCy)
+            subject = prompt.strip()  # the whole prompt is corrupted
     config = TraceConfig(kinds=("mlp", "attn"), mode=hp.trace_mode)
     sha = getattr(model, "medit_weights_sha256", None)
     with torch.no_grad():
