@@ -29,10 +29,10 @@ from typing import Any
 import torch
 from torch import nn
 
-
 #: separate projections -> the fused module that holds them, where an architecture fuses them
 _FUSED = {"q": "qkv", "k": "qkv", "v": "qkv", "o": "attn_out",
           "gate": "mlp_in", "up": "mlp_in", "down": "mlp_out"}  # fmt: skip
+
 
 @dataclasses.dataclass(frozen=True)
 class ArchSpec:

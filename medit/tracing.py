@@ -79,6 +79,7 @@ class TraceConfig:
     seed: int = 0  #: seed of the noise draws
     mode: str = "full"  #: full: every restoration run; fast: attribution patching estimate
     max_batch_tokens: int = 16384  #: memory budget: batch rows x prompt tokens per forward
+    subject_only: bool = False  #: restore only at subject tokens (all MedLaSA's profile reads)
 
     def __post_init__(self):
         bad = [k for k in self.kinds if k not in KINDS]
@@ -94,7 +95,8 @@ class TraceConfig:
     def settings(self, noise: float) -> dict[str, Any]:
         """What determines a trace's numbers (the batch budget does not)."""
         return {"kinds": list(self.kinds), "samples": self.samples, "noise": noise,
-                "window": self.window, "seed": self.seed, "mode": self.mode}  # fmt: skip
+                "window": self.window, "seed": self.seed, "mode": self.mode,
+                **({"subject_only": True} if self.subject_only else {})}  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -308,7 +310,7 @@ def _grid(model, arch, states: _States, span, answer: int, config: TraceConfig):
     for kind in config.kinds:
         for layer in range(n_layers):
             start = window(kind, layer, n_layers, config.window).start
-            for t in range(span[0], n_tokens):
+            for t in range(span[0], span[1] if config.subject_only else n_tokens):
                 groups.setdefault((t, start), []).append((kind, t, layer))
     for (token, start), cells in groups.items():
         per_chunk = max(1, config.max_batch_tokens // ((n_tokens - token) * config.samples))

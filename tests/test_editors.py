@@ -9,9 +9,9 @@ import torch
 from medit.arch import get_arch
 from medit.editors.adapter_result import AdapterEditResult
 from medit.editors.base import METHODS, get_editor_class, make_editor
-from medit.routing import ROUTER
 from medit.evaluation import score_targets
 from medit.requests import parse_record
+from medit.routing import ROUTER
 
 REQS = [
     parse_record({"prompt": "The hormone insulin is produced by the", "target_new": "liver",

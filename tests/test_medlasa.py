@@ -80,8 +80,14 @@ def test_per_row_routing_in_a_batch_equals_each_row_alone(tiny_llama):
 def test_an_input_far_from_every_edit_sees_the_base_model(tiny_llama):
     model, tok = tiny_llama
     base, _ = _logits(model, tok, [FAR])
-    result = _edit(model, tok, gate_on=0.999, gate_off=0.99, gate_on_unmentioned=0.9999,
-                   gate_off_unmentioned=0.999)
+    result = _edit(
+        model,
+        tok,
+        gate_on=0.999,
+        gate_off=0.99,
+        gate_on_unmentioned=0.9999,
+        gate_off_unmentioned=0.999,
+    )
     bank = getattr(model, ROUTER)
     _, coeff = bank._coefficients([FAR, REQS[0].prompt])
     assert all(c[0] == 0 for c in coeff.values()) and all(c[1] > 0 for c in coeff.values())
@@ -159,7 +165,8 @@ def test_generate_loads_the_run_artifact(tiny_model_dir, tmp_path, method):
     base = runner.invoke(main, gen)
     edited = runner.invoke(main, [*gen, "--artifact", str(run)])
     assert base.exit_code == 0 and edited.exit_code == 0, edited.output
+
     def completion(out: str) -> str:  # stderr progress may precede the JSON line
-        return json.loads(out[out.index('{"prompt"'):].splitlines()[0])["completion"]
+        return json.loads(out[out.index('{"prompt"') :].splitlines()[0])["completion"]
 
     assert completion(edited.output) != completion(base.output)

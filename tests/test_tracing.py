@@ -228,3 +228,18 @@ def test_cli_trace_bad_input_exits_2(tiny_model_dir, tmp_path, extra, records, m
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 2 and message in res.output, res.output
     assert not (tmp_path / "run").exists()
+
+
+def test_subject_only_tracing_gives_the_same_profile(tiny_llama):
+    """MedLaSA reads the profile over subject tokens only: running just those cells changes
+    nothing it reads."""
+    model, tok = tiny_llama
+    arch = get_arch(model)
+    full = trace(model, tok, arch, PROMPT, SUBJECT, None, TraceConfig(samples=2), noise=0.3)
+    part = trace(model, tok, arch, PROMPT, SUBJECT, None,
+                 TraceConfig(samples=2, subject_only=True), noise=0.3)  # fmt: skip
+    for kind, values in full.profile().items():
+        assert part.profile()[kind] == pytest.approx(values, abs=1e-6)
+    start, end = full.subject_range
+    assert end < len(full.tokens)  # there are cells after the subject that were skipped
+    assert part.settings["subject_only"] and "subject_only" not in full.settings

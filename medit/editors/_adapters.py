@@ -170,7 +170,10 @@ class AdapterBank:
     def _hidden(self, prompts: Sequence[str], batch_size: int = 32) -> list[torch.Tensor]:
         """Per prompt, the hidden states (tokens after the first, d) entering the routing layer."""
         layer = round(self.routing.route_depth * (self.arch.n_layers(self.model) - 1))
-        base, device = self.arch.base_model(self.model), self.arch.embedding(self.model).weight.device
+        base, device = (
+            self.arch.base_model(self.model),
+            self.arch.embedding(self.model).weight.device,
+        )
         out = []
         was, self.enabled = self.enabled, False
         try:
@@ -258,10 +261,12 @@ class AdapterBank:
         """A forward nobody routed: route each new sequence by its own (unpadded) text."""
         if not self.enabled or self._explicit:
             return None
-        past = kwargs.get("past_key_values")
-        if past is not None and past.get_seq_length() > 0 and self._state is not None:
-            return None  # decoding: keep the routing of the sequence's prefill
         ids = kwargs.get("input_ids", args[0] if args else None)
+        past = kwargs.get("past_key_values")
+        if (past is not None and past.get_seq_length() > 0 and self._state is not None
+                and ids is not None and self._state[0].shape[0] == ids.shape[0]):  # fmt: skip
+            return None  # decoding: keep the routing of the sequence's prefill
+        # a new sequence (or a cache this bank did not see filled: route by the tokens given)
         if ids is None:
             raise ValueError("medlasa routing needs input_ids (got only inputs_embeds)")
         mask = kwargs.get("attention_mask")
@@ -285,9 +290,14 @@ class AdapterBank:
                 return None  # the base model's output, untouched
             A, B = self._stacks[name]
             e = which[active]
-            h = torch.einsum("nti,nri->ntr", x[active].to(A.dtype), A[e])
-            y = torch.einsum("ntr,nor->nto", h, B[e]) * c[active, None, None].to(A.dtype)
-            return output.index_add(0, active, y.to(output.dtype))
+            every = active.numel() == x.shape[0]
+            xs = (x if every else x[active]).to(A.dtype)
+            if bool((e == e[0]).all()):  # one adapter for all active rows: plain matmuls
+                y = (xs @ A[e[0]].T) @ B[e[0]].T
+            else:
+                y = torch.einsum("ntr,nor->nto", torch.einsum("nti,nri->ntr", xs, A[e]), B[e])
+            y = (y * c[active, None, None].to(A.dtype)).to(output.dtype)
+            return output + y if every else output.index_add(0, active, y)
 
         return hook
 

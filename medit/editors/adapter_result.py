@@ -36,7 +36,9 @@ ADAPTERS_FILE = "adapters.safetensors"
 class AdapterEditResult(EditResult):
     """An edit made of adapters in a bank (no weight written)."""
 
-    def __init__(self, method: str, hparams: HParams, bank: AdapterBank, adapters: Sequence[Adapter]):
+    def __init__(
+        self, method: str, hparams: HParams, bank: AdapterBank, adapters: Sequence[Adapter]
+    ):
         self.method, self.hparams, self.bank = method, hparams, bank
         self.adapters = list(adapters)
         self._params, self.originals = {}, {}
@@ -58,8 +60,7 @@ class AdapterEditResult(EditResult):
     def combine(cls, results: Sequence[EditResult]) -> AdapterEditResult:
         first = results[0]
         assert isinstance(first, AdapterEditResult)
-        out = cls(first.method, first.hparams, first.bank,
-                  [a for r in results for a in r.adapters])  # type: ignore[attr-defined]
+        out = cls(first.method, first.hparams, first.bank, [a for r in results for a in r.adapters])  # type: ignore[attr-defined]
         for r in results:
             out.diagnostics += r.diagnostics
             out.seconds += r.seconds

@@ -76,7 +76,11 @@ class LoRAEditResult(EditResult):
         from medit.editors.adapter_result import low_rank_factors, write_peft_adapter
 
         target = super().export(directory, **provenance)
-        rank = self.hparams.init_rank if isinstance(self.hparams, AdaLoRAHParams) else self.hparams.rank
+        rank = (
+            self.hparams.init_rank
+            if isinstance(self.hparams, AdaLoRAHParams)
+            else self.hparams.rank
+        )
         A, B, scale = {}, {}, {}
         for name, p in self._params.items():
             delta = p.detach().float() - self.originals[name].float()

@@ -62,8 +62,12 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 @dataclasses.dataclass(frozen=True)
 class MedLaSAHParams(HParams):
-    preset: str = hp("medcf", "the paper's preset for 'medcf' or 'medfe'; fields set explicitly win")
-    targets: tuple[str, ...] = hp(PRESETS["medcf"]["targets"], "module kinds adapted in every layer")
+    preset: str = hp(
+        "medcf", "the paper's preset for 'medcf' or 'medfe'; fields set explicitly win"
+    )
+    targets: tuple[str, ...] = hp(
+        PRESETS["medcf"]["targets"], "module kinds adapted in every layer"
+    )
     alpha0: float = hp(32.0, "base LoRA alpha, scaled per layer by the association score")
     r0: int = hp(24, "base LoRA rank, scaled per layer by the association score")
     lr: float = hp(1e-5, "Adam learning rate")
@@ -92,7 +96,9 @@ class MedLaSAHParams(HParams):
 
     def __post_init__(self):
         if self.normalisation not in ("minmax", "meanstd"):
-            raise ValueError(f"normalisation must be 'minmax' or 'meanstd', not {self.normalisation!r}")
+            raise ValueError(
+                f"normalisation must be 'minmax' or 'meanstd', not {self.normalisation!r}"
+            )
         if self.rank_mode not in ("average", "knowledge"):
             raise ValueError(f"rank_mode must be 'average' or 'knowledge', not {self.rank_mode!r}")
         if self.routing not in ROUTING_MODES:
@@ -223,7 +229,10 @@ class MedLaSA(Editor):
                 plan = module_plan(arch, n_layers, arch.resolve_kinds(hp.targets), scores,
                                    rank_scores, hp)  # fmt: skip
                 adapter, diag = train_adapter(model, tok, arch, req, plan, hp)
-                adapter.info = {"scores": scores, "alpha_rank": {n: list(v) for n, v in plan.items()}}
+                adapter.info = {
+                    "scores": scores,
+                    "alpha_rank": {n: list(v) for n, v in plan.items()},
+                }
                 adapters.append(adapter)
                 diags.append(diag)
         finally:
@@ -234,7 +243,9 @@ class MedLaSA(Editor):
         result.diagnostics += diags
         return result
 
-    def _scores(self, model, tok, arch, req: EditRequest, hp: MedLaSAHParams) -> dict[str, list[float]]:
+    def _scores(
+        self, model, tok, arch, req: EditRequest, hp: MedLaSAHParams
+    ) -> dict[str, list[float]]:
         """Normalised association scores of a request's prompt (step 1 and 2)."""
         answer = req.ground_truth if hp.trace_answer == "ground_truth" else None
         profile = _profile(model, tok, arch, req.prompt, req.subject, answer, hp)
@@ -269,7 +280,8 @@ def _profile(model, tok, arch, prompt: str, subject: str | None, answer: str | N
             subject = detect_subject(prompt)
         except (ValueError, ImportError):  # no medical term found (or no spaCy)
             subject = prompt.strip()  # the whole prompt is corrupted
-    config = TraceConfig(kinds=("mlp", "attn"), mode=hp.trace_mode)
+    # the profile reads the subject tokens only: the other cells are not run
+    config = TraceConfig(kinds=("mlp", "attn"), mode=hp.trace_mode, subject_only=True)
     sha = getattr(model, "medit_weights_sha256", None)
     with torch.no_grad():
         t = cached_trace(model, tok, arch, prompt, subject, answer, config, None, sha)
