@@ -177,8 +177,7 @@ def load_edit(model: torch.nn.Module, tok: Any, path: str | Path) -> dict:
     from medit.editors.adapter_result import is_adapter_artifact, load_adapter_artifact
 
     if is_adapter_artifact(path) is not None:
-        result = load_adapter_artifact(model, tok, path)
-        return {"kind": "adapters", "method": result.method, "edits": len(result.adapters)}
+        return load_adapter_artifact(model, tok, path).manifest
     return apply_artifact(model, path)
 
 

@@ -97,11 +97,16 @@ def test_aggregation_by_hand_with_exclusions():
     assert kept["teacher_forced"]["locality"]["b"] == 0.5
 
 
-@pytest.mark.parametrize("mode", ["single", "batch", "sequential"])
-def test_resume_after_a_crash_gives_the_same_aggregate(tmp_path, tiny_model_dir, monkeypatch, mode):
+@pytest.mark.parametrize("mode, method", [("single", "ft-m"), ("batch", "ft-m"),
+                                          ("sequential", "ft-m"), ("sequential", "medlasa")])  # fmt: skip
+def test_resume_after_a_crash_gives_the_same_aggregate(
+    tmp_path, tiny_model_dir, monkeypatch, mode, method
+):
     data = _slice(tmp_path, "MedCF/test.json", 6)
+    hparams = {"ft-m": {"steps": 3}, "medlasa": {"steps": 3, "lr": 1e-3, "trace_mode": "fast"}}
     common = dict(suite="medcf", data=str(data), model=str(tiny_model_dir), mode=mode,
-                  batch_size=4, device="cpu", quiet=True, hparams={"ft-m": {"steps": 3}})  # fmt: skip
+                  methods=(method,), batch_size=4, device="cpu", quiet=True,
+                  hparams={method: hparams[method]})  # fmt: skip
     whole = run_bench(BenchConfig(out=str(tmp_path / "whole"), **common))
 
     crashed = tmp_path / "crashed"
@@ -110,7 +115,7 @@ def test_resume_after_a_crash_gives_the_same_aggregate(tmp_path, tiny_model_dir,
     def crash_after_three(out, record):
         if len(calls) == 3:
             with open(out / "cases.jsonl", "ab") as f:
-                f.write(b'{"method": "ft-m", "case": 5, "flags"')  # a line cut by kill -9
+                f.write(b'{"method": "%s", "case": 5, "flags"' % method.encode())  # kill -9
             raise KeyboardInterrupt
         calls.append(record["case"])
         real_append(out, record)
@@ -129,8 +134,8 @@ def test_resume_after_a_crash_gives_the_same_aggregate(tmp_path, tiny_model_dir,
     def strip(m):
         return {k: v for k, v in m.items() if k not in ("seconds_per_edit", "peak_memory_mb")}  # noqa: E731
 
-    assert strip(resumed["methods"]["ft-m"]) == strip(whole["methods"]["ft-m"])
-    assert (crashed / "table.md").read_text().count("ft-m") == 2
+    assert strip(resumed["methods"][method]) == strip(whole["methods"][method])
+    assert (crashed / "table.md").read_text().count(method) == 2
 
 
 def test_resume_refuses_other_settings(tmp_path, tiny_model_dir):

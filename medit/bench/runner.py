@@ -31,11 +31,13 @@ from medit import results as R
 from medit.bench import tables
 from medit.bench.metrics import aggregate_cases, case_metrics, quality_flags
 from medit.bench.suites import data_sha256, get_suite
+from medit.editors.adapter_result import AdapterEditResult
 from medit.editors.base import EditResult, make_editor
 from medit.evaluation import evaluate
 from medit.export import apply_artifact, atomic_write_text, write_weights_artifact
 from medit.models import DEFAULT_MODEL, cache_dir, load_model
 from medit.requests import check_lengths, context_length
+from medit.routing import ROUTER
 from medit.runner import MODES, set_seed
 
 log = logging.getLogger(__name__)
@@ -216,31 +218,54 @@ def _run_sequential(cfg, suite, method, editor, lm, requests, pre, todo, ecfg, o
     ckpt = out / "checkpoints" / method
     seconds: list[float] = []
     results: list[EditResult] = []
+    resumed = None
     if (ckpt / "artifact").exists():
-        manifest = apply_artifact(model, ckpt)
-        seconds = manifest["edit_seconds"]
+        resumed = _load_checkpoint(model, tok, ckpt)
+        seconds = resumed.manifest["edit_seconds"]
         log.info("resumed %s after %d sequential edits", method, len(seconds))
     base_originals = _checkpoint_originals(ckpt)
     for i in range(len(seconds), len(requests)):
         results.append(editor.apply(model, tok, [requests[i]]))
         seconds.append(results[-1].seconds)
-        combined = EditResult.combine(results)
-        originals = {**combined.originals, **base_originals}  # weights before the first edit
-        params = dict(model.named_parameters())
-        edited = {n: params[n].detach() for n in originals}
-        write_weights_artifact(ckpt, method=method, hparams=combined.hparams.to_dict(),
-                               edited=edited, originals=originals, edit_seconds=seconds)  # fmt: skip
+        combined = type(results[0]).combine(results)
+        if isinstance(combined, AdapterEditResult):  # every adapter in the bank, resumed ones too
+            AdapterEditResult(method, combined.hparams, combined.bank,
+                              combined.bank.adapters).export(ckpt, edit_seconds=seconds)  # fmt: skip
+        else:
+            originals = {**combined.originals, **base_originals}  # weights before the first edit
+            params = dict(model.named_parameters())
+            edited = {n: params[n].detach() for n in originals}
+            write_weights_artifact(ckpt, method=method, hparams=combined.hparams.to_dict(),
+                                   edited=edited, originals=originals, edit_seconds=seconds)  # fmt: skip
         bar.set_postfix_str(f"edit {i + 1}/{len(requests)}")
     posts = evaluate(model, tok, arch, [requests[i] for i in todo], ecfg,
                      reference=[pre[i] for i in todo])  # fmt: skip
     for i, post in zip(todo, posts, strict=True):
         _append(out, _record(suite, method, i, requests[i], post, seconds[i], None, lm))
         bar.update(1)
-    apply_artifact(model, ckpt, revert=True)
+    bank = getattr(model, ROUTER, None)
+    if bank is not None:  # adapter edits: take every adapter out again
+        for adapter in list(bank.adapters):
+            bank.remove(adapter)
+    elif (ckpt / "artifact").exists():
+        apply_artifact(model, ckpt, revert=True)
+
+
+def _load_checkpoint(model, tok, ckpt: Path):
+    """Put a sequential checkpoint back onto the model; returns an object with ``manifest``."""
+    from medit.editors.adapter_result import is_adapter_artifact, load_adapter_artifact
+
+    if is_adapter_artifact(ckpt) is not None:
+        return load_adapter_artifact(model, tok, ckpt)
+
+    class _Loaded:
+        manifest = apply_artifact(model, ckpt)
+
+    return _Loaded
 
 
 def _checkpoint_originals(ckpt: Path) -> dict[str, torch.Tensor]:
-    if not (ckpt / "artifact").exists():
+    if not (ckpt / "artifact").exists() or not (ckpt / "artifact" / "edit.safetensors").exists():
         return {}
     from medit.export import read_artifact
 

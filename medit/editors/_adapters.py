@@ -302,10 +302,12 @@ class AdapterBank:
         return hook
 
 
-def lora_init(r: int, n_in: int, n_out: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def lora_init(r: int, n_in: int, n_out: int, device, dtype,
+              generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """LoRA's initialisation (as in peft): A Kaiming-uniform (a = sqrt 5), B zero."""
-    A = torch.empty(r, n_in, device=device, dtype=dtype)
-    torch.nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+    A = torch.empty(r, n_in, dtype=dtype)
+    torch.nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
+    A = A.to(device)
     return A, torch.zeros(n_out, r, device=device, dtype=dtype)
 
 

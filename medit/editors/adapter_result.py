@@ -230,4 +230,6 @@ def load_adapter_artifact(model: Any, tok: Any, path: str | Path) -> AdapterEdit
             model, tok, arch, p, hparams, [a.subject for a in bank.adapters])  # fmt: skip
     for a in adapters:
         bank.add(a)
-    return AdapterEditResult(manifest["method"], hparams, bank, adapters)
+    result = AdapterEditResult(manifest["method"], hparams, bank, adapters)
+    result.manifest = manifest
+    return result

@@ -26,6 +26,7 @@ Edits coexist (batch and sequential editing): each keeps its own adapter, key an
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import time
 from collections.abc import Sequence
@@ -168,10 +169,14 @@ def train_adapter(model: Any, tok: Any, arch: ArchSpec, req: EditRequest,
     """One LoRA adapter trained on one request with fixed per-module scales alpha/r."""
     ref = arch.embedding(model).weight
     A, B, scale, handles = {}, {}, {}, []
+    # the initialisation depends on the request and the global seed only, not on how many edits
+    # came before: a resumed sequential run trains exactly what an uninterrupted one does
+    blob = f"{torch.initial_seed()}|{req.prompt}|{req.target_new}".encode()
+    gen = torch.Generator().manual_seed(int(hashlib.sha256(blob).hexdigest()[:15], 16))
     for name, (alpha, r) in plan.items():
         module = get_module(model, name)
         n_in, n_out = linear_dims(module, arch.conv1d)
-        A[name], B[name] = lora_init(r, n_in, n_out, ref.device, torch.float32)
+        A[name], B[name] = lora_init(r, n_in, n_out, ref.device, torch.float32, gen)
         A[name].requires_grad_(True)
         B[name].requires_grad_(True)
         scale[name] = alpha / r
