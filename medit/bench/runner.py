@@ -34,7 +34,14 @@ from medit.bench.suites import data_sha256, get_suite
 from medit.editors.adapter_result import AdapterEditResult
 from medit.editors.base import EditResult, make_editor
 from medit.evaluation import evaluate
-from medit.export import apply_artifact, atomic_write_text, write_weights_artifact
+from medit.export import (
+    ARTIFACT_DIR,
+    ARTIFACT_FILE,
+    apply_artifact,
+    atomic_write_text,
+    load_edit,
+    write_weights_artifact,
+)
 from medit.models import DEFAULT_MODEL, cache_dir, load_model
 from medit.requests import check_lengths, context_length
 from medit.routing import ROUTER
@@ -218,10 +225,8 @@ def _run_sequential(cfg, suite, method, editor, lm, requests, pre, todo, ecfg, o
     ckpt = out / "checkpoints" / method
     seconds: list[float] = []
     results: list[EditResult] = []
-    resumed = None
     if (ckpt / "artifact").exists():
-        resumed = _load_checkpoint(model, tok, ckpt)
-        seconds = resumed.manifest["edit_seconds"]
+        seconds = load_edit(model, tok, ckpt)["edit_seconds"]
         log.info("resumed %s after %d sequential edits", method, len(seconds))
     base_originals = _checkpoint_originals(ckpt)
     for i in range(len(seconds), len(requests)):
@@ -229,8 +234,8 @@ def _run_sequential(cfg, suite, method, editor, lm, requests, pre, todo, ecfg, o
         seconds.append(results[-1].seconds)
         combined = type(results[0]).combine(results)
         if isinstance(combined, AdapterEditResult):  # every adapter in the bank, resumed ones too
-            AdapterEditResult(method, combined.hparams, combined.bank,
-                              combined.bank.adapters).export(ckpt, edit_seconds=seconds)  # fmt: skip
+            AdapterEditResult(method, combined.hparams, combined.bank, combined.bank.adapters
+                              ).export(ckpt, peft=False, edit_seconds=seconds)  # fmt: skip
         else:
             originals = {**combined.originals, **base_originals}  # weights before the first edit
             params = dict(model.named_parameters())
@@ -245,27 +250,13 @@ def _run_sequential(cfg, suite, method, editor, lm, requests, pre, todo, ecfg, o
         bar.update(1)
     bank = getattr(model, ROUTER, None)
     if bank is not None:  # adapter edits: take every adapter out again
-        for adapter in list(bank.adapters):
-            bank.remove(adapter)
+        bank.remove(*bank.adapters)
     elif (ckpt / "artifact").exists():
         apply_artifact(model, ckpt, revert=True)
 
 
-def _load_checkpoint(model, tok, ckpt: Path):
-    """Put a sequential checkpoint back onto the model; returns an object with ``manifest``."""
-    from medit.editors.adapter_result import is_adapter_artifact, load_adapter_artifact
-
-    if is_adapter_artifact(ckpt) is not None:
-        return load_adapter_artifact(model, tok, ckpt)
-
-    class _Loaded:
-        manifest = apply_artifact(model, ckpt)
-
-    return _Loaded
-
-
 def _checkpoint_originals(ckpt: Path) -> dict[str, torch.Tensor]:
-    if not (ckpt / "artifact").exists() or not (ckpt / "artifact" / "edit.safetensors").exists():
+    if not (ckpt / ARTIFACT_DIR / ARTIFACT_FILE).exists():  # none yet, or adapter edits
         return {}
     from medit.export import read_artifact
 

@@ -112,15 +112,23 @@ class AdapterBank:
                              f"cannot add adapters routed with {routing}")  # fmt: skip
         return bank
 
-    def add(self, adapter: Adapter) -> None:
-        if adapter.key is None and self.routing.mode == "nearest":
-            adapter.key = self.represent([adapter.prompt])[0]
-        self.adapters.append(adapter)
+    def add(self, *adapters: Adapter) -> None:
+        if self.routing.mode == "nearest":
+            self._fill_keys(adapters)
+        self.adapters.extend(adapters)
         self._rebuild()
 
-    def remove(self, adapter: Adapter) -> None:
-        self.adapters = [a for a in self.adapters if a is not adapter]
+    def remove(self, *adapters: Adapter) -> None:
+        gone = {id(a) for a in adapters}
+        self.adapters = [a for a in self.adapters if id(a) not in gone]
         self._rebuild()
+
+    def _fill_keys(self, adapters: Sequence[Adapter]) -> None:
+        """Compute the routing key of adapters that have none (one batched pass)."""
+        missing = [a for a in adapters if a.key is None]
+        if missing:
+            for a, key in zip(missing, self.represent([a.prompt for a in missing]), strict=True):
+                a.key = key
 
     def _rebuild(self) -> None:
         for h in self._handles:
@@ -157,9 +165,10 @@ class AdapterBank:
     def represent(self, prompts: Sequence[str]) -> torch.Tensor:
         """Unit-norm prompt representations (n, d) from the base model (see module docstring)."""
         if self._center is None:
-            tokens = torch.cat(self._hidden(background_prompts()))
+            hidden = self._hidden(background_prompts())
+            tokens = torch.cat(hidden)
             self._token_stats = (tokens.mean(0), tokens.std(0) + 1e-6)
-            self._center = self._pool(self._hidden(background_prompts())).mean(0)
+            self._center = self._pool(hidden).mean(0)
         reps = self._pool(self._hidden(prompts)) - self._center
         return reps / reps.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
@@ -225,8 +234,8 @@ class AdapterBank:
 
         from medit.text import normalise
 
-        keys = torch.stack([a.key if a.key is not None else self.represent([a.prompt])[0]
-                            for a in self.adapters]).cpu()  # fmt: skip
+        self._fill_keys(self.adapters)  # oracle / always modes compute keys on first use
+        keys = torch.stack([a.key for a in self.adapters]).cpu()
         reps = self.represent(prompts).cpu()
         k = min(self.routing.candidates, len(self.adapters))
         dist, idx = NearestNeighbors(n_neighbors=k, metric="cosine").fit(keys.numpy()).kneighbors(

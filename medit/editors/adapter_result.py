@@ -52,8 +52,7 @@ class AdapterEditResult(EditResult):
 
     def restore(self) -> None:
         """Remove this edit's adapters; the model is then bit-identical to before the edit."""
-        for a in self.adapters:
-            self.bank.remove(a)
+        self.bank.remove(*self.adapters)
         self.state = "restored"
 
     @classmethod
@@ -85,8 +84,9 @@ class AdapterEditResult(EditResult):
 
     @property
     def merged_originals(self) -> dict[str, torch.Tensor]:
+        """Copies of the base weights that merging would change."""
         params = dict(self.bank.model.named_parameters())
-        return {n: params[n].detach().clone() for n in self.merged_deltas()}
+        return {f"{m}.weight": params[f"{m}.weight"].detach().clone() for m in self.names}
 
     @contextlib.contextmanager
     def merged_into_model(self):
@@ -114,11 +114,12 @@ class AdapterEditResult(EditResult):
             out[n] = {"delta_norm": delta, "relative": delta / base if base else float("inf")}
         return out
 
-    def export(self, directory: str | Path, **provenance: Any) -> Path:
+    def export(self, directory: str | Path, peft: bool = True, **provenance: Any) -> Path:
+        """The artifact; ``peft=False`` leaves out the PEFT directories (checkpoints)."""
         target = Path(directory) / ARTIFACT_DIR
         with atomic_dir(target) as tmp:
             write_adapters(tmp, self, **provenance)
-            for i, a in enumerate(self.adapters):
+            for i, a in enumerate(self.adapters if peft else []):
                 write_peft_adapter(tmp / "peft" / f"edit-{i}", a.A, a.B, a.scale,
                                    self.bank.arch.conv1d)  # fmt: skip
         return target
@@ -228,8 +229,7 @@ def load_adapter_artifact(model: Any, tok: Any, path: str | Path) -> AdapterEdit
         editor = get_editor_class(manifest["method"])()
         bank.oracle_scales = lambda p: editor._oracle_alphas(
             model, tok, arch, p, hparams, [a.subject for a in bank.adapters])  # fmt: skip
-    for a in adapters:
-        bank.add(a)
+    bank.add(*adapters)
     result = AdapterEditResult(manifest["method"], hparams, bank, adapters)
     result.manifest = manifest
     return result

@@ -242,8 +242,7 @@ class MedLaSA(Editor):
                 diags.append(diag)
         finally:
             bank.enabled = was
-        for adapter in adapters:
-            bank.add(adapter)
+        bank.add(*adapters)
         result = AdapterEditResult(self.name, hp, bank, adapters)
         result.diagnostics += diags
         return result
