@@ -26,6 +26,8 @@ FORMAT = "medit.artifact"
 ARTIFACT_DIR = "artifact"
 ARTIFACT_FILE = "edit.safetensors"
 DELTA_FILE = "medit-delta.safetensors"
+#: attribute of an edited model holding editor state that later edits read (AlphaEdit's keys)
+STATE = "medit_state"
 
 
 # -- atomic writes -------------------------------------------------------------------------------
@@ -86,14 +88,19 @@ def _manifest(method: str, hparams: dict, edited: dict[str, torch.Tensor], **pro
 
 
 def write_delta_file(
-    path: Path, method: str, hparams: dict, edited: dict, originals: dict, **provenance: Any
-) -> dict:
-    """Write one safetensors file with edited and original tensors; return its manifest."""
+    path: Path, method: str, hparams: dict, edited: dict, originals: dict,
+    state: dict | None = None, **provenance: Any,
+) -> dict:  # fmt: skip
+    """Write one safetensors file with edited and original tensors (and the editor ``state`` that
+    later sequential edits read, e.g. AlphaEdit's accumulated keys); return its manifest."""
     manifest = _manifest(method, hparams, edited, **provenance)
     tensors = {f"edited::{n}": t.detach().contiguous().cpu().clone() for n, t in edited.items()}
     tensors |= {
         f"original::{n}": t.detach().contiguous().cpu().clone() for n, t in originals.items()
     }
+    if state:
+        manifest["state"] = sorted(state)
+        tensors |= {f"state::{n}": t.detach().contiguous().cpu().clone() for n, t in state.items()}
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     save_file(tensors, str(tmp), metadata={"medit_manifest": json.dumps(manifest)})
     os.replace(tmp, path)
@@ -125,19 +132,29 @@ def read_artifact(
     path: str | Path,
 ) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(manifest, edited tensors, original tensors) of an artifact."""
+    manifest, parts = _read_parts(path)
+    return manifest, parts["edited"], parts["original"]
+
+
+def read_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The editor state an artifact carries (empty for most editors)."""
+    return _read_parts(path)[1]["state"]
+
+
+def _read_parts(path: str | Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
     file = find_artifact(path)
+    parts: dict[str, dict[str, torch.Tensor]] = {"edited": {}, "original": {}, "state": {}}
     with safe_open(str(file), framework="pt") as f:
         meta = f.metadata() or {}
         if "medit_manifest" not in meta:
             raise ValueError(f"{file} is not a medit edit artifact (no manifest)")
         manifest = json.loads(meta["medit_manifest"])
-        edited, original = {}, {}
         for key in f.keys():
             part, name = key.split("::", 1)
-            (edited if part == "edited" else original)[name] = f.get_tensor(key)
+            parts[part][name] = f.get_tensor(key)
     if manifest.get("format") != FORMAT:
         raise ValueError(f"{file}: unknown artifact format {manifest.get('format')!r}")
-    return manifest, edited, original
+    return manifest, parts
 
 
 @torch.no_grad()
@@ -168,6 +185,11 @@ def apply_artifact(model: torch.nn.Module, path: str | Path, revert: bool = Fals
             )
     for name, value in write.items():
         params[name].copy_(value.to(params[name].device))
+    state = read_state(path) if manifest.get("state") else {}
+    if revert and hasattr(model, STATE):
+        delattr(model, STATE)
+    elif state:
+        setattr(model, STATE, state)  # editor state later sequential edits read
     return manifest
 
 

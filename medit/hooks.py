@@ -68,6 +68,31 @@ def capture_input(module: nn.Module, run: Callable[[], Any]) -> torch.Tensor:
     return seen[-1]
 
 
+def capture_inputs(modules: list[nn.Module], run: Callable[[], Any]) -> list[torch.Tensor]:
+    """Run ``run()`` and return the (detached) first input of each module, in order; the forward
+    pass stops once the last of them has been reached."""
+    seen: dict[int, torch.Tensor] = {}
+    last = len(modules) - 1
+
+    def pre(i: int) -> PreHook:
+        def hook(_m, args, kwargs):
+            seen[i] = first_tensor_arg(args, kwargs, "input").detach()
+            if len(seen) == len(modules) and i == last:
+                raise _Captured
+
+        return hook
+
+    with hooked([(m, pre(i), None) for i, m in enumerate(modules)]):
+        try:
+            run()
+        except _Captured:
+            pass
+    missing = [type(modules[i]).__name__ for i in range(len(modules)) if i not in seen]
+    if missing:
+        raise RuntimeError(f"{', '.join(missing)} not called during the forward pass")
+    return [seen[i] for i in range(len(modules))]
+
+
 @contextlib.contextmanager
 def frozen_prefix(model: nn.Module, arch: ArchSpec, start: int, hidden: torch.Tensor):
     """Within the block, a forward pass skips decoder layers ``< start`` and feeds ``hidden``

@@ -33,10 +33,12 @@ def subject_span(prompt: str, subject: str) -> tuple[int, int]:
     return start, start + len(subject)
 
 
-def subject_tokens(tok: Any, prompt: str, subject: str) -> tuple[int, int]:
+def subject_tokens(tok: Any, prompt: str, subject: str, offset: int = 0) -> tuple[int, int]:
     """Token range ``[start, end)`` of ``subject`` in ``tok(prompt).input_ids``: every token that
-    overlaps the subject's characters (a leading-space token such as " insulin" counts)."""
-    c0, c1 = subject_span(prompt, subject)
+    overlaps the subject's characters (a leading-space token such as " insulin" counts).
+    ``offset``: search for the subject from this character on (e.g. after a context prefix)."""
+    c0, c1 = subject_span(prompt[offset:], subject)
+    c0, c1 = c0 + offset, c1 + offset
     ids = tok(prompt).input_ids
     spans = _token_char_spans(tok, prompt, ids)
     inside = [i for i, (a, b) in enumerate(spans) if a < c1 and b > c0 and b > a]

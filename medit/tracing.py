@@ -80,6 +80,7 @@ class TraceConfig:
     mode: str = "full"  #: full: every restoration run; fast: attribution patching estimate
     max_batch_tokens: int = 16384  #: memory budget: batch rows x prompt tokens per forward
     subject_only: bool = False  #: restore only at subject tokens (all MedLaSA's profile reads)
+    last_subject_only: bool = False  #: restore only at the last subject token (ROME's layer)
 
     def __post_init__(self):
         bad = [k for k in self.kinds if k not in KINDS]
@@ -96,7 +97,8 @@ class TraceConfig:
         """What determines a trace's numbers (the batch budget does not)."""
         return {"kinds": list(self.kinds), "samples": self.samples, "noise": noise,
                 "window": self.window, "seed": self.seed, "mode": self.mode,
-                **({"subject_only": True} if self.subject_only else {})}  # fmt: skip
+                **({"subject_only": True} if self.subject_only else {}),
+                **({"last_subject_only": True} if self.last_subject_only else {})}  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -310,7 +312,7 @@ def _grid(model, arch, states: _States, span, answer: int, config: TraceConfig):
     for kind in config.kinds:
         for layer in range(n_layers):
             start = window(kind, layer, n_layers, config.window).start
-            for t in range(span[0], span[1] if config.subject_only else n_tokens):
+            for t in _restored_tokens(config, span, n_tokens):
                 groups.setdefault((t, start), []).append((kind, t, layer))
     for (token, start), cells in groups.items():
         per_chunk = max(1, config.max_batch_tokens // ((n_tokens - token) * config.samples))
@@ -320,6 +322,12 @@ def _grid(model, arch, states: _States, span, answer: int, config: TraceConfig):
             for (kind, _, layer), score in zip(chunk, scores.tolist(), strict=True):
                 grids[kind][token, layer] = score
     return grids
+
+
+def _restored_tokens(config: TraceConfig, span: tuple[int, int], n_tokens: int) -> range:
+    if config.last_subject_only:
+        return range(span[1] - 1, span[1])
+    return range(span[0], span[1] if config.subject_only else n_tokens)
 
 
 # -- fast: attribution patching ------------------------------------------------------------------

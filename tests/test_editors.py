@@ -21,6 +21,28 @@ REQS = [
 ]  # fmt: skip
 
 
+#: per-method settings for tiny random models (see tests/test_locate.py: their near-uniform
+#: outputs need values far beyond the norm of their small MLP outputs)
+_STRONG = {"clamp_norm_factor": 200.0, "v_weight_decay": 0.0}
+TINY = {"rome": _STRONG, "memit": _STRONG, "alphaedit": {**_STRONG, "L2": 1e-4}}
+#: locate-then-edit methods change one token's state; a random tiny model's attention barely
+#: carries it to later positions, so their contract requests end with the subject
+SUBJECT_LAST = [
+    parse_record({"prompt": "The pancreas produces insulin", "target_new": "liver",
+                  "subject": "insulin"}, "t.json", 1),
+    parse_record({"prompt": "A drug used to treat pain is Aspirin", "target_new": "scurvy",
+                  "subject": "Aspirin"}, "t.json", 2),
+]  # fmt: skip
+
+
+def _reqs(method):
+    return SUBJECT_LAST if method in TINY else REQS
+
+
+def _make(method, **overrides):
+    return make_editor(method, **{**TINY.get(method, {}), **overrides})
+
+
 def _logprob(model, tok, req):
     return score_targets(model, tok, get_arch(model), [(req.prompt, req.target_new)])[0].logprob
 
@@ -33,9 +55,10 @@ def _snapshot(model):
 class TestEditorContract:
     def test_target_probability_rises_and_model_stays_edited(self, method, tiny):
         model, tok = tiny
-        before = [_logprob(model, tok, r) for r in REQS]
-        result = make_editor(method).apply(model, tok, REQS)
-        after = [_logprob(model, tok, r) for r in REQS]
+        reqs = _reqs(method)
+        before = [_logprob(model, tok, r) for r in reqs]
+        result = _make(method).apply(model, tok, reqs)
+        after = [_logprob(model, tok, r) for r in reqs]
         assert all(a > b + 1e-3 for a, b in zip(after, before, strict=True)), (before, after)
         assert result.state == "edited"
         assert all(v["delta_norm"] > 0 for v in result.update_norms().values())
@@ -45,7 +68,7 @@ class TestEditorContract:
         original = _snapshot(model)
         ids = tok([REQS[0].prompt, REQS[1].prompt], return_tensors="pt", padding=True)
         logits = model(**ids).logits
-        result = make_editor(method).apply(model, tok, REQS[:1])
+        result = _make(method).apply(model, tok, REQS[:1])
         changed = [k for k, v in model.state_dict().items() if not torch.equal(v, original[k])]
         if isinstance(result, AdapterEditResult):  # adapters beside the weights, none written
             assert not changed and hasattr(model, ROUTER)
@@ -65,7 +88,7 @@ class TestEditorContract:
         edits = []
         for _ in range(2):
             torch.manual_seed(0)
-            result = make_editor(method).apply(model, tok, REQS[:1])
+            result = _make(method).apply(model, tok, REQS[:1])
             edits.append({k: v.clone() for k, v in result.edited_tensors().items()})
             result.restore()
         assert all(torch.equal(edits[0][k], edits[1][k]) for k in edits[0])
@@ -74,19 +97,20 @@ class TestEditorContract:
     def test_hparams_round_trip_and_bad_input(self, method, tiny):
         model, tok = tiny
         cls = get_editor_class(method)
-        hp = make_editor(method).hparams_for(model)
+        hp = _make(method).hparams_for(model)
         assert cls.hparams_class.from_dict(hp.to_dict()) == hp
-        with pytest.raises(ValueError, match="did you mean 'steps'"):
-            make_editor(method, stpes=3)
+        steps = "steps" if "steps" in hp.to_dict() else "v_steps"
+        with pytest.raises(ValueError, match=f"did you mean '{steps}'"):
+            make_editor(method, **{steps.replace("steps", "stpes"): 3})
         with pytest.raises(ValueError, match="no requests"):
-            make_editor(method).apply(model, tok, [])
+            _make(method).apply(model, tok, [])
 
     def test_sequential_edits_combine_and_restore_to_the_base(self, method, tiny):
         model, tok = tiny
         original = _snapshot(model)
         ids = tok([REQS[0].prompt], return_tensors="pt")
         logits = model(**ids).logits
-        results = [make_editor(method).apply(model, tok, [r]) for r in REQS]
+        results = [_make(method).apply(model, tok, [r]) for r in REQS]
         combined = type(results[0]).combine(results)
         assert all(torch.equal(combined.originals[k], original[k]) for k in combined.originals)
         combined.restore()

@@ -37,6 +37,7 @@ from medit.evaluation import evaluate
 from medit.export import (
     ARTIFACT_DIR,
     ARTIFACT_FILE,
+    STATE,
     apply_artifact,
     atomic_write_text,
     load_edit,
@@ -241,7 +242,8 @@ def _run_sequential(cfg, suite, method, editor, lm, requests, pre, todo, ecfg, o
             params = dict(model.named_parameters())
             edited = {n: params[n].detach() for n in originals}
             write_weights_artifact(ckpt, method=method, hparams=combined.hparams.to_dict(),
-                                   edited=edited, originals=originals, edit_seconds=seconds)  # fmt: skip
+                                   edited=edited, originals=originals, edit_seconds=seconds,
+                                   state=getattr(model, STATE, None))  # fmt: skip
         bar.set_postfix_str(f"edit {i + 1}/{len(requests)}")
     posts = evaluate(model, tok, arch, [requests[i] for i in todo], ecfg,
                      reference=[pre[i] for i in todo])  # fmt: skip

@@ -180,9 +180,37 @@ def write_peft_adapter(directory: Path, A: dict[str, torch.Tensor], B: dict[str,
 
 def low_rank_factors(delta: torch.Tensor, max_rank: int, rtol: float = 1e-6):
     """Exact factors (A (k, in), B (out, k)) of a weight change of rank <= max_rank, by SVD."""
+    A, B, _ = low_rank_approx(delta, max_rank, rtol)
+    return A, B
+
+
+def low_rank_approx(delta: torch.Tensor, max_rank: int = 0, rtol: float = 1e-6, pad: int = 1):
+    """(A (k, in), B (out, k), relative Frobenius error) of ``delta`` ≈ B·A by SVD: every
+    singular value above ``rtol``·σ₁ is kept (exact up to rounding), at most ``max_rank`` of
+    them (0: no cap); the factors are zero-padded to rank ``pad``."""
     U, S, Vh = torch.linalg.svd(delta.double(), full_matrices=False)
-    k = max(1, min(max_rank, int((S > S[0] * rtol).sum().item()) if S[0] > 0 else 1))
-    return Vh[:k].float(), (U[:, :k] * S[:k]).float()
+    k = int((S > S[0] * rtol).sum().item()) if S[0] > 0 else 1
+    k = max(1, min(k, max_rank) if max_rank else k)
+    err = (S[k:].square().sum().sqrt() / S.square().sum().sqrt().clamp_min(1e-300)).item()
+    A, B = Vh[:k].float(), (U[:, :k] * S[:k]).float()
+    if pad > k:
+        A = torch.cat([A, A.new_zeros(pad - k, A.shape[1])])
+        B = torch.cat([B, B.new_zeros(B.shape[0], pad - k)], dim=1)
+    return A, B, err
+
+
+def write_lowrank_peft(directory: Path, deltas: dict[str, torch.Tensor], conv1d: bool,
+                       max_rank: int = 0, pad: int = 1) -> dict[str, dict[str, float]]:  # fmt: skip
+    """Weight changes per module (``(out, in)`` layout, or ``(in, out)`` for Conv1D) as a PEFT
+    LoRA directory; writes and returns each module's rank and relative truncation error."""
+    A, B, scale, report = {}, {}, {}, {}
+    for module, delta in deltas.items():
+        A[module], B[module], err = low_rank_approx(delta.T if conv1d else delta, max_rank, pad=pad)
+        scale[module] = 1.0
+        report[module] = {"rank": int(A[module].shape[0]), "relative_error": err}
+    write_peft_adapter(directory, A, B, scale, conv1d)
+    (directory / "medit_lowrank.json").write_text(json.dumps(report, indent=2))
+    return report
 
 
 def is_adapter_artifact(path: str | Path) -> Path | None:

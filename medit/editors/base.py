@@ -209,6 +209,9 @@ METHODS: dict[str, str] = {
     "lora": "medit.editors.lora:LoRA",
     "adalora": "medit.editors.lora:AdaLoRA",
     "medlasa": "medit.editors.medlasa:MedLaSA",
+    "rome": "medit.editors.rome:ROME",
+    "memit": "medit.editors.memit:MEMIT",
+    "alphaedit": "medit.editors.alphaedit:AlphaEdit",
 }
 
 

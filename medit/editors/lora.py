@@ -73,7 +73,7 @@ class LoRAEditResult(EditResult):
     conv1d = False
 
     def export(self, directory: str | Path, **provenance: Any) -> Path:
-        from medit.editors.adapter_result import low_rank_factors, write_peft_adapter
+        from medit.editors.adapter_result import write_lowrank_peft
 
         target = super().export(directory, **provenance)
         rank = (
@@ -81,13 +81,9 @@ class LoRAEditResult(EditResult):
             if isinstance(self.hparams, AdaLoRAHParams)
             else self.hparams.rank
         )
-        A, B, scale = {}, {}, {}
-        for name, p in self._params.items():
-            delta = p.detach().float() - self.originals[name].float()
-            module = name.removesuffix(".weight")
-            A[module], B[module] = low_rank_factors(delta.T if self.conv1d else delta, rank)
-            scale[module] = 1.0
-        write_peft_adapter(target / "peft", A, B, scale, self.conv1d)
+        deltas = {n.removesuffix(".weight"): p.detach().float() - self.originals[n].float()
+                  for n, p in self._params.items()}  # fmt: skip
+        write_lowrank_peft(target / "peft", deltas, self.conv1d, rank)
         return target
 
     @classmethod
