@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_ft.py
 	$(PY) benchmarks/bench_eval.py
 	$(PY) benchmarks/bench_tracing.py
+	$(PY) benchmarks/bench_locate.py
 
 clean:
 	rm -rf $(VENV) .cache runs .pytest_cache
