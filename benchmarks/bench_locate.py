@@ -137,8 +137,10 @@ def main() -> None:
     print(json.dumps(report["covariance"]), flush=True)
     keys = _keys.request_keys(lm.model, lm.tokenizer, lm.arch, [layers[0]], reqs,
                               request_subjects(reqs), hp.templates(lm.model, lm.tokenizer))  # fmt: skip
-    report["tokens_needed"] = {"layer": layers[0],
-                               "rows": tokens_needed(lm, corpus, layers[0], keys[layers[0]], hp)}
+    report["tokens_needed"] = {
+        "layer": layers[0],
+        "rows": tokens_needed(lm, corpus, layers[0], keys[layers[0]], hp),
+    }
     for row in report["tokens_needed"]["rows"]:
         print(json.dumps(row), flush=True)
     report["speed"] = []

@@ -150,7 +150,9 @@ def _read_texts(path: Path) -> list[str]:
         try:
             data = json.loads(raw)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"corpus {path}: invalid JSON ({exc.msg}, line {exc.lineno})") from None
+            raise ValueError(
+                f"corpus {path}: invalid JSON ({exc.msg}, line {exc.lineno})"
+            ) from None
         return _record_texts(path, data if isinstance(data, list) else [data])
     return [p.strip() for p in raw.split("\n\n") if p.strip()]
 

@@ -64,8 +64,13 @@ def test_rome_maps_the_key_to_the_new_value_and_leaves_c_orthogonal_keys(tiny):
 
 def test_memit_with_one_request_at_one_layer_points_where_rome_does(tiny_llama):
     model, tok = tiny_llama
-    same = {**STRONG, "clamp_norm_factor": 1e6, "prefix_lengths": (10,), "prefix_count": 5,
-            "v_steps": 20}  # the same δ for both: no clamp (their v0 differ), no weight decay
+    same = {
+        **STRONG,
+        "clamp_norm_factor": 1e6,
+        "prefix_lengths": (10,),
+        "prefix_count": 5,
+        "v_steps": 20,
+    }  # the same δ for both: no clamp (their v0 differ), no weight decay
     W = _weight(model)
     rome = make_editor("rome", layer=LAYER, **same).apply(model, tok, REQS[:1])
     d_rome = (_weight(model) - W).flatten().double()
@@ -108,7 +113,9 @@ def _corpus_keys(model, tok, arch, layer, corpus: Corpus) -> torch.Tensor:
     keys = []
     for text in corpus.texts:
         n = len(tok(text).input_ids)
-        keys.append(_keys.module_inputs(model, tok, arch, [layer], [text] * n, list(range(n)))[layer])
+        keys.append(
+            _keys.module_inputs(model, tok, arch, [layer], [text] * n, list(range(n)))[layer]
+        )
     return torch.cat(keys)
 
 
@@ -130,8 +137,9 @@ def test_exported_lora_adapter_reproduces_the_edit(tiny, tmp_path, method):
     from peft import PeftModel
 
     model, tok = tiny
-    overrides = {"layer": LAYER} if method == "rome" else {"L2": 1e-4} if method == "alphaedit" \
-        else {}
+    overrides = (
+        {"layer": LAYER} if method == "rome" else {"L2": 1e-4} if method == "alphaedit" else {}
+    )
     result = make_editor(method, **overrides, **STRONG).apply(model, tok, REQS[:1])
     enc = tok([REQS[0].prompt, REQS[1].prompt], return_tensors="pt", padding=True)
     edited = model(**enc).logits

@@ -170,8 +170,10 @@ def layer_outputs_at(model, tok, arch: ArchSpec, layer: int, requests, subjects)
     store: list[torch.Tensor] = []
     nxt = layer + 1
     if nxt < arch.n_layers(model):
-        hidden = capture_input(arch.module(model, nxt),
-                               lambda: arch.base_model(model)(input_ids=ids, attention_mask=mask))
+        hidden = capture_input(
+            arch.module(model, nxt),
+            lambda: arch.base_model(model)(input_ids=ids, attention_mask=mask),
+        )
     else:
         with edited_outputs([(arch.module(model, layer), lambda t: record(store, t))]):
             arch.base_model(model)(input_ids=ids, attention_mask=mask, use_cache=False)
@@ -215,7 +217,7 @@ def optimise_values(
     rows = torch.arange(len(prompts), device=device)
     pos = torch.tensor(positions, device=device)
     owner_t = torch.tensor(owner, device=device)
-    entering, v0 = _frozen_state(model, arch, layer, batch, rows[:n * t_count:t_count], pos, vs)
+    entering, v0 = _frozen_state(model, arch, layer, batch, rows[: n * t_count : t_count], pos, vs)
     n_layers = arch.n_layers(model)
     delta = torch.zeros(n, entering.shape[-1], device=device, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=vs.lr)
@@ -230,15 +232,17 @@ def optimise_values(
             hidden = entering.index_put((rows, pos), delta[owner_t].to(entering.dtype),
                                         accumulate=True)  # fmt: skip
             final = _run_from(model, arch, layer + 1, n_layers, hidden, batch)
-            logp = torch.log_softmax(arch.head(model, final[batch.rows[label_rows],
-                                                           batch.cols[label_rows]]).float(), -1)
+            logp = torch.log_softmax(
+                arch.head(model, final[batch.rows[label_rows], batch.cols[label_rows]]).float(), -1
+            )
             tok_nll = -logp.gather(1, batch.labels[label_rows, None]).squeeze(1)
             seq = batch.owner[label_rows]
             per_seq = torch.zeros(n * t_count, device=device).index_add(0, seq, tok_nll)
             per_seq = per_seq / torch.tensor(batch.target_lengths[: n * t_count], device=device)
             nll = per_seq.view(n, t_count).mean(1)
             kl_logp = torch.log_softmax(
-                arch.head(model, final[kl_rows, batch.prompt_last[kl_rows]]).float(), -1)
+                arch.head(model, final[kl_rows, batch.prompt_last[kl_rows]]).float(), -1
+            )
             if kl_init is None:
                 kl_init = kl_logp.detach()
             kl = (kl_logp.exp() * (kl_logp - kl_init)).sum(-1)
@@ -256,23 +260,26 @@ def optimise_values(
                 delta[done] = frozen
                 scale = (max_norm / delta.norm(dim=-1).clamp_min(1e-12)).clamp(max=1.0)
                 delta.mul_(scale[:, None])
-    info = {"value_steps": len(history), "value_nll": history[-1] if history else [],
-            "value_nll_start": history[0] if history else [],
-            "delta_norm": delta.detach().norm(dim=-1).tolist(), "converged": bool(done.all())}
+    info = {
+        "value_steps": len(history),
+        "value_nll": history[-1] if history else [],
+        "value_nll_start": history[0] if history else [],
+        "delta_norm": delta.detach().norm(dim=-1).tolist(),
+        "converged": bool(done.all()),
+    }
     return delta.detach(), info
 
 
 @torch.no_grad()
 def _frozen_state(model, arch, layer, batch, plain_rows, pos, vs: ValueSettings):
     """(output of ``layer`` for the whole batch, v0 at each request's plain prompt)."""
-    base = arch.base_model(model)
-    run = lambda: base(input_ids=batch.input_ids, attention_mask=batch.attention_mask,  # noqa: E731
-                       use_cache=False)
     store: list[torch.Tensor] = []
     mlp = arch.module(model, layer, "mlp")
     with edited_outputs([(arch.module(model, layer), lambda t: record(store, t)),
                          (mlp, lambda t: record(store, t))]):  # fmt: skip
-        run()
+        arch.base_model(model)(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+        )
     mlp_out, layer_out = store[0], store[1]  # the MLP runs inside the layer, so it comes first
     v0 = (mlp_out if vs.anchor == "mlp" else layer_out)[plain_rows, pos[plain_rows]].float()
     return layer_out.detach(), v0
@@ -283,8 +290,9 @@ def _run_from(model, arch: ArchSpec, start: int, n_layers: int, hidden, batch) -
     if start >= n_layers:
         return get_module(model, arch.final_norm)(hidden)
     with frozen_prefix(model, arch, start, hidden):
-        out = arch.base_model(model)(input_ids=batch.input_ids,
-                                     attention_mask=batch.attention_mask, use_cache=False)
+        out = arch.base_model(model)(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+        )
     return out.last_hidden_state
 
 

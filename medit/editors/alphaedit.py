@@ -60,8 +60,12 @@ class AlphaEdit(MEMIT):
         sha = getattr(model, "medit_weights_sha256", None)
         P, dims = {}, {}
         for layer in layers:
-            key = f"{sha}:{layer}:{hp.cov_corpus}:{hp.cov_samples_per_prompt}:" \
-                  f"{hp.cov_new_tokens}:{hp.cov_max_length}" if sha else None
+            key = (
+                f"{sha}:{layer}:{hp.cov_corpus}:{hp.cov_samples_per_prompt}:"
+                f"{hp.cov_new_tokens}:{hp.cov_max_length}"
+                if sha
+                else None
+            )
             P[layer], dims[layer] = null_space_projector(C[layer], hp.nullspace_threshold, key)
             if dims[layer] == 0:
                 smallest = torch.linalg.eigvalsh(C[layer]).min().item()

@@ -152,7 +152,10 @@ class LocateEditResult(EditResult):
         out = super().combine(results)
         out.__class__ = type(results[0])
         first = results[0]
-        out.conv1d, out.has_state, out.state_before = first.conv1d, first.has_state, \
-            first.state_before
+        out.conv1d, out.has_state, out.state_before = (
+            first.conv1d,
+            first.has_state,
+            first.state_before,
+        )
         out._model = first._model
         return out

@@ -35,8 +35,11 @@ class MEMITHParams(KeyValueHParams):
     layers: tuple[int, ...] = hp((), "layers edited; empty: `n_edit_layers` from `first_depth`")
     first_depth: float = hp(0.125, "relative depth of the first edited layer")
     n_edit_layers: int = hp(5, "number of consecutive layers edited (at most layers - 1)")
-    mom2_update_weight: float = hp(-1.0, "λ, the weight of C against the new keys; -1: 15000 "
-                                         "× d_in / 16384 (the GPT-J preset's λ per key dim)")
+    mom2_update_weight: float = hp(
+        -1.0,
+        "λ, the weight of C against the new keys; -1: 15000 "
+        "× d_in / 16384 (the GPT-J preset's λ per key dim)",
+    )
 
     def __post_init__(self):
         super().__post_init__()

@@ -83,8 +83,11 @@ class ROME(Editor):
             k_star, k_mean = keys[0], keys.mean(0)  # templates[0] is the bare prompt "{}"
             delta, info = optimise_values(model, tok, arch, layer, [req], [subject], templates,
                                           hp.values())  # fmt: skip
-            C = second_moments(model, tok, arch, [layer], hp, [req])[layer] \
-                if hp.mom2_adjustment else None
+            C = (
+                second_moments(model, tok, arch, [layer], hp, [req])[layer]
+                if hp.mom2_adjustment
+                else None
+            )
             update = rank_one_update(k_star, delta[0], C, k_mean)
             W = result._params[name]
             with torch.no_grad():
