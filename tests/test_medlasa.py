@@ -170,3 +170,22 @@ def test_generate_loads_the_run_artifact(tiny_model_dir, tmp_path, method):
         return json.loads(out[out.index('{"prompt"') :].splitlines()[0])["completion"]
 
     assert completion(edited.output) != completion(base.output)
+
+
+def test_scales_come_from_a_medit_trace_run_directory(tiny_llama, tmp_path):
+    """`--hparam traces=RUN_DIR`: profiles of a `medit trace` run are used, not recomputed."""
+    from medit.editors.medlasa import MedLaSA, MedLaSAHParams
+
+    model, tok = tiny_llama
+    mlp, attn = [0.0, 1.0, 0.5, 0.25], [1.0, 0.0, 0.0, 0.5]
+    doc = {"provenance": {"model": {"weights_sha256": model.medit_weights_sha256}},
+           "traces": [{"prompt": REQS[0].prompt, "subject": REQS[0].subject,
+                       "profile": {"mlp": mlp, "attn": attn, "hidden": mlp}}]}  # fmt: skip
+    (tmp_path / "traces.json").write_text(json.dumps(doc))
+    hp = MedLaSAHParams(traces=str(tmp_path))
+    scores = MedLaSA()._scores(model, tok, get_arch(model), REQS[0], hp)
+    assert scores == {"attn": attn, "mlp": mlp}  # already min-max normalised
+    doc["provenance"]["model"]["weights_sha256"] = "0" * 64
+    (tmp_path / "traces.json").write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="made for other weights"):
+        MedLaSA()._scores(model, tok, get_arch(model), REQS[0], hp)

@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import math
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -84,6 +86,8 @@ class MedLaSAHParams(HParams):
     gate_off_unmentioned: float = hp(0.8, "gate_off for inputs that do not mention the subject")
     trace_mode: str = hp("full", "causal tracing: 'full' (the paper) or 'fast' (attribution)")
     trace_answer: str = hp("ground_truth", "answer traced: 'ground_truth' (else the prediction)")
+    traces: str = hp("", "a `medit trace` run directory whose profiles are used for the prompts "
+                         "it traced (others are traced here)")  # fmt: skip
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = PRESETS
 
@@ -252,7 +256,12 @@ class MedLaSA(Editor):
     ) -> dict[str, list[float]]:
         """Normalised association scores of a request's prompt (step 1 and 2)."""
         answer = req.ground_truth if hp.trace_answer == "ground_truth" else None
-        profile = _profile(model, tok, arch, req.prompt, req.subject, answer, hp)
+        profile = None
+        if hp.traces:  # a `medit trace` run (whatever answer it traced) wins where it has one
+            runs = run_profiles(hp.traces, getattr(model, "medit_weights_sha256", None))
+            profile = runs.get((req.prompt, req.subject)) or runs.get((req.prompt, None))
+        if profile is None:
+            profile = _profile(model, tok, arch, req.prompt, req.subject, answer, hp)
         return {k: normalise_profile(profile[k], hp.normalisation) for k in ("attn", "mlp")}
 
     def _oracle_alphas(self, model, tok, arch, prompt: str, hp: MedLaSAHParams,
@@ -272,6 +281,29 @@ class MedLaSA(Editor):
             for layer, alpha in enumerate(alphas):
                 out[arch.layer_path(layer, kind)] = alpha
         return out
+
+
+def run_profiles(path: str, weights_sha256: str | None) -> dict[tuple, dict[str, list[float]]]:
+    """Association profiles of a ``medit trace`` run directory (or its traces.json), keyed by
+    (prompt, subject) and (prompt, None); refuses traces of other weights."""
+    from medit.tracing_run import TRACES_FILE
+
+    file = Path(path) / TRACES_FILE if Path(path).is_dir() else Path(path)
+    if not file.is_file():
+        raise ValueError(f"traces={path}: no {TRACES_FILE} there (write one with `medit trace`)")
+    doc = json.loads(file.read_text(encoding="utf-8"))
+    sha = doc.get("provenance", {}).get("model", {}).get("weights_sha256")
+    if weights_sha256 and sha and sha != weights_sha256:
+        raise ValueError(f"traces={path} were made for other weights (sha256 {sha[:12]}..., "
+                         f"this model {weights_sha256[:12]}...)")  # fmt: skip
+    out = {}
+    for item in doc.get("traces", []):
+        profile = item.get("profile", {})
+        if not {"mlp", "attn"} <= set(profile):
+            continue  # medlasa needs both kinds
+        out[(item["prompt"], item["subject"])] = profile
+        out.setdefault((item["prompt"], None), profile)
+    return out
 
 
 def _profile(model, tok, arch, prompt: str, subject: str | None, answer: str | None,
