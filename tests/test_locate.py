@@ -240,3 +240,11 @@ def test_generate_loads_the_run_artifact(tiny_model_dir, tmp_path, method):
 
     assert completion(edited.output) != completion(base.output)
     assert (run / "artifact" / "peft" / "adapter_model.safetensors").is_file()
+
+
+def test_cli_shorthand_for_tuple_hparams():
+    from medit.editors.memit import MEMITHParams
+
+    hp = MEMITHParams.from_dict({"layers": "4,5", "cov_corpus": "a.txt,b.jsonl"})
+    assert hp.layers == (4, 5) and hp.cov_corpus == ("a.txt", "b.jsonl")
+    assert hp.resolve_layers(30) == (4, 5)

@@ -69,6 +69,9 @@ def _coerce(field: dataclasses.Field, value: Any) -> Any:
     if isinstance(value, list):
         return tuple(value)
     default = field.default
+    if isinstance(default, tuple) and isinstance(value, (str, int, float)):
+        # CLI shorthand: --hparam layers=4,5,6  or  --hparam cov_corpus=a.txt,b.jsonl
+        return tuple(_number(x.strip()) for x in str(value).split(",") if x.strip())
     if (
         isinstance(value, str)
         and isinstance(default, (int, float))
@@ -81,6 +84,15 @@ def _coerce(field: dataclasses.Field, value: Any) -> Any:
                 f"hyper-parameter {field.name!r} expects a number, got {value!r}"
             ) from None
     return value
+
+
+def _number(text: str) -> Any:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 @dataclasses.dataclass(frozen=True)
