@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from medit.bench import runner as bench_runner
 from medit.bench import tables
@@ -97,13 +98,18 @@ def test_aggregation_by_hand_with_exclusions():
     assert kept["teacher_forced"]["locality"]["b"] == 0.5
 
 
+HPARAMS = {"ft-m": {"steps": 3}, "medlasa": {"steps": 3, "lr": 1e-3, "trace_mode": "fast"},
+           "alphaedit": {"v_steps": 3, "prefix_count": 1, "cov_samples_per_prompt": 1,
+                         "cov_new_tokens": 8, "L2": 1e-4}}  # fmt: skip
+
+
 @pytest.mark.parametrize("mode, method", [("single", "ft-m"), ("batch", "ft-m"),
                                           ("sequential", "ft-m"), ("sequential", "medlasa")])  # fmt: skip
 def test_resume_after_a_crash_gives_the_same_aggregate(
     tmp_path, tiny_model_dir, monkeypatch, mode, method
 ):
     data = _slice(tmp_path, "MedCF/test.json", 6)
-    hparams = {"ft-m": {"steps": 3}, "medlasa": {"steps": 3, "lr": 1e-3, "trace_mode": "fast"}}
+    hparams = HPARAMS
     common = dict(suite="medcf", data=str(data), model=str(tiny_model_dir), mode=mode,
                   methods=(method,), batch_size=4, device="cpu", quiet=True,
                   hparams={method: hparams[method]})  # fmt: skip
@@ -136,6 +142,51 @@ def test_resume_after_a_crash_gives_the_same_aggregate(
 
     assert strip(resumed["methods"][method]) == strip(whole["methods"][method])
     assert (crashed / "table.md").read_text().count(method) == 2
+
+
+@pytest.mark.parametrize("method", ["medlasa", "alphaedit"])
+def test_sequential_crash_between_edits_resumes_from_the_last_checkpoint(
+    tmp_path, tiny_model_dir, monkeypatch, method
+):
+    """Killed during the 4th of 5 edits: the resumed run applies edits 4-5 only (adapter
+    checkpoints are one file per edit; AlphaEdit's accumulated keys come back with the weights)
+    and its aggregate equals an uninterrupted run's."""
+    from medit.editors.base import Editor
+
+    data = _slice(tmp_path, "MedCF/test.json", 5)
+    common = dict(suite="medcf", data=str(data), model=str(tiny_model_dir), mode="sequential",
+                  methods=(method,), device="cpu", quiet=True,
+                  hparams={method: HPARAMS[method]})  # fmt: skip
+    whole = run_bench(BenchConfig(out=str(tmp_path / "whole"), **common))
+    real_apply, calls = Editor.apply, []
+
+    def counting_apply(self, model, tok, requests):
+        calls.append(requests[0].id)
+        if len(calls) == 4 and crash:
+            raise KeyboardInterrupt
+        return real_apply(self, model, tok, requests)
+
+    monkeypatch.setattr(Editor, "apply", counting_apply)
+    crash = True
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(BenchConfig(out=str(tmp_path / "crashed"), **common))
+    crash, calls[:] = False, []
+    resumed = run_bench(BenchConfig(out=str(tmp_path / "crashed"), resume=True, **common))
+    assert len(calls) == 2  # edits 4 and 5 only
+
+    def strip(m):
+        return {k: v for k, v in m.items() if k not in ("seconds_per_edit", "peak_memory_mb")}
+
+    assert strip(resumed["methods"][method]) == strip(whole["methods"][method])
+    if method == "medlasa":
+        edits = sorted((tmp_path / "crashed" / "checkpoints" / method / "edits").iterdir())
+        assert [d.name for d in edits] == [f"{i:06d}" for i in range(5)]
+    else:  # the same weights bit for bit: the resumed edits saw the earlier edits' keys
+        from medit.export import read_artifact
+
+        a = read_artifact(tmp_path / "whole" / "checkpoints" / method)[1]
+        b = read_artifact(tmp_path / "crashed" / "checkpoints" / method)[1]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_resume_refuses_other_settings(tmp_path, tiny_model_dir):

@@ -5,8 +5,9 @@ Run directory:
 * ``bench.json`` — the configuration, data hash and provenance (checked again on ``--resume``);
 * ``cases.jsonl`` — one line per finished (method, case), appended and fsynced as each finishes;
   a line cut short by a crash is dropped on resume and the case is run again;
-* ``checkpoints/<method>/`` — sequential mode: the cumulative edit after each request, so a
-  resumed run continues from the last edit instead of starting over;
+* ``checkpoints/<method>/`` — sequential mode: the cumulative weight edit after each request
+  (adapter editors: one directory per edit, ``edits/NNNNNN``, written once), so a resumed run
+  continues from the last edit instead of starting over;
 * ``results.json``, ``table.md``, ``table.csv`` — the aggregate, rewritten at the end.
 
 The pre-edit baseline of each case is computed once per (model weights, evaluation settings) and
@@ -20,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -228,15 +230,19 @@ def _run_sequential(cfg, suite, method, editor, lm, requests, pre, todo, ecfg, o
     results: list[EditResult] = []
     if (ckpt / "artifact").exists():
         seconds = load_edit(model, tok, ckpt)["edit_seconds"]
+    seconds += _load_adapter_checkpoints(model, tok, ckpt)
+    if seconds:
         log.info("resumed %s after %d sequential edits", method, len(seconds))
     base_originals = _checkpoint_originals(ckpt)
     for i in range(len(seconds), len(requests)):
         results.append(editor.apply(model, tok, [requests[i]]))
         seconds.append(results[-1].seconds)
         combined = type(results[0]).combine(results)
-        if isinstance(combined, AdapterEditResult):  # every adapter in the bank, resumed ones too
-            AdapterEditResult(method, combined.hparams, combined.bank, combined.bank.adapters
-                              ).export(ckpt, peft=False, edit_seconds=seconds)  # fmt: skip
+        if isinstance(combined, AdapterEditResult):  # one file per edit, written once: O(E)
+            last = results[-1]
+            AdapterEditResult(method, last.hparams, last.bank, last.adapters).export(
+                ckpt / "edits" / f"{i:06d}", peft=False, edit_seconds=[seconds[-1]]
+            )
         else:
             originals = {**combined.originals, **base_originals}  # weights before the first edit
             params = dict(model.named_parameters())
@@ -255,6 +261,20 @@ def _run_sequential(cfg, suite, method, editor, lm, requests, pre, todo, ecfg, o
         bank.remove(*bank.adapters)
     elif (ckpt / "artifact").exists():
         apply_artifact(model, ckpt, revert=True)
+
+
+def _load_adapter_checkpoints(model, tok, ckpt: Path) -> list[float]:
+    """Install the adapters of the complete per-edit checkpoints, in order; an edit whose write
+    was cut short (no artifact) ends the sequence and is dropped."""
+    seconds: list[float] = []
+    edits = sorted((ckpt / "edits").iterdir()) if (ckpt / "edits").is_dir() else []
+    for i, d in enumerate(edits):
+        if d.name != f"{i:06d}" or not (d / ARTIFACT_DIR).exists():
+            for rest in edits[i:]:
+                shutil.rmtree(rest, ignore_errors=True)
+            break
+        seconds += load_edit(model, tok, d)["edit_seconds"]
+    return seconds
 
 
 def _checkpoint_originals(ckpt: Path) -> dict[str, torch.Tensor]:
