@@ -227,7 +227,7 @@ def _run_sequential(cfg, suite, method, editor, lm, requests, pre, todo, ecfg, o
     model, tok, arch = lm.model, lm.tokenizer, lm.arch
     ckpt = out / "checkpoints" / method
     seconds: list[float] = []
-    results: list[EditResult] = []
+    combined: EditResult | None = None  # folded edit by edit: memory stays O(1) in the edits
     if (ckpt / "artifact").exists():
         seconds = load_edit(model, tok, ckpt)["edit_seconds"]
     seconds += _load_adapter_checkpoints(model, tok, ckpt)
@@ -235,11 +235,10 @@ def _run_sequential(cfg, suite, method, editor, lm, requests, pre, todo, ecfg, o
         log.info("resumed %s after %d sequential edits", method, len(seconds))
     base_originals = _checkpoint_originals(ckpt)
     for i in range(len(seconds), len(requests)):
-        results.append(editor.apply(model, tok, [requests[i]]))
-        seconds.append(results[-1].seconds)
-        combined = type(results[0]).combine(results)
+        last = editor.apply(model, tok, [requests[i]])
+        seconds.append(last.seconds)
+        combined = last if combined is None else type(last).combine([combined, last])
         if isinstance(combined, AdapterEditResult):  # one file per edit, written once: O(E)
-            last = results[-1]
             AdapterEditResult(method, last.hparams, last.bank, last.adapters).export(
                 ckpt / "edits" / f"{i:06d}", peft=False, edit_seconds=[seconds[-1]]
             )
