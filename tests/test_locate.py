@@ -216,14 +216,19 @@ def test_rome_layer_is_chosen_by_causal_tracing(tiny_llama):
     assert len(profile) == 4 and d["layer"] == max(range(4), key=profile.__getitem__)
 
 
-@pytest.mark.parametrize("method", ["rome", "alphaedit"])
+#: hyper-parameters that make an edit visible on the tiny model within a few steps
+CLI_HPARAMS = {"medlasa": {"steps": 15, "lr": 5e-3}, "lora": {"steps": 15, "lr": 5e-3},
+               "rome": STRONG, "alphaedit": {**STRONG, "L2": 1e-4}}  # fmt: skip
+
+
+@pytest.mark.parametrize("method", list(CLI_HPARAMS))
 def test_generate_loads_the_run_artifact(tiny_model_dir, tmp_path, method):
+    """Every editor's run artifact loads onto the base model in `medit generate --artifact`."""
     reqs = tmp_path / "r.json"
-    reqs.write_text(json.dumps([r.to_dict() for r in REQS[:1]]))
+    reqs.write_text(json.dumps([r.to_dict() for r in REQS]))
     run = tmp_path / "run"
     runner = CliRunner()
-    strong = {**STRONG, **({"L2": 1e-4} if method == "alphaedit" else {})}
-    hparams = [x for k, v in strong.items() for x in ("--hparam", f"{k}={v}")]
+    hparams = [x for k, v in CLI_HPARAMS[method].items() for x in ("--hparam", f"{k}={v}")]
     args = ["--quiet", "edit", "--model", str(tiny_model_dir), "--method", method,
             "--requests", str(reqs), "--mode", "batch", "--out", str(run), "--no-generation",
             *hparams]  # fmt: skip
@@ -235,11 +240,11 @@ def test_generate_loads_the_run_artifact(tiny_model_dir, tmp_path, method):
     edited = runner.invoke(main, [*gen, "--artifact", str(run)])
     assert base.exit_code == 0 and edited.exit_code == 0, edited.output
 
-    def completion(out: str) -> str:
+    def completion(out: str) -> str:  # stderr progress may precede the JSON line
         return json.loads(out[out.index('{"prompt"') :].splitlines()[0])["completion"]
 
     assert completion(edited.output) != completion(base.output)
-    assert (run / "artifact" / "peft" / "adapter_model.safetensors").is_file()
+    assert (run / "artifact" / "peft").is_dir()
 
 
 def test_cli_shorthand_for_tuple_hparams():

@@ -4,10 +4,8 @@ import json
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 from medit.arch import get_arch
-from medit.cli import main
 from medit.editors._adapters import AdapterBank
 from medit.editors.base import make_editor
 from medit.editors.medlasa import layer_alphas, layer_ranks, module_plan, normalise_profile
@@ -147,29 +145,6 @@ def test_lora_peft_export_reproduces_the_merged_edit(tiny_llama, tmp_path):
     result.restore()
     peft_model = PeftModel.from_pretrained(model, tmp_path / "artifact" / "peft")
     torch.testing.assert_close(peft_model(**enc).logits, edited, rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.parametrize("method", ["medlasa", "lora"])
-def test_generate_loads_the_run_artifact(tiny_model_dir, tmp_path, method):
-    reqs = tmp_path / "r.json"
-    reqs.write_text(json.dumps([r.to_dict() for r in REQS]))
-    run = tmp_path / "run"
-    runner = CliRunner()
-    args = ["--quiet", "edit", "--model", str(tiny_model_dir), "--method", method,
-            "--requests", str(reqs), "--mode", "batch", "--out", str(run),
-            "--hparam", "steps=15", "--hparam", "lr=5e-3", "--no-generation"]  # fmt: skip
-    res = runner.invoke(main, args)
-    assert res.exit_code == 0, res.output
-    gen = ["generate", "--model", str(tiny_model_dir), "--prompt", REQS[0].prompt,
-           "--max-new-tokens", "4"]  # fmt: skip
-    base = runner.invoke(main, gen)
-    edited = runner.invoke(main, [*gen, "--artifact", str(run)])
-    assert base.exit_code == 0 and edited.exit_code == 0, edited.output
-
-    def completion(out: str) -> str:  # stderr progress may precede the JSON line
-        return json.loads(out[out.index('{"prompt"') :].splitlines()[0])["completion"]
-
-    assert completion(edited.output) != completion(base.output)
 
 
 def test_scales_come_from_a_medit_trace_run_directory(tiny_llama, tmp_path):
