@@ -82,11 +82,8 @@ def capture_inputs(modules: list[nn.Module], run: Callable[[], Any]) -> list[tor
 
         return hook
 
-    with hooked([(m, pre(i), None) for i, m in enumerate(modules)]):
-        try:
-            run()
-        except _Captured:
-            pass
+    with hooked([(m, pre(i), None) for i, m in enumerate(modules)]), contextlib.suppress(_Captured):
+        run()
     missing = [type(modules[i]).__name__ for i in range(len(modules)) if i not in seen]
     if missing:
         raise RuntimeError(f"{', '.join(missing)} not called during the forward pass")

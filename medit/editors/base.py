@@ -8,6 +8,7 @@ returning an :class:`EditResult`. The model is edited in place and *stays edited
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import importlib
@@ -88,10 +89,8 @@ def _coerce(field: dataclasses.Field, value: Any) -> Any:
 
 def _number(text: str) -> Any:
     for kind in (int, float):
-        try:
+        with contextlib.suppress(ValueError):
             return kind(text)
-        except ValueError:
-            pass
     return text
 
 
