@@ -88,7 +88,8 @@ def generated_corpus(
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(settings.seed)
         for i in range(0, len(jobs), settings.batch_size):
-            texts += _sample(model, tok, jobs[i : i + settings.batch_size], settings)
+            batch = jobs[i : i + settings.batch_size]
+            texts += sample_continuations(model, tok, batch, settings.new_tokens, settings.top_k)
             if not quiet:
                 log.info("corpus: generated %d/%d texts", len(texts), len(jobs))
     log.info("generated %d corpus texts in %.1f s", len(texts), time.perf_counter() - t0)
@@ -98,14 +99,16 @@ def generated_corpus(
     return Corpus("generated", tuple(texts))
 
 
-def _sample(model: Any, tok: Any, prompts: list[str], s: GenerationSettings) -> list[str]:
+def sample_continuations(
+    model: Any, tok: Any, prompts: list[str], new_tokens: int, top_k: int
+) -> list[str]:
+    """Each prompt followed by exactly ``new_tokens`` top-k-sampled tokens (end-of-text
+    suppressed); seed with ``torch.manual_seed`` beforehand for reproducible text."""
     device = next(model.parameters()).device
     enc = left_padded(tok, prompts, device)
     eos = [t for t in (tok.eos_token_id, tok.pad_token_id) if t is not None]
-    if device.type == "cuda":
-        torch.cuda.manual_seed_all(s.seed)
-    out = model.generate(**enc, do_sample=True, top_k=s.top_k, max_new_tokens=s.new_tokens,
-                         min_new_tokens=s.new_tokens, suppress_tokens=eos or None,
+    out = model.generate(**enc, do_sample=True, top_k=top_k, max_new_tokens=new_tokens,
+                         min_new_tokens=new_tokens, suppress_tokens=eos or None,
                          pad_token_id=tok.pad_token_id)  # fmt: skip
     new = tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     return [p + n for p, n in zip(prompts, new, strict=True)]

@@ -33,8 +33,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from medit.arch import ArchSpec, get_module
-from medit.corpus import Corpus
+from medit.corpus import Corpus, sample_continuations
 from medit.editors.ft import _trainable
+from medit.forward import per_sequence_mean
 from medit.hooks import capture_input, capture_inputs, edited_outputs, frozen_prefix, record
 from medit.models import cache_dir
 from medit.requests import EditRequest
@@ -74,20 +75,12 @@ def context_templates(
 
 @torch.no_grad()
 def _sample_prefixes(model, tok, lengths, count, seed) -> list[str]:
-    from medit.text import left_padded
-
-    device = next(model.parameters()).device
-    eos = [t for t in (tok.eos_token_id, tok.pad_token_id) if t is not None]
     starts = [PREFIX_STARTS[i % len(PREFIX_STARTS)] for i in range(count)]
     out = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for length in lengths:
-            enc = left_padded(tok, starts, device)
-            ids = model.generate(**enc, do_sample=True, top_k=5, max_new_tokens=length,
-                                 min_new_tokens=length, suppress_tokens=eos or None,
-                                 pad_token_id=tok.pad_token_id)  # fmt: skip
-            for text in tok.batch_decode(ids, skip_special_tokens=True):
+            for text in sample_continuations(model, tok, starts, length, top_k=5):
                 text = " ".join(text.replace("{", " ").replace("}", " ").split())
                 out.append(text + ". {}")
     return out
@@ -223,7 +216,6 @@ def optimise_values(
     opt = torch.optim.Adam([delta], lr=vs.lr)
     max_norm = vs.clamp_norm_factor * v0.norm(dim=-1)
     v0_sq = v0.norm(dim=-1) ** 2
-    label_rows = batch.owner < n * t_count
     kl_rows = rows[n * t_count :]
     done = torch.zeros(n, dtype=torch.bool, device=device)
     kl_init, history = None, []
@@ -232,14 +224,10 @@ def optimise_values(
             hidden = entering.index_put((rows, pos), delta[owner_t].to(entering.dtype),
                                         accumulate=True)  # fmt: skip
             final = _run_from(model, arch, layer + 1, n_layers, hidden, batch)
-            logp = torch.log_softmax(
-                arch.head(model, final[batch.rows[label_rows], batch.cols[label_rows]]).float(), -1
-            )
-            tok_nll = -logp.gather(1, batch.labels[label_rows, None]).squeeze(1)
-            seq = batch.owner[label_rows]
-            per_seq = torch.zeros(n * t_count, device=device).index_add(0, seq, tok_nll)
-            per_seq = per_seq / torch.tensor(batch.target_lengths[: n * t_count], device=device)
-            nll = per_seq.view(n, t_count).mean(1)
+            logp = torch.log_softmax(arch.head(model, final[batch.rows, batch.cols]).float(), -1)
+            tok_nll = -logp.gather(1, batch.labels[:, None]).squeeze(1)
+            # the KL prompts' own target rows are scored too (a few tokens) and left out here
+            nll = per_sequence_mean(tok_nll, batch)[: n * t_count].view(n, t_count).mean(1)
             kl_logp = torch.log_softmax(
                 arch.head(model, final[kl_rows, batch.prompt_last[kl_rows]]).float(), -1
             )
