@@ -243,16 +243,23 @@ def read_prompts(path: str) -> list[str]:
     type=click.Path(exists=True),
     help="Merge finished runs into one table (repeatable); writes --out if given.",
 )
+@click.option(
+    "--common",
+    is_flag=True,
+    help="With --compare: aggregate every row over the cases all compared rows hold.",
+)
 @click.option("--out", type=click.Path(file_okay=False), help="Run directory.")
 @click.pass_context
 @_user_errors
 def bench(ctx, suite, data, methods, model, mode, batch_size, limit, seed, device, dtype, hparams,
-          resume, keep_flagged, compare_dirs, out):  # fmt: skip
+          resume, keep_flagged, compare_dirs, common, out):  # fmt: skip
     """Benchmark editors on MedCF, MedFE or the built-in set (resumable); or --compare runs."""
     from medit.bench import tables
 
+    if common and not compare_dirs:
+        raise ValueError("--common applies to --compare only")
     if compare_dirs:
-        merged = tables.compare(list(compare_dirs))
+        merged = tables.compare(list(compare_dirs), common=common)
         text = tables.markdown(merged)
         if out:
             from medit.export import atomic_write_text

@@ -212,6 +212,17 @@ def test_tables_and_compare(tmp_path, tiny_model_dir):
     assert set(merged["methods"]) == {"ft-m (steps=2)", "ft-l"}  # overrides name the row
     with pytest.raises(ValueError, match="not a finished benchmark run"):
         tables.compare([tmp_path])
+    # a partial run: --common re-aggregates every row over the cases all rows hold
+    one = run_bench(BenchConfig(out=str(tmp_path / "c"), methods=("ft-l",), limit=1, **common))
+    both = tables.compare([tmp_path / "a", tmp_path / "c"], common=True)
+    assert both["common_cases"] == [0] and "over the 1 cases" in tables.markdown(both)
+    assert {m["n"] for m in both["methods"].values()} == {1}
+    assert both["methods"]["ft-l"] == one["methods"]["ft-l"]
+    first = run_bench(BenchConfig(out=str(tmp_path / "d"), methods=("ft-m",), limit=1,
+                                  hparams={"ft-m": {"steps": 2}}, **common))  # fmt: skip
+    assert both["methods"]["ft-m (steps=2)"]["teacher_forced"] == first["methods"]["ft-m"][
+        "teacher_forced"]  # fmt: skip
+    assert tables.compare([tmp_path / "a", tmp_path / "b"])["methods"]["ft-l"]["n"] == 2
 
 
 def test_builtin_flags_nothing():

@@ -311,23 +311,38 @@ def baseline(lm, requests, ecfg, quiet: bool = False) -> list[dict[str, Any]]:
 
 def finish(out: Path) -> dict[str, Any]:
     """Aggregate ``cases.jsonl`` into results.json, table.md and table.csv."""
+    res = results_of(out)
+    atomic_write_text(out / "results.json", json.dumps(res, indent=2))
+    atomic_write_text(out / "table.md", tables.markdown(res))
+    atomic_write_text(out / "table.csv", tables.csv_text(res))
+    return res
+
+
+def case_indices(out: Path) -> dict[str, set[int]]:
+    """Per method of a run, the indices of its finished cases."""
+    found: dict[str, set[int]] = {}
+    for c in read_cases(Path(out)):
+        found.setdefault(c["method"], set()).add(c["case"])
+    return found
+
+
+def results_of(out: Path, only: set[int] | None = None) -> dict[str, Any]:
+    """A run's results aggregated from its ``cases.jsonl``; ``only``: just these case indices."""
+    out = Path(out)
     bench = json.loads((out / "bench.json").read_text())
     cfg = bench["config"]
     suite = get_suite(cfg["suite"])
     cases = rescore(read_cases(out), suite, cfg, bench["identity"])
     methods = {}
     for method in cfg["methods"]:
-        mine = sorted((c for c in cases if c["method"] == method), key=lambda c: c["case"])
+        mine = sorted((c for c in cases if c["method"] == method
+                       and (only is None or c["case"] in only)), key=lambda c: c["case"])  # fmt: skip
         if mine:
             methods[method] = aggregate_cases(mine, suite.locality_types, cfg["keep_flagged"])
-    res = {"schema": SCHEMA, "suite": cfg["suite"], "mode": cfg["mode"], "model": cfg["model"],
-           "locality_types": list(suite.locality_types), "explanation": suite.explanation,
-           "methods": methods,
-           "provenance": bench["provenance"], "config": cfg}  # fmt: skip
-    atomic_write_text(out / "results.json", json.dumps(res, indent=2))
-    atomic_write_text(out / "table.md", tables.markdown(res))
-    atomic_write_text(out / "table.csv", tables.csv_text(res))
-    return res
+    return {"schema": SCHEMA, "suite": cfg["suite"], "mode": cfg["mode"], "model": cfg["model"],
+            "locality_types": list(suite.locality_types), "explanation": suite.explanation,
+            "methods": methods,
+            "provenance": bench["provenance"], "config": cfg}  # fmt: skip
 
 
 def rescore(cases: list[dict[str, Any]], suite, cfg: dict[str, Any], identity: dict[str, Any]):

@@ -63,6 +63,9 @@ def markdown(res: dict[str, Any]) -> str:
     if excluded:
         out.append("Data-quality flags (affected metrics excluded): "
                    + ", ".join(f"{k}: {v} cases" for k, v in sorted(excluded.items())))  # fmt: skip
+    if res.get("common_cases"):
+        out.append(f"Every row is aggregated over the {len(res['common_cases'])} cases that all "
+                   "compared rows hold.")  # fmt: skip
     if res.get("explanation"):
         out.append("Generation-based Efficacy/Generality: ROUGE-L F1 of the greedy explanation of "
                    "the edit prompt / its paraphrases against the reference explanation; Answer "
@@ -86,15 +89,26 @@ def csv_text(res: dict[str, Any]) -> str:
     return buf.getvalue()
 
 
-def compare(run_dirs: list[str | Path]) -> dict[str, Any]:
+def compare(run_dirs: list[str | Path], common: bool = False) -> dict[str, Any]:
     """Merge several benchmark runs of one suite into one results dict (method labels get the
-    run's mode when it differs between runs)."""
+    run's mode when it differs between runs). ``common``: every row is re-aggregated over the
+    cases that all rows hold, so partial runs compare like for like."""
+    from medit.bench.runner import case_indices, results_of
+
     runs = []
     for d in run_dirs:
         path = Path(d) / "results.json"
         if not path.is_file():
             raise ValueError(f"{d} is not a finished benchmark run (no results.json)")
         runs.append(json.loads(path.read_text()))
+    shared = None
+    if common:
+        for d in run_dirs:
+            for found in case_indices(Path(d)).values():
+                shared = found if shared is None else shared & found
+        if not shared:
+            raise ValueError("the compared runs have no case in common")
+        runs = [results_of(Path(d), shared) for d in run_dirs]
     suites = {r["suite"] for r in runs}
     if len(suites) > 1:
         raise ValueError(f"cannot compare runs of different suites: {', '.join(sorted(suites))}")
@@ -104,6 +118,7 @@ def compare(run_dirs: list[str | Path]) -> dict[str, Any]:
         "methods": {},
         "mode": "/".join(sorted(modes)),
         "compared": [str(d) for d in run_dirs],
+        **({"common_cases": sorted(shared)} if shared is not None else {}),
     }
     for r in runs:
         for label, m in r["methods"].items():
