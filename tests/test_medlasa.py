@@ -8,7 +8,13 @@ import torch
 from medit.arch import get_arch
 from medit.editors._adapters import AdapterBank
 from medit.editors.base import make_editor
-from medit.editors.medlasa import layer_alphas, layer_ranks, module_plan, normalise_profile
+from medit.editors.medlasa import (
+    MedLaSAHParams,
+    layer_alphas,
+    layer_ranks,
+    module_plan,
+    normalise_profile,
+)
 from medit.evaluation import score_targets
 from medit.requests import parse_record
 from medit.routing import ROUTER, prompts_for_rows
@@ -119,6 +125,27 @@ def test_oracle_mode_scales_each_input_by_its_own_trace(tiny_llama):
     alphas = {float(c[0] * rank) for c in coeff.values()}
     assert alphas <= {16.0, 16.0 + 8.0, 24.0, 32.0} | {a for a in alphas if 16 <= a <= 32}
     assert all(c[1] > 0 for c in coeff.values())  # the oracle never switches an adapter off
+
+
+def test_shared_adapter_is_one_pair_scaled_by_each_edits_alphas(tiny_llama):
+    model, tok = tiny_llama
+    arch = get_arch(model)
+    pairs = [(r.prompt, r.target_new) for r in REQS]
+    before = [t.logprob for t in score_targets(model, tok, arch, pairs)]
+    result = _edit(model, tok, adapters="shared", routing="always")
+    first, second = result.adapters
+    assert len(result.diagnostics) == 1  # one training run for the whole call
+    for n in first.A:
+        assert first.A[n] is second.A[n] and first.B[n] is second.B[n]
+        for a in (first, second):
+            alpha, rank = a.info["alpha_rank"][n]
+            assert a.scale[n] == pytest.approx(alpha / rank) and a.A[n].shape[0] == rank
+    after = [t.logprob for t in score_targets(model, tok, arch, pairs)]
+    assert all(x > y + 1.0 for x, y in zip(after, before, strict=True))
+    result.restore()
+    assert [t.logprob for t in score_targets(model, tok, arch, pairs)] == before
+    with pytest.raises(ValueError, match="rank_mode=average"):
+        MedLaSAHParams(adapters="shared", rank_mode="knowledge")
 
 
 def test_exported_peft_adapter_reproduces_the_edit(tiny_llama, tmp_path):

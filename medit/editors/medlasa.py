@@ -78,6 +78,11 @@ class MedLaSAHParams(HParams):
     early_stop_loss: float = hp(0.0, "stop once the target loss is below this; 0: never")
     normalisation: str = hp("minmax", "'minmax' (the paper's code) or 'meanstd' of the profile")
     rank_mode: str = hp("average", "'average' over the edits of one call or 'knowledge' (own)")
+    adapters: str = hp(
+        "per_edit",
+        "'per_edit': one adapter per edit; 'shared': one adapter "
+        "trained on all edits of a call, each edit's rows scaled by its own alphas",
+    )
     routing: str = hp("nearest", "adapter scale at inference: 'nearest', 'oracle' or 'always'")
     route_depth: float = hp(0.28, "relative depth of the layer representing a prompt for routing")
     gate_on: float = hp(0.75, "similarity to an edit's key from which its adapter is fully on")
@@ -106,6 +111,10 @@ class MedLaSAHParams(HParams):
             )
         if self.rank_mode not in ("average", "knowledge"):
             raise ValueError(f"rank_mode must be 'average' or 'knowledge', not {self.rank_mode!r}")
+        if self.adapters not in ("per_edit", "shared"):
+            raise ValueError(f"adapters must be 'per_edit' or 'shared', not {self.adapters!r}")
+        if self.adapters == "shared" and self.rank_mode != "average":
+            raise ValueError("adapters=shared needs rank_mode=average (one rank per module)")
         if self.routing not in ROUTING_MODES:
             raise ValueError(f"routing must be one of {', '.join(ROUTING_MODES)}")
         if self.trace_answer not in ("ground_truth", "predicted"):
@@ -171,26 +180,42 @@ def module_plan(arch: ArchSpec, n_layers: int, targets, scores: dict[str, list[f
 def train_adapter(model: Any, tok: Any, arch: ArchSpec, req: EditRequest,
                   plan: dict[str, tuple[float, int]], hp: MedLaSAHParams) -> tuple[Adapter, dict]:  # fmt: skip
     """One LoRA adapter trained on one request with fixed per-module scales alpha/r."""
+    adapters, diag = train_adapters(model, tok, arch, [req], [plan], hp)
+    return adapters[0], diag
+
+
+def train_adapters(model: Any, tok: Any, arch: ArchSpec, reqs: Sequence[EditRequest],
+                   plans: Sequence[dict[str, tuple[float, int]]], hp: MedLaSAHParams,
+                   ) -> tuple[list[Adapter], dict]:  # fmt: skip
+    """One LoRA adapter (A, B per module) trained on all ``reqs`` together, each request's row
+    scaled by its own alpha/r (``plans[i]``; the ranks must agree). Returns one
+    :class:`Adapter` per request, all holding the same A and B with their own scales."""
     ref = arch.embedding(model).weight
-    A, B, scale, handles = {}, {}, {}, []
-    # the initialisation depends on the request and the global seed only, not on how many edits
-    # came before: a resumed sequential run trains exactly what an uninterrupted one does
-    blob = f"{torch.initial_seed()}|{req.prompt}|{req.target_new}".encode()
-    gen = torch.Generator().manual_seed(int(hashlib.sha256(blob).hexdigest()[:15], 16))
-    for name, (alpha, r) in plan.items():
+    ranks = {name: r for name, (_, r) in plans[0].items()}
+    if any({n: r for n, (_, r) in p.items()} != ranks for p in plans):
+        raise ValueError("a shared adapter needs the same ranks for every request")
+    A, B, handles = {}, {}, []
+    scales = [{n: alpha / r for n, (alpha, r) in p.items()} for p in plans]
+    coeff = {n: torch.tensor([s[n] for s in scales], device=ref.device).view(-1, 1, 1)
+             for n in ranks}  # fmt: skip
+    # the initialisation depends on the requests and the global seed only, not on how many
+    # edits came before: a resumed sequential run trains exactly what an uninterrupted one does
+    blob = f"{torch.initial_seed()}|" + "|".join(f"{q.prompt}|{q.target_new}" for q in reqs)
+    gen = torch.Generator().manual_seed(int(hashlib.sha256(blob.encode()).hexdigest()[:15], 16))
+    for name, r in ranks.items():
         module = get_module(model, name)
         n_in, n_out = linear_dims(module, arch.conv1d)
         A[name], B[name] = lora_init(r, n_in, n_out, ref.device, torch.float32, gen)
         A[name].requires_grad_(True)
         B[name].requires_grad_(True)
-        scale[name] = alpha / r
 
         def hook(_m, args, out, n=name):
-            delta = (args[0].float() @ A[n].T) @ B[n].T * scale[n]
+            delta = (args[0].float() @ A[n].T) @ B[n].T * coeff[n]
             return out + delta.to(out.dtype)
 
         handles.append(module.register_forward_hook(hook))
-    batch = teacher_batch(tok, [req.prompt], [req.target_new]).to(ref.device)
+    batch = teacher_batch(tok, [q.prompt for q in reqs], [q.target_new for q in reqs])
+    batch = batch.to(ref.device)
     opt = torch.optim.Adam([*A.values(), *B.values()], lr=hp.lr)
     losses, t0 = [], time.perf_counter()
     try:
@@ -206,12 +231,13 @@ def train_adapter(model: Any, tok: Any, arch: ArchSpec, req: EditRequest,
     finally:
         for h in handles:
             h.remove()
-    adapter = Adapter(request_id=req.id, prompt=req.prompt, subject=req.subject or "",
-                      A={n: a.detach() for n, a in A.items()},
-                      B={n: b.detach() for n, b in B.items()}, scale=scale)  # fmt: skip
-    diag = {"requests": [req.id], "losses": losses, "steps": len(losses),
+    A = {n: a.detach() for n, a in A.items()}
+    B = {n: b.detach() for n, b in B.items()}
+    adapters = [Adapter(request_id=q.id, prompt=q.prompt, subject=q.subject or "", A=A, B=B,
+                        scale=s) for q, s in zip(reqs, scales, strict=True)]  # fmt: skip
+    diag = {"requests": [q.id for q in reqs], "losses": losses, "steps": len(losses),
             "train_seconds": time.perf_counter() - t0}  # fmt: skip
-    return adapter, diag
+    return adapters, diag
 
 
 # -- the editor ----------------------------------------------------------------------------------
@@ -232,18 +258,21 @@ class MedLaSA(Editor):
             profiles = [self._scores(model, tok, arch, r, hp) for r in requests]
             average = {k: torch.tensor([p[k] for p in profiles]).mean(0).tolist()
                        for k in ("attn", "mlp")}  # fmt: skip
-            adapters, diags = [], []
-            for req, scores in zip(requests, profiles, strict=True):
-                rank_scores = scores if hp.rank_mode == "knowledge" else average
-                plan = module_plan(arch, n_layers, arch.resolve_kinds(hp.targets), scores,
-                                   rank_scores, hp)  # fmt: skip
-                adapter, diag = train_adapter(model, tok, arch, req, plan, hp)
+            plans = [module_plan(arch, n_layers, arch.resolve_kinds(hp.targets), scores,
+                                 scores if hp.rank_mode == "knowledge" else average, hp)
+                     for scores in profiles]  # fmt: skip
+            if hp.adapters == "shared":
+                adapters, diag = train_adapters(model, tok, arch, requests, plans, hp)
+                diags = [diag]
+            else:
+                trained = [train_adapter(model, tok, arch, req, plan, hp)
+                           for req, plan in zip(requests, plans, strict=True)]  # fmt: skip
+                adapters, diags = [a for a, _ in trained], [d for _, d in trained]
+            for adapter, scores, plan in zip(adapters, profiles, plans, strict=True):
                 adapter.info = {
                     "scores": scores,
                     "alpha_rank": {n: list(v) for n, v in plan.items()},
                 }
-                adapters.append(adapter)
-                diags.append(diag)
         finally:
             bank.enabled = was
         bank.add(*adapters)
