@@ -9,7 +9,6 @@ from medit.arch import get_arch
 from medit.editors._adapters import AdapterBank
 from medit.editors.base import make_editor
 from medit.editors.medlasa import (
-    MedLaSAHParams,
     layer_alphas,
     layer_ranks,
     module_plan,
@@ -127,25 +126,42 @@ def test_oracle_mode_scales_each_input_by_its_own_trace(tiny_llama):
     assert all(c[1] > 0 for c in coeff.values())  # the oracle never switches an adapter off
 
 
-def test_shared_adapter_is_one_pair_scaled_by_each_edits_alphas(tiny_llama):
+def test_shared_adapter_is_one_pair_scaled_and_masked_per_edit(tiny_llama, tmp_path):
+    from medit.editors.adapter_result import load_adapter_artifact
+
     model, tok = tiny_llama
     arch = get_arch(model)
     pairs = [(r.prompt, r.target_new) for r in REQS]
     before = [t.logprob for t in score_targets(model, tok, arch, pairs)]
-    result = _edit(model, tok, adapters="shared", routing="always")
+    profiles = ([0.0, 1.0, 0.5, 0.25], [1.0, 0.0, 0.0, 0.5])  # hand-made: the ranks differ
+    doc = {"provenance": {"model": {"weights_sha256": model.medit_weights_sha256}},
+           "traces": [{"prompt": r.prompt, "subject": r.subject, "profile": {"mlp": p, "attn": p}}
+                      for r, p in zip(REQS, profiles, strict=True)]}  # fmt: skip
+    (tmp_path / "traces.json").write_text(json.dumps(doc))
+    result = _edit(model, tok, adapters="shared", routing="always", rank_mode="knowledge",
+                   traces=str(tmp_path / "traces.json"))  # fmt: skip
     first, second = result.adapters
     assert len(result.diagnostics) == 1  # one training run for the whole call
+    ranks_differ = False
     for n in first.A:
-        assert first.A[n] is second.A[n] and first.B[n] is second.B[n]
-        for a in (first, second):
+        for x, y in ((first.A[n], second.A[n]), (first.B[n], second.B[n])):
+            assert x.untyped_storage().data_ptr() == y.untyped_storage().data_ptr()
+        for a in (first, second):  # own alpha/r, own rank: a view of the first r_i dimensions
             alpha, rank = a.info["alpha_rank"][n]
             assert a.scale[n] == pytest.approx(alpha / rank) and a.A[n].shape[0] == rank
+            assert a.B[n].shape[1] == rank
+        ranks_differ |= first.A[n].shape[0] != second.A[n].shape[0]
+    assert ranks_differ  # rank_mode=knowledge: the mask is exercised
     after = [t.logprob for t in score_targets(model, tok, arch, pairs)]
     assert all(x > y + 1.0 for x, y in zip(after, before, strict=True))
+    edited, _ = _logits(model, tok, [r.prompt for r in REQS])
+    result.export(tmp_path / "run")  # views of shared tensors are saved as copies
     result.restore()
     assert [t.logprob for t in score_targets(model, tok, arch, pairs)] == before
-    with pytest.raises(ValueError, match="rank_mode=average"):
-        MedLaSAHParams(adapters="shared", rank_mode="knowledge")
+    loaded = load_adapter_artifact(model, tok, tmp_path / "run")
+    again, _ = _logits(model, tok, [r.prompt for r in REQS])
+    torch.testing.assert_close(again, edited)
+    loaded.restore()
 
 
 def test_exported_peft_adapter_reproduces_the_edit(tiny_llama, tmp_path):

@@ -129,9 +129,9 @@ def write_adapters(directory: Path, result: AdapterEditResult, **provenance: Any
     bank = result.bank
     tensors: dict[str, torch.Tensor] = {}
     for i, a in enumerate(result.adapters):
-        for m in a.A:
-            tensors[f"{i}::{m}::A"] = a.A[m].detach().contiguous().cpu()
-            tensors[f"{i}::{m}::B"] = a.B[m].detach().contiguous().cpu()
+        for m in a.A:  # copies: adapters=shared holds views of one tensor per module
+            tensors[f"{i}::{m}::A"] = a.A[m].detach().cpu().clone()
+            tensors[f"{i}::{m}::B"] = a.B[m].detach().cpu().clone()
         if a.key is not None:
             tensors[f"{i}::key"] = a.key.detach().contiguous().cpu()
     if bank._center is not None:

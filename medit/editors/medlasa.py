@@ -113,8 +113,6 @@ class MedLaSAHParams(HParams):
             raise ValueError(f"rank_mode must be 'average' or 'knowledge', not {self.rank_mode!r}")
         if self.adapters not in ("per_edit", "shared"):
             raise ValueError(f"adapters must be 'per_edit' or 'shared', not {self.adapters!r}")
-        if self.adapters == "shared" and self.rank_mode != "average":
-            raise ValueError("adapters=shared needs rank_mode=average (one rank per module)")
         if self.routing not in ROUTING_MODES:
             raise ValueError(f"routing must be one of {', '.join(ROUTING_MODES)}")
         if self.trace_answer not in ("ground_truth", "predicted"):
@@ -187,17 +185,20 @@ def train_adapter(model: Any, tok: Any, arch: ArchSpec, req: EditRequest,
 def train_adapters(model: Any, tok: Any, arch: ArchSpec, reqs: Sequence[EditRequest],
                    plans: Sequence[dict[str, tuple[float, int]]], hp: MedLaSAHParams,
                    ) -> tuple[list[Adapter], dict]:  # fmt: skip
-    """One LoRA adapter (A, B per module) trained on all ``reqs`` together, each request's row
-    scaled by its own alpha/r (``plans[i]``; the ranks must agree). Returns one
-    :class:`Adapter` per request, all holding the same A and B with their own scales."""
+    """One LoRA adapter (A, B per module) trained on all ``reqs`` together. Request i's rows are
+    scaled by its own alpha/r (``plans[i]``) and use only the first r_i of the module's rank
+    dimensions (the maximum over the plans; the paper's per-knowledge rank as a mask). Returns
+    one :class:`Adapter` per request, each holding views of the shared A and B cut to its rank,
+    with its own scales."""
     ref = arch.embedding(model).weight
-    ranks = {name: r for name, (_, r) in plans[0].items()}
-    if any({n: r for n, (_, r) in p.items()} != ranks for p in plans):
-        raise ValueError("a shared adapter needs the same ranks for every request")
+    ranks = {name: max(p[name][1] for p in plans) for name in plans[0]}
     A, B, handles = {}, {}, []
     scales = [{n: alpha / r for n, (alpha, r) in p.items()} for p in plans]
     coeff = {n: torch.tensor([s[n] for s in scales], device=ref.device).view(-1, 1, 1)
              for n in ranks}  # fmt: skip
+    mask = {n: (torch.arange(r, device=ref.device) < torch.tensor(
+                [p[n][1] for p in plans], device=ref.device)[:, None]).float()[:, None, :]
+            for n, r in ranks.items()}  # fmt: skip
     # the initialisation depends on the requests and the global seed only, not on how many
     # edits came before: a resumed sequential run trains exactly what an uninterrupted one does
     blob = f"{torch.initial_seed()}|" + "|".join(f"{q.prompt}|{q.target_new}" for q in reqs)
@@ -210,7 +211,7 @@ def train_adapters(model: Any, tok: Any, arch: ArchSpec, reqs: Sequence[EditRequ
         B[name].requires_grad_(True)
 
         def hook(_m, args, out, n=name):
-            delta = (args[0].float() @ A[n].T) @ B[n].T * coeff[n]
+            delta = ((args[0].float() @ A[n].T) * mask[n]) @ B[n].T * coeff[n]
             return out + delta.to(out.dtype)
 
         handles.append(module.register_forward_hook(hook))
@@ -233,8 +234,10 @@ def train_adapters(model: Any, tok: Any, arch: ArchSpec, reqs: Sequence[EditRequ
             h.remove()
     A = {n: a.detach() for n, a in A.items()}
     B = {n: b.detach() for n, b in B.items()}
-    adapters = [Adapter(request_id=q.id, prompt=q.prompt, subject=q.subject or "", A=A, B=B,
-                        scale=s) for q, s in zip(reqs, scales, strict=True)]  # fmt: skip
+    adapters = [Adapter(request_id=q.id, prompt=q.prompt, subject=q.subject or "",
+                        A={n: a[: p[n][1]] for n, a in A.items()},
+                        B={n: b[:, : p[n][1]] for n, b in B.items()}, scale=s)
+                for q, p, s in zip(reqs, plans, scales, strict=True)]  # fmt: skip
     diag = {"requests": [q.id for q in reqs], "losses": losses, "steps": len(losses),
             "train_seconds": time.perf_counter() - t0}  # fmt: skip
     return adapters, diag
