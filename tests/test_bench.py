@@ -5,7 +5,14 @@ import torch
 
 from medit.bench import runner as bench_runner
 from medit.bench import tables
-from medit.bench.metrics import aggregate_cases, case_metrics, quality_flags, rouge_l
+from medit.bench.metrics import (
+    aggregate_cases,
+    case_metrics,
+    edit_groups,
+    other_edit_flags,
+    quality_flags,
+    rouge_l,
+)
 from medit.bench.runner import BenchConfig, read_cases, run_bench
 from medit.bench.suites import get_suite
 from medit.requests import RequestError, parse_record
@@ -223,6 +230,32 @@ def test_tables_and_compare(tmp_path, tiny_model_dir):
     assert both["methods"]["ft-m (steps=2)"]["teacher_forced"] == first["methods"]["ft-m"][
         "teacher_forced"]  # fmt: skip
     assert tables.compare([tmp_path / "a", tmp_path / "b"])["methods"]["ft-l"]["n"] == 2
+
+
+def test_probes_asking_another_edits_question_are_flagged_in_multi_edit_modes():
+    def case(i, prompt, probe):
+        return parse_record({"prompt": prompt, "target_new": "x", "subject": "s",
+                             "locality_struc_prompt": probe,
+                             "locality_struc_ground_truth": "y"}, "t.json", i)  # fmt: skip
+
+    reqs = [case(0, "Which drug interacts with A?", "Which drug interacts with B ?"),
+            case(1, "Which drug interacts with B?", "Which drug interacts with C?"),
+            case(2, "Which drug interacts with C?", "Which drug interacts with D?")]  # fmt: skip
+    assert edit_groups(3, "single", 8) == [[0], [1], [2]]
+    assert edit_groups(3, "batch", 2) == [[0, 1], [2]]
+    assert edit_groups(3, "sequential", 2) == [[0, 1, 2]]
+    flag = {"locality_prompt_is_other_edit:struc": ["tf.locality.struc", "gen.locality.struc"]}
+    assert other_edit_flags(reqs, edit_groups(3, "single", 8)) == [{}, {}, {}]
+    # batch [0, 1], [2]: case 0's probe is case 1's question (normalised); case 1's probe asks
+    # case 2's, which is in another batch
+    assert other_edit_flags(reqs, edit_groups(3, "batch", 2)) == [flag, {}, {}]
+    assert other_edit_flags(reqs, edit_groups(3, "sequential", 2)) == [flag, flag, {}]
+
+
+def test_medcf_struc_probes_collide_with_other_edits():
+    reqs = get_suite("medcf").load(str(need_data("MedCF/test.json")), 16)
+    flags = other_edit_flags(reqs, edit_groups(len(reqs), "batch", 16))
+    assert [i for i, f in enumerate(flags) if f] == [3, 4, 14]  # cases 9, 1, 15's questions
 
 
 def test_builtin_flags_nothing():

@@ -38,6 +38,35 @@ def quality_flags(req: EditRequest) -> dict[str, list[str]]:
     return flags
 
 
+def edit_groups(n: int, mode: str, batch_size: int) -> list[list[int]]:
+    """The cases whose edits are on the model together when each is evaluated: alone (single),
+    the batch (batch), every case of the run (sequential: all edits, then all evaluations)."""
+    if mode == "single":
+        return [[i] for i in range(n)]
+    if mode == "batch":
+        return [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
+    return [list(range(n))]
+
+
+def other_edit_flags(requests: Sequence[EditRequest], groups: Sequence[Sequence[int]]):
+    """Per case, ``locality_prompt_is_other_edit:<type>`` where a locality probe asks the
+    question (prompt or paraphrase) of *another* edit on the model at the same time: in batch
+    and sequential editing its answer is supposed to change (MedCF's struc probes are often
+    another case's edit prompt)."""
+    out: list[dict[str, list[str]]] = [{} for _ in requests]
+    for group in groups:
+        asked: dict[str, set[int]] = {}
+        for i in group:
+            for p in (requests[i].prompt, *requests[i].rephrase_prompts):
+                asked.setdefault(normalise(p), set()).add(i)
+        for i in group:
+            for kind, probes in requests[i].locality.items():
+                if any(asked.get(normalise(p), set()) - {i} for p, _ in probes):
+                    out[i][f"locality_prompt_is_other_edit:{kind}"] = [
+                        f"tf.locality.{kind}", f"gen.locality.{kind}"]  # fmt: skip
+    return out
+
+
 # -- explanation quality (MedFE) -----------------------------------------------------------------
 def _words(text: str) -> list[str]:
     return re.findall(r"\w+", text.lower())

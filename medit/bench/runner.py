@@ -31,7 +31,13 @@ from tqdm.auto import tqdm
 
 from medit import results as R
 from medit.bench import tables
-from medit.bench.metrics import aggregate_cases, case_metrics, quality_flags
+from medit.bench.metrics import (
+    aggregate_cases,
+    case_metrics,
+    edit_groups,
+    other_edit_flags,
+    quality_flags,
+)
 from medit.bench.suites import data_sha256, get_suite
 from medit.editors.adapter_result import AdapterEditResult
 from medit.editors.base import EditResult, make_editor
@@ -358,11 +364,13 @@ def rescore(cases: list[dict[str, Any]], suite, cfg: dict[str, Any], identity: d
     except (ValueError, OSError) as exc:
         log.warning("cannot re-read the suite's data (%s); aggregating the stored metrics", exc)
         return cases
+    groups = edit_groups(len(requests), cfg.get("mode", "single"), cfg.get("batch_size", 1))
+    others = other_edit_flags(requests, groups)
     out = []
     for c in cases:
         if "post" in c and c["case"] < len(requests):
             req = requests[c["case"]]
-            c = {**c, "flags": quality_flags(req),
+            c = {**c, "flags": {**quality_flags(req), **others[c["case"]]},
                  "metrics": case_metrics(req, c["post"], suite.explanation)}  # fmt: skip
         out.append(c)
     return out
