@@ -6,11 +6,14 @@
   EntityRuler over ``medit/data/medical_terms.txt``, case-insensitive); where an English spaCy
   pipeline with a parser is installed, the grammatical subject's noun chunk otherwise. With
   neither, a clear error asks for an explicit subject.
+* :func:`template_subject` — the subject of a prompt that shares a template with a prompt whose
+  subject is known (rare drug names no term list holds).
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from importlib import resources
 from typing import Any
 
@@ -114,6 +117,24 @@ def detect_subject(prompt: str, nlp: Any = None) -> str:
             + "); give the request a 'subject'"
         )
     return found
+
+
+def template_subject(prompt: str, known: Sequence[tuple[str, str]]) -> str | None:
+    """The subject of ``prompt`` read off a known (prompt, subject) pair with the same template:
+    where ``prompt`` starts with the text before the known subject and ends with the text after
+    it, the middle is its subject ("... interaction with Bufotenine?" against "... interaction
+    with Axelopran?"). None when no pair matches. Finds the rare names a term list lacks."""
+    for known_prompt, subject in known:
+        if not subject or subject not in known_prompt:
+            continue
+        start = known_prompt.index(subject)
+        before, after = known_prompt[:start], known_prompt[start + len(subject) :]
+        if (before or after) and len(prompt) > len(before) + len(after):
+            if prompt.startswith(before) and prompt.endswith(after):
+                middle = prompt[len(before) : len(prompt) - len(after)].strip()
+                if middle:
+                    return middle
+    return None
 
 
 def parsed_subject(doc: Any) -> str | None:

@@ -2,6 +2,7 @@ import pytest
 
 from medit import subject as S
 from medit.requests import load_requests
+from medit.subject import template_subject
 
 spacy = pytest.importorskip("spacy")
 
@@ -129,3 +130,16 @@ def test_a_repeated_subject_is_located_once_at_its_first_occurrence(tokenizer):
     ids = tokenizer(prompt).input_ids
     assert tokenizer.decode(ids[start:end]).strip() == "Aspirin"
     assert tokenizer.decode(ids[:start]) == ""  # the first occurrence, not a later one
+
+
+def test_template_subject_reads_rare_names_off_a_known_prompt():
+    known = [("Which drug is involved in a drug-drug interaction with Axelopran?", "Axelopran"),
+             ("Aspirin is used to treat", "Aspirin")]  # fmt: skip
+    ask = "Which drug is involved in a drug-drug interaction with LY-2456302?"
+    assert template_subject(ask, known) == "LY-2456302"
+    assert template_subject("Bufotenine is used to treat", known) == "Bufotenine"
+    assert template_subject("What drug does Cyclandelate resemble?", known) is None
+    assert (
+        template_subject("Which drug is involved in a drug-drug interaction with?", known) is None
+    )
+    assert template_subject(ask, [("no subject here", "")]) is None

@@ -50,6 +50,7 @@ from medit.editors.base import Capabilities, Editor, HParams, hp
 from medit.editors.ft import _trainable
 from medit.forward import target_nll
 from medit.requests import EditRequest
+from medit.subject import template_subject
 from medit.text import teacher_batch
 
 ATTN_KINDS = ("q", "k", "v", "o", "qkv", "attn_out")
@@ -255,7 +256,8 @@ class MedLaSA(Editor):
         n_layers = arch.n_layers(model)
         bank = AdapterBank.of(model, tok, arch, hp.routing_config(),
                               oracle_scales=lambda p: self._oracle_alphas(
-                                  model, tok, arch, p, hp, [a.subject for a in bank.adapters]))  # fmt: skip
+                                  model, tok, arch, p, hp,
+                                  [(a.prompt, a.subject) for a in bank.adapters]))  # fmt: skip
         was, bank.enabled = bank.enabled, False  # trace and train on the base model
         try:
             profiles = [self._scores(model, tok, arch, r, hp) for r in requests]
@@ -297,14 +299,17 @@ class MedLaSA(Editor):
         return {k: normalise_profile(profile[k], hp.normalisation) for k in ("attn", "mlp")}
 
     def _oracle_alphas(self, model, tok, arch, prompt: str, hp: MedLaSAHParams,
-                       subjects: Sequence[str] = ()) -> dict[str, float]:  # fmt: skip
+                       edits: Sequence[tuple[str, str]] = ()) -> dict[str, float]:  # fmt: skip
         """The paper's inference scales: the prompt's own trace -> alpha per module. The subject
-        corrupted is an edited subject the prompt mentions, else a detected one."""
+        corrupted is an edited subject the prompt mentions, else the one its template shares
+        with an edit prompt (``edits``: (prompt, subject) pairs), else a detected one."""
         low = prompt.lower()
-        subject = next((s for s in subjects if s and s.lower() in low), None)
+        subject = next((s for _, s in edits if s and s.lower() in low), None)
         if subject is not None:
             start = low.index(subject.lower())
             subject = prompt[start : start + len(subject)]
+        else:
+            subject = template_subject(prompt, edits)
         profile = _profile(model, tok, arch, prompt, subject, None, hp)
         scores = {k: normalise_profile(profile[k], hp.normalisation) for k in ("attn", "mlp")}
         out = {}
