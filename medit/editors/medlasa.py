@@ -197,9 +197,10 @@ def train_adapters(model: Any, tok: Any, arch: ArchSpec, reqs: Sequence[EditRequ
     scales = [{n: alpha / r for n, (alpha, r) in p.items()} for p in plans]
     coeff = {n: torch.tensor([s[n] for s in scales], device=ref.device).view(-1, 1, 1)
              for n in ranks}  # fmt: skip
-    mask = {n: (torch.arange(r, device=ref.device) < torch.tensor(
-                [p[n][1] for p in plans], device=ref.device)[:, None]).float()[:, None, :]
-            for n, r in ranks.items()}  # fmt: skip
+    # rank dimensions beyond r_i masked per row; only where some edit's rank is below the maximum
+    own = {n: torch.tensor([p[n][1] for p in plans], device=ref.device) for n in ranks}
+    mask = {n: (torch.arange(r, device=ref.device) < own[n][:, None]).float()[:, None, :]
+            for n, r in ranks.items() if bool((own[n] < r).any())}  # fmt: skip
     # the initialisation depends on the requests and the global seed only, not on how many
     # edits came before: a resumed sequential run trains exactly what an uninterrupted one does
     blob = f"{torch.initial_seed()}|" + "|".join(f"{q.prompt}|{q.target_new}" for q in reqs)
@@ -212,8 +213,10 @@ def train_adapters(model: Any, tok: Any, arch: ArchSpec, reqs: Sequence[EditRequ
         B[name].requires_grad_(True)
 
         def hook(_m, args, out, n=name):
-            delta = ((args[0].float() @ A[n].T) * mask[n]) @ B[n].T * coeff[n]
-            return out + delta.to(out.dtype)
+            low = args[0].float() @ A[n].T
+            if n in mask:
+                low = low * mask[n]
+            return out + (low @ B[n].T * coeff[n]).to(out.dtype)
 
         handles.append(module.register_forward_hook(hook))
     batch = teacher_batch(tok, [q.prompt for q in reqs], [q.target_new for q in reqs])
