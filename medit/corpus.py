@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from medit.export import atomic_write_text
+from medit.fs import atomic_write_text
 from medit.models import cache_dir
 from medit.text import left_padded
 

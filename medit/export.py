@@ -9,18 +9,18 @@ artifact can never be applied to the wrong model; reverting writes the originals
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+from medit.fs import atomic_dir, atomic_file, atomic_write_text, check_writable
+
+__all__ = ["atomic_dir", "atomic_write_text", "check_writable"]  # re-exported for callers
 
 FORMAT = "medit.artifact"
 ARTIFACT_DIR = "artifact"
@@ -28,49 +28,6 @@ ARTIFACT_FILE = "edit.safetensors"
 DELTA_FILE = "medit-delta.safetensors"
 #: attribute of an edited model holding editor state that later edits read (AlphaEdit's keys)
 STATE = "medit_state"
-
-
-# -- atomic writes -------------------------------------------------------------------------------
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a file under a temporary name, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-@contextlib.contextmanager
-def atomic_dir(target: str | Path):
-    """Yield a temporary directory that replaces ``target`` only if the block succeeds."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    os.chmod(tmp, 0o777 & ~_umask())
-    try:
-        yield tmp
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # -- weights artifacts ---------------------------------------------------------------------------
@@ -101,16 +58,15 @@ def write_delta_file(
     if state:
         manifest["state"] = sorted(state)
         tensors |= {f"state::{n}": t.detach().contiguous().cpu().clone() for n, t in state.items()}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={"medit_manifest": json.dumps(manifest)})
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"medit_manifest": json.dumps(manifest)})
     return manifest
 
 
 def write_weights_artifact(directory: str | Path, **kwargs: Any) -> Path:
     """Write ``directory/artifact/{edit.safetensors,manifest.json}`` atomically."""
     target = Path(directory) / ARTIFACT_DIR
-    with atomic_dir(target) as tmp:
+    with atomic_dir(target, "artifact") as tmp:
         manifest = write_delta_file(tmp / ARTIFACT_FILE, **kwargs)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return target
@@ -141,16 +97,26 @@ def read_state(path: str | Path) -> dict[str, torch.Tensor]:
     return _read_parts(path)[1]["state"]
 
 
+def open_safetensors(file: str | Path):
+    """``safe_open`` with a user error naming the file when it is not a safetensors file."""
+    try:
+        return safe_open(str(file), framework="pt")
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"{file} is not a readable safetensors edit artifact ({exc})") from None
+
+
 def _read_parts(path: str | Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
     file = find_artifact(path)
     parts: dict[str, dict[str, torch.Tensor]] = {"edited": {}, "original": {}, "state": {}}
-    with safe_open(str(file), framework="pt") as f:
+    with open_safetensors(file) as f:
         meta = f.metadata() or {}
         if "medit_manifest" not in meta:
             raise ValueError(f"{file} is not a medit edit artifact (no manifest)")
         manifest = json.loads(meta["medit_manifest"])
         for key in f.keys():
-            part, name = key.split("::", 1)
+            part, _, name = key.partition("::")
+            if part not in parts or not name:
+                raise ValueError(f"{file}: unexpected tensor {key!r}; not a medit weights artifact")
             parts[part][name] = f.get_tensor(key)
     if manifest.get("format") != FORMAT:
         raise ValueError(f"{file}: unknown artifact format {manifest.get('format')!r}")
@@ -171,10 +137,17 @@ def apply_artifact(model: torch.nn.Module, path: str | Path, revert: bool = Fals
         if name not in params:
             raise ValueError(f"artifact tensor {name!r} does not exist in this model")
         p = params[name]
-        if p.shape != value.shape or p.dtype != value.dtype:
+        if p.shape != value.shape:
             raise ValueError(
-                f"artifact tensor {name!r} is {value.dtype} {tuple(value.shape)}, the model's is "
-                f"{p.dtype} {tuple(p.shape)}: load the base model with the dtype of the edit"
+                f"artifact tensor {name!r} has shape {tuple(value.shape)}, the model's has "
+                f"{tuple(p.shape)}: this artifact was made for another model "
+                f"({manifest.get('base_model', '?')})"
+            )
+        if p.dtype != value.dtype:
+            dtype = str(value.dtype).removeprefix("torch.")
+            raise ValueError(
+                f"artifact tensor {name!r} is {dtype}, the model's is "
+                f"{str(p.dtype).removeprefix('torch.')}: load the base model with --dtype {dtype}"
             )
         if not torch.equal(p.detach().cpu(), value):
             state = "edited" if revert else "base"
@@ -203,15 +176,22 @@ def load_edit(model: torch.nn.Module, tok: Any, path: str | Path) -> dict:
     return apply_artifact(model, path)
 
 
-def save_edited_model(model: Any, tok: Any, directory: str | Path, delta: dict | None) -> Path:
-    """Save a loadable HF directory (safetensors) plus ``medit-delta.safetensors`` of the edit.
+def write_model_dir(model: Any, tok: Any, directory: str | Path, delta: dict | None) -> None:
+    """Write a loadable HF directory (safetensors) plus ``medit-delta.safetensors`` of the edit
+    into ``directory`` (a temporary directory of the caller's :func:`~medit.fs.atomic_dir`).
 
     ``delta``: keyword arguments of :func:`write_delta_file` (method, hparams, edited, originals).
     """
+    directory = Path(directory)
+    model.save_pretrained(directory, safe_serialization=True)
+    tok.save_pretrained(directory)
+    if delta is not None:
+        write_delta_file(directory / DELTA_FILE, **delta)
+
+
+def save_edited_model(model: Any, tok: Any, directory: str | Path, delta: dict | None) -> Path:
+    """:func:`write_model_dir` into ``directory``, atomically (a medit ``model`` directory)."""
     target = Path(directory)
-    with atomic_dir(target) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        if delta is not None:
-            write_delta_file(tmp / DELTA_FILE, **delta)
+    with atomic_dir(target, "model") as tmp:
+        write_model_dir(model, tok, tmp, delta)
     return target

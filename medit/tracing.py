@@ -45,7 +45,7 @@ import torch
 from tqdm.auto import tqdm
 
 from medit.arch import ArchSpec
-from medit.export import atomic_write_text
+from medit.fs import atomic_write_text
 from medit.hooks import (
     add_rows,
     edited_outputs,

@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 from typing import Any
 
 from medit import results as R
-from medit.export import atomic_dir, atomic_write_text
+from medit.fs import atomic_dir, atomic_write_text, check_out
 from medit.heatmap import trace_svg
 from medit.models import load_model
 from medit.requests import EditRequest, load_requests
@@ -47,9 +46,7 @@ class TraceRunConfig:
 def run_trace(cfg: TraceRunConfig) -> dict[str, Any]:
     """Trace the requests' prompts; write ``traces.json`` and the heatmaps; return the JSON."""
 
-    out = Path(cfg.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not cfg.overwrite:
-        raise ValueError(f"--out {out} exists and is not an empty directory (pass --overwrite)")
+    out = check_out(cfg.out, cfg.overwrite, "trace-run")
     if cfg.limit is not None and cfg.limit < 1:
         raise ValueError("--limit must be >= 1")
     if cfg.prompt is not None:
@@ -79,7 +76,7 @@ def run_trace(cfg: TraceRunConfig) -> dict[str, Any]:
         "association_profile": association_profile(traces),
         "traces": items,
     }
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, "trace-run") as tmp:
         for item, t in zip(items, traces, strict=True):
             atomic_write_text(tmp / item["svg"], trace_svg(t))
         atomic_write_text(tmp / TRACES_FILE, json.dumps(doc, indent=1, ensure_ascii=False))

@@ -24,7 +24,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -36,6 +35,7 @@ from medit.arch import ArchSpec, get_module
 from medit.corpus import Corpus, sample_continuations
 from medit.editors.ft import _trainable
 from medit.forward import per_sequence_mean
+from medit.fs import atomic_file, atomic_write_text
 from medit.hooks import capture_input, capture_inputs, edited_outputs, frozen_prefix, record
 from medit.models import cache_dir
 from medit.requests import EditRequest
@@ -65,8 +65,6 @@ def context_templates(
     else:
         out = ["{}"] + _sample_prefixes(model, tok, lengths, count, seed)
         if path is not None:
-            from medit.export import atomic_write_text
-
             atomic_write_text(path, json.dumps(out))
     if sha:
         _MEMORY[key] = out
@@ -331,10 +329,8 @@ def _load_cov(key: str):
 
 def _save_cov(key: str, total: torch.Tensor, count: int) -> None:
     path = cache_dir() / "covariance" / f"{key}.safetensors"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({"sum": total.contiguous(), "count": torch.tensor([count])}, str(tmp))
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        save_file({"sum": total.contiguous(), "count": torch.tensor([count])}, str(tmp))
     _MEMORY[key] = (total, count)
 
 

@@ -16,19 +16,18 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from medit.editors._adapters import Adapter, AdapterBank, RoutingConfig
 from medit.editors.base import EditResult, HParams
-from medit.export import ARTIFACT_DIR, FORMAT, atomic_dir
+from medit.export import ARTIFACT_DIR, FORMAT, atomic_dir, open_safetensors
+from medit.fs import atomic_file
 
 ADAPTERS_FILE = "adapters.safetensors"
 
@@ -117,7 +116,7 @@ class AdapterEditResult(EditResult):
     def export(self, directory: str | Path, peft: bool = True, **provenance: Any) -> Path:
         """The artifact; ``peft=False`` leaves out the PEFT directories (checkpoints)."""
         target = Path(directory) / ARTIFACT_DIR
-        with atomic_dir(target) as tmp:
+        with atomic_dir(target, "artifact") as tmp:
             write_adapters(tmp, self, **provenance)
             for i, a in enumerate(self.adapters if peft else []):
                 write_peft_adapter(tmp / "peft" / f"edit-{i}", a.A, a.B, a.scale,
@@ -147,9 +146,8 @@ def write_adapters(directory: Path, result: AdapterEditResult, **provenance: Any
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **provenance,
     }  # fmt: skip
     path = directory / ADAPTERS_FILE
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={"medit_manifest": json.dumps(manifest)})
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"medit_manifest": json.dumps(manifest)})
     (directory / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest
 
@@ -230,8 +228,11 @@ def load_adapter_artifact(model: Any, tok: Any, path: str | Path) -> AdapterEdit
     file = is_adapter_artifact(path)
     if file is None:
         raise ValueError(f"no adapter artifact at {path}")
-    with safe_open(str(file), framework="pt") as f:
-        manifest = json.loads((f.metadata() or {})["medit_manifest"])
+    with open_safetensors(file) as f:
+        meta = f.metadata() or {}
+        if "medit_manifest" not in meta:
+            raise ValueError(f"{file} is not a medit edit artifact (no manifest)")
+        manifest = json.loads(meta["medit_manifest"])
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     sha = getattr(model, "medit_weights_sha256", None)
     if sha and manifest.get("base_weights_sha256") and sha != manifest["base_weights_sha256"]:
