@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from medit.arch import ArchSpec, get_arch
 from medit.forward import logits_at
@@ -38,6 +39,13 @@ class EvalConfig:
     max_new_tokens: int = 32  #: cap on tokens generated for an answer
     fluency_tokens: int = 48  #: tokens generated from each edit prompt to measure fluency
     generation: bool = True  #: run the generation-based protocol (greedy decoding)
+
+    def __post_init__(self):
+        for name, low in (("batch_size", 1), ("max_new_tokens", 1), ("answer_slack", 0),
+                          ("fluency_tokens", 0)):  # fmt: skip
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"evaluation {name} must be >= {low}, got {value!r}")
 
 
 @dataclasses.dataclass
@@ -59,10 +67,17 @@ def _length_order(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
 
 @torch.inference_mode()
 def score_targets(
-    model: Any, tok: Any, arch: ArchSpec, pairs: Sequence[tuple[str, str]], batch_size: int = 32
+    model: Any,
+    tok: Any,
+    arch: ArchSpec,
+    pairs: Sequence[tuple[str, str]],
+    batch_size: int = 32,
+    bar: Any = None,
 ) -> list[TargetScore]:
-    """Teacher-forced scores of (prompt, target) pairs, batched; logits only at target rows."""
+    """Teacher-forced scores of (prompt, target) pairs, batched; logits only at target rows.
+    ``bar``: a tqdm progress bar advanced by one per pair."""
     device = next(model.parameters()).device
+    _grow(bar, len(pairs))
     lengths = [len(p) + len(t) for p, t in pairs]  # characters: a cheap proxy for tokens
     results: list[TargetScore | None] = [None] * len(pairs)
     for idx in _length_order(lengths, batch_size):
@@ -81,6 +96,8 @@ def score_targets(
                 predicted=argmax[sel].tolist(),
                 logprob=float(label_lp[sel].sum()),
             )
+        if bar is not None:
+            bar.update(len(idx))
     return results  # type: ignore[return-value]
 
 
@@ -174,15 +191,19 @@ def evaluate(
     requests: Sequence[EditRequest],
     config: EvalConfig = EvalConfig(),
     reference: Sequence[dict] | None = None,
+    progress: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Evaluate every request under both protocols; ``reference`` = the pre-edit states."""
+    """Evaluate every request under both protocols; ``reference`` = the pre-edit states.
+    ``progress``: the description of a progress bar on stderr (None: no bar)."""
     was_training = model.training
     model.eval()  # dropout off, always: LoRA scores become random otherwise
+    bar = tqdm(total=0, desc=progress, unit="seq", disable=progress is None, leave=False)
     try:
-        tf = _teacher_forced(model, tok, arch, requests, config)
-        gen = _generation(model, tok, requests, config) if config.generation else None
+        tf = _teacher_forced(model, tok, arch, requests, config, bar)
+        gen = _generation(model, tok, requests, config, bar) if config.generation else None
     finally:
         model.train(was_training)
+        bar.close()
     states = []
     for i, req in enumerate(requests):
         ref = reference[i] if reference is not None else None
@@ -193,7 +214,14 @@ def evaluate(
     return states
 
 
-def _teacher_forced(model, tok, arch, requests, config) -> list[dict[str, Any]]:
+def _grow(bar: Any, n: int) -> None:
+    """Add ``n`` items to a progress bar's total (evaluation counts its work as it goes)."""
+    if bar is not None:
+        bar.total = (bar.total or 0) + n
+        bar.refresh()
+
+
+def _teacher_forced(model, tok, arch, requests, config, bar=None) -> list[dict[str, Any]]:
     jobs: list[tuple[int, str, Any, tuple[str, str]]] = []
     for i, r in enumerate(requests):
         jobs.append((i, "efficacy", None, (r.prompt, r.target_new)))
@@ -202,7 +230,7 @@ def _teacher_forced(model, tok, arch, requests, config) -> list[dict[str, Any]]:
         jobs += [(i, "portability", n, (p, a)) for n, ps in r.portability.items() for p, a in ps]
         if r.ground_truth:
             jobs.append((i, "ground_truth", None, (r.prompt, r.ground_truth)))
-    scores = score_targets(model, tok, arch, [j[3] for j in jobs], config.batch_size)
+    scores = score_targets(model, tok, arch, [j[3] for j in jobs], config.batch_size, bar)
     per_req: list[dict[str, Any]] = [collections.defaultdict(list) for _ in requests]
     for (i, kind, key, _), score in zip(jobs, scores, strict=True):
         per_req[i][kind].append((key, score))
@@ -251,7 +279,7 @@ def _budget(tok: Any, prompt: str, answer: str, config: EvalConfig) -> int:
     return min(n, config.max_new_tokens)
 
 
-def _generation(model, tok, requests, config) -> list[dict[str, Any]]:
+def _generation(model, tok, requests, config, bar=None) -> list[dict[str, Any]]:
     """Greedy continuations of every prompt, each judged within its own token budget; the edit
     prompt's continuation is generated longer (``fluency_tokens``) for the fluency measure."""
     jobs: list[tuple[int, str, Any, str, int]] = []  # (request, kind, key, answer, budget)
@@ -262,7 +290,7 @@ def _generation(model, tok, requests, config) -> list[dict[str, Any]]:
         jobs += [(i, "locality", (t, p), a, _budget(tok, p, a, config))
                  for t, p, a in r.locality_probes()]  # fmt: skip
     prompts = [j[2][1] if j[1] == "locality" else j[2] for j in jobs]
-    ids = _generate_budgeted(model, tok, prompts, [j[4] for j in jobs], config)
+    ids = _generate_budgeted(model, tok, prompts, [j[4] for j in jobs], config, bar)
     per_req: list[dict[str, Any]] = [{"rephrase": [], "locality": []} for _ in requests]
     for (i, kind, key, answer, _), row in zip(jobs, ids, strict=True):
         text = tok.decode(row, skip_special_tokens=True)
@@ -275,7 +303,7 @@ def _generation(model, tok, requests, config) -> list[dict[str, Any]]:
     return per_req
 
 
-def _generate_budgeted(model, tok, prompts: list[str], budgets: list[int], config):
+def _generate_budgeted(model, tok, prompts: list[str], budgets: list[int], config, bar=None):
     """Token ids of each prompt's greedy continuation, cut to its budget.
 
     Greedy decoding is prefix-consistent, so a longer generation cut to n tokens equals a
@@ -284,12 +312,15 @@ def _generate_budgeted(model, tok, prompts: list[str], budgets: list[int], confi
     """
     order = sorted(range(len(prompts)), key=lambda k: (budgets[k], len(prompts[k])))
     out: list[list[int] | None] = [None] * len(prompts)
+    _grow(bar, len(prompts))
     for start in range(0, len(order), config.batch_size):
         idx = order[start : start + config.batch_size]
         n = max(budgets[k] for k in idx)
         rows = generate_ids(model, tok, [prompts[k] for k in idx], n, len(idx))
         for k, row in zip(idx, rows, strict=True):
             out[k] = row[: budgets[k]]
+        if bar is not None:
+            bar.update(len(idx))
     return out
 
 

@@ -17,16 +17,20 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib.metadata
+import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 
 from medit.arch import ArchSpec, get_arch
+from medit.fs import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -169,14 +173,6 @@ def cached_models() -> list[dict[str, str]]:
 
 
 # -- hashing -------------------------------------------------------------------------------------
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def state_dict_sha256(model: torch.nn.Module) -> str:
     """sha256 over every named tensor of the model (name, dtype, shape and bytes), name-sorted.
 
@@ -255,15 +251,70 @@ def resolve_source(spec: str) -> str:
             raise ValueError(f"model file not found: {path}")
         return str(materialise_gguf(path.resolve()))
     if path.exists():
-        if not path.is_dir() or not (path / "config.json").exists():
+        if not path.is_dir():
+            raise ValueError(f"{path} is a file, not a Hugging Face model directory or .gguf file")
+        if not (path / "config.json").is_file():
             raise ValueError(f"{path} is not a Hugging Face model directory (no config.json)")
+        check_config_file(path / "config.json")
         return str(path.resolve())
-    if spec.count("/") == 1 and not spec.startswith((".", "/")):
+    if looks_like_path(spec):  # never a hub id: no network round trips for a typo
+        raise ValueError(f"model path {spec} does not exist")
+    if _HUB_ID.fullmatch(spec):
         return spec
     raise ValueError(
         f"cannot resolve model {spec!r}: not a builtin (builtin:smollm2), an existing directory, "
         "a .gguf file or a hub id (org/name)"
     )
+
+
+#: a Hugging Face hub repository id, "org/name"
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def looks_like_path(spec: str) -> bool:
+    """A spec meant as a local path, not a hub id ("org/name" has exactly one slash)."""
+    seps = spec.count(os.sep) + (spec.count(os.altsep) if os.altsep else 0)
+    return spec.startswith(("/", "./", "../", "~")) or spec.endswith(("/", os.sep)) or seps > 1
+
+
+def check_config_file(file: Path) -> None:
+    """A model directory's config.json is a JSON object naming a supported ``model_type``."""
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{file}: not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{file}: invalid JSON at line {exc.lineno}, column {exc.colno}: "
+                         f"{exc.msg}") from None  # fmt: skip
+    except OSError as exc:
+        raise ValueError(f"{file}: cannot read: {exc.strerror or exc}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{file}: expected a JSON object, got {type(config).__name__}")
+    if not config.get("model_type"):
+        raise ValueError(f"{file} has no 'model_type'; medit chooses the architecture by it")
+    try:
+        get_arch(SimpleNamespace(model_type=config["model_type"]))
+    except ValueError as exc:
+        raise ValueError(f"{file}: {exc}") from None
+
+
+#: files of which a saved tokenizer has at least one
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
+                   "spiece.model", "vocab.txt")  # fmt: skip
+
+
+def check_tokenizer_files(directory: Path, name: str | None = None) -> None:
+    """A model directory holds a saved tokenizer (``name``: the directory as the user gave it)."""
+    if not any((directory / file).is_file() for file in TOKENIZER_FILES):
+        raise ValueError(
+            f"{name or directory} has no tokenizer ({' / '.join(TOKENIZER_FILES)}); save the "
+            "model's tokenizer there with tokenizer.save_pretrained(DIR)"
+        )
+
+
+def _load_error(spec: str, exc: BaseException) -> ValueError:
+    """A library's error about the user's files as one line naming the model."""
+    return ValueError(f"cannot load model {spec!r}: {' '.join(str(exc).split())}")
 
 
 def _check_weights_format(source: str, allow_pickle: bool) -> None:
@@ -291,26 +342,35 @@ def load_model(
     trust_remote_code: bool = False,
 ) -> LoadedModel:
     """Load a model spec onto a device, in eval mode, with its tokenizer and ArchSpec."""
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     dev = resolve_device(device)
     source = resolve_source(spec)
     _check_weights_format(source, allow_pickle)
+    if Path(source).is_dir():
+        check_tokenizer_files(Path(source), None if spec.startswith("builtin:") else spec)
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
-    except OSError as exc:
-        raise ValueError(f"cannot load model {spec!r}: {exc}") from None
+    except (OSError, ValueError) as exc:  # missing files, unknown model types
+        raise _load_error(spec, exc) from None
     arch = get_arch(config)  # unsupported architectures fail before any weight is read
     torch_dtype = resolve_dtype(dtype, dev, config)
-    model = AutoModelForCausalLM.from_pretrained(
-        source,
-        dtype=torch_dtype,
-        use_safetensors=None if allow_pickle else True,
-        trust_remote_code=trust_remote_code,
-    )
+    try:  # the tokenizer first: it is cheap, and its errors need no weights loaded
+        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:  # transformers' ValueErrors here span many lines
+        raise _load_error(spec, exc) from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source,
+            dtype=torch_dtype,
+            use_safetensors=None if allow_pickle else True,
+            trust_remote_code=trust_remote_code,
+        )
+    except (OSError, SafetensorError) as exc:  # missing or corrupt files: the user's to fix
+        raise _load_error(spec, exc) from None
     model.to(dev).eval()
     model.requires_grad_(False)  # inference by default; editors enable what they train
-    tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     prepare_tokenizer(tok)
     sha = state_dict_sha256(model)
     # the loaded weights' hash, for caches of work on the base model (causal traces)
@@ -332,3 +392,15 @@ def prepare_tokenizer(tok: Any) -> Any:
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def load_config(spec: str, *, trust_remote_code: bool = False) -> Any:
+    """The model's config alone (no weights): hyper-parameters are checked against it before
+    the model loads."""
+    from transformers import AutoConfig
+
+    source = resolve_source(spec)
+    try:
+        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot load the config of model {spec!r}: {exc}") from None

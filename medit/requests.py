@@ -14,6 +14,7 @@ Every problem is a :class:`RequestError` naming the file, the record (1-based) a
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import json
 import re
@@ -65,49 +66,76 @@ class EditRequest:
 
 
 # -- reading -------------------------------------------------------------------------------------
+def read_input_text(source: str | Path, expected: str = "a JSON or JSONL file") -> str:
+    """The text of a user's input file (UTF-8; a leading byte order mark is dropped), or a
+    RequestError naming the file: missing, a directory, unreadable, not UTF-8."""
+    path, name = Path(source), str(source)
+    if path.is_dir():
+        raise RequestError(name, None, None, f"is a directory, expected {expected}")
+    if not path.exists():
+        raise RequestError(name, None, None, "file not found")
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise RequestError(name, None, None, f"cannot read: {exc.strerror or exc}") from None
+    body = raw.removeprefix(codecs.BOM_UTF8)
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = body[: exc.start].count(b"\n") + 1
+        byte = exc.start + len(raw) - len(body)
+        raise RequestError(name, None, None, f"not UTF-8 text (byte {byte}, line {line})") from None
+
+
 def load_requests(source: str | Path) -> list[EditRequest]:
     """Read and validate requests from ``builtin``, a JSON list, or a JSONL file."""
     if str(source) == BUILTIN:
         text = resources.files("medit.data").joinpath("builtin_requests.json").read_text("utf-8")
-        return parse_records(_parse_json(text, "builtin"), "builtin")
-    path = Path(source)
-    name = str(source)
-    if not path.is_file():
-        raise RequestError(name, None, None, "file not found")
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise RequestError(
-            name, None, None, f"not UTF-8 text (byte {exc.start}, line {line})"
-        ) from None
+        return parse_records(parse_json_list(text, "builtin"), "builtin")
+    path, name = Path(source), str(source)
+    text = read_input_text(path)
+    if not text.strip():
+        raise RequestError(name, None, None, "is empty; expected a JSON list or JSONL of requests")
     if path.suffix == ".jsonl" or (not text.lstrip().startswith("[") and path.suffix != ".json"):
-        records = []
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise RequestError(
-                        name, lineno, None, f"invalid JSON on line {lineno}: {exc.msg}"
-                    ) from None
-        return parse_records(records, name)
-    return parse_records(_parse_json(text, name), name)
+        return parse_records(_jsonl_records(text, name), name)
+    return parse_records(parse_json_list(text, name), name)
 
 
-def _parse_json(text: str, name: str) -> list[Any]:
+def _jsonl_records(text: str, name: str) -> list[Any]:
+    records = []
+    # split on newlines only: str.splitlines() also splits at U+2028 etc., valid inside strings
+    for lineno, line in enumerate(text.split("\n"), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise RequestError(name, len(records) + 1, None, f"invalid JSON on line "
+                                   f"{lineno}, column {exc.colno}: {exc.msg}") from None  # fmt: skip
+    return records
+
+
+def parse_json_list(text: str, name: str) -> list[Any]:
+    """A JSON list of records (or ``{"requests": [...]}``), errors naming line and column."""
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise RequestError(
-            name, None, None, f"invalid JSON at line {exc.lineno}: {exc.msg}"
-        ) from None
+        hint = (
+            " (one JSON object per line? name the file .jsonl)" if exc.msg == "Extra data" else ""
+        )
+        raise RequestError(name, None, None, f"invalid JSON at line {exc.lineno}, column "
+                           f"{exc.colno}: {exc.msg}{hint}") from None  # fmt: skip
     if isinstance(data, dict) and isinstance(data.get("requests"), list):
         data = data["requests"]
     if not isinstance(data, list):
-        raise RequestError(name, None, None, "expected a JSON list of request objects")
+        raise RequestError(
+            name, None, None, f"expected a JSON list of request objects, got {_kind(data)}"
+        )
     return data
+
+
+def _kind(value: Any) -> str:
+    """A value's type as messages name it (JSON's null for None)."""
+    return "null" if value is None else type(value).__name__
 
 
 def parse_records(records: Sequence[Any], source: str) -> list[EditRequest]:
@@ -131,7 +159,7 @@ def parse_record(rec: Any, source: str, index: int) -> EditRequest:
         return RequestError(source, index, field, problem)
 
     if not isinstance(rec, dict):
-        raise fail(None, f"expected an object, got {type(rec).__name__}")
+        raise fail(None, f"expected an object, got {_kind(rec)}")
     prompt = _text(rec, "prompt", fail, required=True)
     target = _text(rec, "target_new", fail, required=True)
     subject = _text(rec, "subject", fail)
@@ -140,7 +168,7 @@ def parse_record(rec: Any, source: str, index: int) -> EditRequest:
     rephrases = _prompt_list(rec, fail)
     groups: dict[str, dict[str, list[Probe]]] = {"locality": {}, "portability": {}}
     for kind in groups:
-        if kind in rec:
+        if rec.get(kind) is not None:
             groups[kind] = _probe_groups(rec[kind], kind, fail)
     flat_used = set()
     for key in rec:
@@ -161,9 +189,18 @@ def parse_record(rec: Any, source: str, index: int) -> EditRequest:
         rephrase_prompts=tuple(rephrases),
         locality={k: tuple(v) for k, v in groups["locality"].items()},
         portability={k: tuple(v) for k, v in groups["portability"].items()},
-        id=str(rec.get("id", f"{Path(source).name}:{index}")),
+        id=_id(rec, source, index, fail),
         meta=meta,
     )
+
+
+def _id(rec: dict, source: str, index: int, fail) -> str:
+    value = rec.get("id")
+    if value is None:
+        return f"{Path(source).name}:{index}"
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise fail("id", f"expected a string or an integer, got {_kind(value)}")
+    return str(value)
 
 
 def _text(rec: dict, field: str, fail, required: bool = False) -> str | None:
@@ -192,7 +229,8 @@ def _prompt_list(rec: dict, fail) -> list[str]:
             raise fail(field, f"expected a string or a list of strings, got {type(value).__name__}")
         for j, item in enumerate(items):
             if not isinstance(item, str) or not item.strip():
-                raise fail(f"{field}[{j}]", "expected a non-empty string")
+                got = "" if isinstance(item, str) else f", got {_kind(item)}"
+                raise fail(f"{field}[{j}]", f"expected a non-empty string{got}")
             out.append(item)
     return out
 
@@ -206,7 +244,10 @@ def _probe_groups(value: Any, kind: str, fail) -> dict[str, list[Probe]]:
         if isinstance(probes, dict):  # EasyEdit style: {"prompt": .., "ground_truth": ..}
             probes = [probes]
         if not isinstance(probes, list):
-            raise fail(f"{kind}.{name}", "expected a list of [prompt, answer] pairs")
+            raise fail(f"{kind}.{name}", f"expected a list of [prompt, answer] pairs, got "
+                                         f"{_kind(probes)}")  # fmt: skip
+        if not probes:
+            raise fail(f"{kind}.{name}", "no probes; give [prompt, answer] pairs or leave it out")
         groups[name] = [_probe(p, f"{kind}.{name}[{j}]", fail) for j, p in enumerate(probes)]
     return groups
 
@@ -217,7 +258,10 @@ def _probe(item: Any, field: str, fail) -> Probe:
     elif isinstance(item, (list, tuple)) and len(item) == 2:
         prompt, answer = item
     else:
-        raise fail(field, 'expected [prompt, answer] or {"prompt": .., "ground_truth": ..}')
+        got = f"a list of {len(item)}" if isinstance(item, (list, tuple)) else _kind(item)
+        hint = " (a single pair goes inside a list too: [[prompt, answer]])"
+        raise fail(field, 'expected [prompt, answer] or {"prompt": .., "ground_truth": ..}, '
+                          f"got {got}{hint if isinstance(item, str) else ''}")  # fmt: skip
     for part, value in (("prompt", prompt), ("answer", answer)):
         if not isinstance(value, str) or not value.strip():
             raise fail(field, f"{part} must be a non-empty string")
@@ -225,8 +269,11 @@ def _probe(item: Any, field: str, fail) -> Probe:
 
 
 # -- checks that need the tokenizer --------------------------------------------------------------
-def check_lengths(requests: Iterable[EditRequest], tokenizer: Any, max_positions: int) -> None:
-    """Every prompt plus its target must fit in the model's context window."""
+def check_lengths(
+    requests: Iterable[EditRequest], tokenizer: Any, max_positions: int, source: str | None = None
+) -> None:
+    """Every prompt plus its target must fit in the model's context window. ``source``: the
+    requests' file as the user named it, for the message (else the file name in their ids)."""
     for i, req in enumerate(requests, 1):
         texts = [("prompt", req.prompt), *(("rephrase_prompts", p) for p in req.rephrase_prompts)]
         texts += [(f"locality.{n}", p) for n, p, _ in req.locality_probes()]
@@ -235,7 +282,7 @@ def check_lengths(requests: Iterable[EditRequest], tokenizer: Any, max_positions
             n = len(tokenizer(text).input_ids) + n_target
             if n > max_positions:
                 raise RequestError(
-                    req.id.rsplit(":", 1)[0] or "requests",
+                    str(source) if source is not None else req.id.rsplit(":", 1)[0] or "requests",
                     i,
                     field,
                     f"{n} tokens with the target, more than the model's context of "

@@ -6,10 +6,11 @@
   adds explanation quality (ROUGE-L against the reference explanation, answer stated).
 * ``builtin`` — medit's own 33 corrections of facts the default model gets wrong.
 
-MedCF and MedFE are read from a local path (``--data``), in their original JSON format, with
-``datasets``; nothing is downloaded. The files are published with the MedLaSA paper's code
-(github.com/quqxui/MedLaSA, folder ``data/``): ``MedCF/{train,valid,test}.json`` and
-``MedFE/{valid,test}.json``.
+MedCF and MedFE are read from a local path (``--data``), in their original JSON format, by the
+reader of request files (``medit.requests.load_requests``: errors name the file and the line and
+column of malformed JSON, or the record and field); nothing is downloaded. The files are
+published with the MedLaSA paper's code (github.com/quqxui/MedLaSA, folder ``data/``):
+``MedCF/{train,valid,test}.json`` and ``MedFE/{valid,test}.json``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import hashlib
 from pathlib import Path
 
 from medit.evaluation import EvalConfig
-from medit.requests import BUILTIN, EditRequest, RequestError, load_requests, parse_records
+from medit.requests import BUILTIN, EditRequest, RequestError, load_requests
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +59,7 @@ class Suite:
     def load(self, data: str | None, limit: int | None = None) -> list[EditRequest]:
         """Read and validate the suite's cases; check the declared locality types are there."""
         source = self.resolve(data)
-        requests = load_requests(BUILTIN) if source == BUILTIN else _load_with_datasets(source)
+        requests = load_requests(source)
         requests = requests[:limit]
         for i, r in enumerate(requests, 1):
             missing = set(self.locality_types) - set(r.locality)
@@ -69,22 +70,6 @@ class Suite:
                     f"{', '.join(self.locality_types)}",
                 )  # fmt: skip
         return requests
-
-
-def _load_with_datasets(path: str) -> list[EditRequest]:
-    """Read a JSON list with ``datasets`` (cached under medit's cache), then validate."""
-    import datasets
-
-    from medit.models import cache_dir
-
-    datasets.disable_progress_bars()
-    try:
-        ds = datasets.load_dataset(
-            "json", data_files=path, split="train", cache_dir=str(cache_dir() / "datasets")
-        )
-    except Exception as exc:  # datasets raises many types for unreadable input
-        raise RequestError(path, None, None, f"cannot read as a JSON dataset: {exc}") from None
-    return parse_records(ds.to_list(), path)
 
 
 def data_sha256(source: str) -> str:

@@ -36,8 +36,8 @@ class AlphaEditHParams(MEMITHParams):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.nullspace_threshold <= 0 or self.L2 < 0:
-            raise ValueError("nullspace_threshold must be > 0 and L2 >= 0")
+        self._positive("nullspace_threshold")
+        self._at_least(0, "L2")
 
 
 def state_name(layer: int) -> str:

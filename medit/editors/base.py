@@ -11,16 +11,21 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import functools
 import importlib
+import math
+import re
 import time
+import types
+import typing
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
-from medit.arch import get_arch
+from medit.arch import ArchSpec, get_arch
 from medit.requests import EditRequest
 
 
@@ -31,6 +36,25 @@ def hp(default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse's vocab
     return dataclasses.field(default=default, metadata={"help": help})
 
 
+class HParamError(ValueError):
+    """A hyper-parameter of the wrong type or value: the message names it, and its method where
+    known ("hyper-parameter 'steps' of ft-m expects an integer, got 2.5")."""
+
+    def __init__(self, field: str, problem: str, owner: str | None = None):
+        of = f" of {owner}" if owner else ""
+        sep = "" if problem.startswith(":") else " "
+        super().__init__(f"hyper-parameter {field!r}{of}{sep}{problem}")
+        self.field, self.problem, self.owner = field, problem, owner
+
+    def of(self, owner: str | None) -> HParamError:
+        """The same error naming its method (once)."""
+        return self if self.owner or not owner else HParamError(self.field, self.problem, owner)
+
+
+#: module kinds that name a whole block (no single weight): not trainable or adaptable as one
+BLOCK_KINDS = ("mlp", "attn")
+
+
 @dataclasses.dataclass(frozen=True)
 class HParams:
     """Base of every editor's hyper-parameters."""
@@ -39,20 +63,29 @@ class HParams:
     FAMILY_DEFAULTS: ClassVar[dict[str, dict[str, Any]]] = {}
 
     @classmethod
-    def for_family(cls, family: str, **overrides: Any) -> HParams:
+    def for_family(cls, family: str, *, owner: str | None = None, **overrides: Any) -> HParams:
         """Defaults for an architecture family, then the user's overrides on top."""
-        return cls.from_dict({**cls.FAMILY_DEFAULTS.get(family, {}), **overrides})
+        return cls.from_dict({**cls.FAMILY_DEFAULTS.get(family, {}), **overrides}, owner=owner)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> HParams:
+    def from_dict(cls, values: Mapping[str, Any], owner: str | None = None) -> HParams:
+        """Hyper-parameters from JSON / CLI values, each converted to its field's declared type
+        (see :func:`convert`); ``owner`` (the method's name) is named in errors."""
+        if not isinstance(values, Mapping):
+            raise ValueError(f"hyper-parameters must be a mapping, not {type(values).__name__}")
         names = {f.name: f for f in dataclasses.fields(cls)}
         for key in values:
             if key not in names:
-                close = difflib.get_close_matches(key, names, n=1)
+                close = difflib.get_close_matches(str(key), names, n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise ValueError(f"unknown hyper-parameter {key!r} for {cls.__name__}{hint}")
-        coerced = {k: _coerce(names[k], v) for k, v in values.items()}
-        return cls(**coerced)
+                raise ValueError(
+                    f"unknown hyper-parameter {key!r} for {owner or cls.__name__}{hint}"
+                )
+        types = _field_types(cls)
+        try:
+            return cls(**{k: convert(k, types[k], v) for k, v in values.items()})
+        except HParamError as exc:
+            raise exc.of(owner) from None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -64,34 +97,164 @@ class HParams:
         """(name, default, help) of every field, for ``medit methods``."""
         return [(f.name, f.default, f.metadata.get("help", "")) for f in dataclasses.fields(cls)]
 
+    def check_arch(self, arch: ArchSpec, n_layers: int | None) -> None:
+        """Checks that need only the model's architecture and depth (``n_layers``; None where
+        unknown), made before its weights load. Raises :class:`HParamError`."""
 
-def _coerce(field: dataclasses.Field, value: Any) -> Any:
-    """JSON/CLI values to the field's type: lists become tuples, strings become numbers."""
-    if isinstance(value, list):
-        return tuple(value)
-    default = field.default
-    if isinstance(default, tuple) and isinstance(value, (str, int, float)):
-        # CLI shorthand: --hparam layers=4,5,6  or  --hparam cov_corpus=a.txt,b.jsonl
-        return tuple(_number(x.strip()) for x in str(value).split(",") if x.strip())
-    if (
-        isinstance(value, str)
-        and isinstance(default, (int, float))
-        and not isinstance(default, bool)
-    ):
-        try:
-            return type(default)(value)
-        except ValueError:
-            raise ValueError(
-                f"hyper-parameter {field.name!r} expects a number, got {value!r}"
-            ) from None
-    return value
+    # -- helpers for __post_init__ and check_arch: each raises HParamError naming the field ----
+    def _at_least(self, low: float, *fields: str) -> None:
+        for name in fields:
+            for value in _values(getattr(self, name)):
+                if value < low:
+                    raise HParamError(name, f"must be >= {low}, got {value!r}")
+
+    def _positive(self, *fields: str) -> None:
+        for name in fields:
+            if not getattr(self, name) > 0:
+                raise HParamError(name, f"must be > 0, got {getattr(self, name)!r}")
+
+    def _within(self, name: str, low: float, high: float, *, open_high: bool = False) -> None:
+        value = getattr(self, name)
+        if not (low <= value < high if open_high else low <= value <= high):
+            raise HParamError(name, f"must lie in [{low:g}, {high:g}{')' if open_high else ']'}, "
+                                    f"got {value!r}")  # fmt: skip
+
+    def _one_of(self, name: str, choices: Sequence[str]) -> None:
+        value = getattr(self, name)
+        if value not in choices:
+            raise HParamError(name, f"must be one of {', '.join(map(repr, choices))}, "
+                                    f"got {value!r}")  # fmt: skip
 
 
-def _number(text: str) -> Any:
-    for kind in (int, float):
-        with contextlib.suppress(ValueError):
-            return kind(text)
-    return text
+def _values(value: Any) -> tuple:
+    return value if isinstance(value, tuple) else (value,)
+
+
+def check_layers(name: str, layers: int | Sequence[int], n_layers: int | None) -> None:
+    """Every layer index lies in [0, n_layers); ``layers``: one index or several. The message
+    reads as the editors' own range checks do ("layers [9] out of range: the model has ...")."""
+    several = not isinstance(layers, int)
+    bad = [x for x in (layers if several else [layers]) if n_layers and not 0 <= x < n_layers]
+    if bad:
+        what = f"layers {bad}" if several else f"layer {bad[0]}"
+        raise HParamError(name, f": {what} out of range: the model has {n_layers} layers "
+                                f"(0-{n_layers - 1})")  # fmt: skip
+
+
+def check_kinds(name: str, kinds: Sequence[str], arch: ArchSpec, *, fused: bool) -> tuple[str, ...]:
+    """Module kinds of a hyper-parameter that the architecture has, each a projection with a
+    weight (not a whole block); ``fused``: separate projections map onto fused ones
+    (``ArchSpec.resolve_kinds``). Returns the kinds as the architecture names them."""
+    try:
+        resolved = arch.resolve_kinds(kinds) if fused else tuple(kinds)
+        for kind in resolved:
+            arch.layer_path(0, kind)
+    except ValueError as exc:
+        raise HParamError(name, f": {exc}") from None
+    for kind in resolved:
+        if kind in BLOCK_KINDS:
+            usable = sorted(k for k in arch.kinds if k not in BLOCK_KINDS)
+            raise HParamError(name, f": {kind!r} is a whole block, not a projection with a "
+                                    f"weight; use one of {', '.join(usable)}")  # fmt: skip
+    return resolved
+
+
+def config_layers(config: Any) -> int | None:
+    """The number of decoder layers a model config declares (None where it declares none)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    n = getattr(text, "num_hidden_layers", None)
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
+
+
+# -- converting JSON / CLI values to the declared types ------------------------------------------
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)  # the annotations are strings (__future__ annotations)
+
+
+_INTEGER = re.compile(r"[+-]?\d+")
+_NONE = ("none", "null")
+_BOOL = {"true": True, "false": False}
+
+
+def convert(name: str, tp: Any, value: Any) -> Any:
+    """One JSON / CLI value as the type ``tp`` declares, or :class:`HParamError`.
+
+    int: ints, integral floats and strings ("40"), never bools; float: numbers and numeric
+    strings, finite; bool: true / false (JSON or strings); str: strings (and ints, as the CLI
+    reads ``traces=2024`` as a number); ``X | None``: also None, "none", "null"; ``Literal``: its
+    choices; ``tuple[X, ...]``: a list, one value, or the CLI shorthand "4,5,6", each element X.
+    """
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in args if a is not type(None)]
+        none = isinstance(value, str) and value.strip().lower() in _NONE
+        if len(options) < len(args) and (value is None or none):
+            return None
+        for option in options[:-1]:
+            with contextlib.suppress(HParamError):
+                return convert(name, option, value)
+        return convert(name, options[-1], value)
+    if origin is typing.Literal:
+        for choice in args:
+            if value == choice and type(value) is type(choice) or str(choice) == value:
+                return choice
+        raise HParamError(name, f"must be one of {', '.join(map(repr, args))}, got {value!r}")
+    if origin is tuple:
+        element = args[0] if args else Any
+        if isinstance(value, (list, tuple)):
+            items = list(value)
+        elif isinstance(value, str):  # CLI shorthand: layers=4,5,6  or  cov_corpus=a.txt,b.jsonl
+            items = [x.strip() for x in value.split(",") if x.strip()]
+        elif isinstance(value, (int, float)):
+            items = [value]
+        else:
+            raise HParamError(name, f"expects {_NAMES.get(element, ('', 'values'))[1]}, "
+                                    f"got {value!r}")  # fmt: skip
+        return tuple(_scalar(name, element, x, plural=True) for x in items)
+    return _scalar(name, tp, value)
+
+
+#: type -> (what one value is, what several are), for messages
+_NAMES = {int: ("an integer", "integers"), float: ("a number", "numbers"),
+          str: ("a string", "strings"), bool: ("true or false", "true or false values")}  # fmt: skip
+
+
+def _scalar(name: str, tp: Any, value: Any, plural: bool = False) -> Any:
+    if tp not in _NAMES:
+        return value  # a type medit does not declare for hyper-parameters: passed through
+    out = _as(tp, value)
+    if out is None:
+        raise HParamError(name, f"expects {_NAMES[tp][plural]}, got {value!r}")
+    if tp is float and not math.isfinite(out):
+        raise HParamError(name, f"expects a finite number, got {value!r}")
+    return out
+
+
+def _as(tp: type, value: Any) -> Any:
+    """``value`` as ``tp``, or None where it is not one."""
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        return _BOOL.get(value.strip().lower()) if isinstance(value, str) else None
+    if isinstance(value, bool):
+        return None  # True is an int to Python, never to medit
+    if tp is int:
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        return int(value) if isinstance(value, str) and _INTEGER.fullmatch(value.strip()) else None
+    if tp is float:
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                return float(value)
+        return None
+    if isinstance(value, str):
+        return value
+    return str(value) if isinstance(value, int) else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,11 +351,25 @@ class Editor(ABC):
     summary: ClassVar[str] = ""
 
     def __init__(self, **overrides: Any):
-        self.hparams_class.from_dict(overrides)  # validate names and types early
+        self.hparams_class.from_dict(overrides, owner=self.name)  # names, types, values: early
         self.overrides = overrides
 
-    def hparams_for(self, model: torch.nn.Module) -> HParams:
-        return self.hparams_class.for_family(get_arch(model).family, **self.overrides)
+    def hparams_for(self, model: Any) -> HParams:
+        """The hyper-parameters for a model's family (``model`` may also be its config)."""
+        return self.hparams_class.for_family(
+            get_arch(model).family, owner=self.name, **self.overrides
+        )
+
+    def check_config(self, config: Any) -> None:
+        """Check the hyper-parameters against a model's config, before its weights load: the
+        architecture is supported, layers lie within its depth, module kinds exist there."""
+        self._check_arch(self.hparams_for(config), get_arch(config), config_layers(config))
+
+    def _check_arch(self, hp: HParams, arch: ArchSpec, n_layers: int | None) -> None:
+        try:
+            hp.check_arch(arch, n_layers)
+        except HParamError as exc:
+            raise exc.of(self.name) from None
 
     def apply(self, model: Any, tok: Any, requests: Sequence[EditRequest]) -> EditResult:
         """Edit ``model`` in place so that each request's prompt continues with its target."""
@@ -202,8 +379,10 @@ class Editor(ABC):
             raise ValueError(
                 f"{self.name} edits one request at a time; use single or sequential mode"
             )
+        hp, arch = self.hparams_for(model), get_arch(model)
+        self._check_arch(hp, arch, arch.n_layers(model))
         start = time.perf_counter()
-        result = self._apply(model, tok, list(requests), self.hparams_for(model))
+        result = self._apply(model, tok, list(requests), hp)
         result.seconds = time.perf_counter() - start
         return result
 

@@ -24,8 +24,16 @@ from typing import Any
 
 import torch
 
-from medit.arch import get_arch
-from medit.editors.base import Capabilities, Editor, EditResult, HParams, hp
+from medit.arch import ArchSpec, get_arch
+from medit.editors.base import (
+    Capabilities,
+    Editor,
+    EditResult,
+    HParams,
+    check_kinds,
+    check_layers,
+    hp,
+)
 from medit.forward import logits_at, per_sequence_mean, target_nll
 from medit.hooks import capture_input, frozen_prefix
 from medit.requests import EditRequest
@@ -53,14 +61,15 @@ class FTHParams(HParams):
     }
 
     def __post_init__(self):
-        if self.objective not in ("target_new", "prompt_last"):
-            raise ValueError(
-                f"objective must be 'target_new' or 'prompt_last', not {self.objective!r}"
-            )
-        if self.steps < 1 or self.lr <= 0 or self.batch_size < 1:
-            raise ValueError("steps and batch_size must be >= 1 and lr > 0")
-        if not 0.0 <= self.layer_depth <= 1.0:
-            raise ValueError("layer_depth must lie in [0, 1]")
+        self._one_of("objective", ("target_new", "prompt_last"))
+        self._at_least(1, "steps", "batch_size")
+        self._at_least(0, "layers", "weight_decay", "norm_constraint")
+        self._positive("lr")
+        self._within("layer_depth", 0.0, 1.0)
+
+    def check_arch(self, arch: ArchSpec, n_layers: int | None) -> None:
+        check_layers("layers", self.layers, n_layers)
+        check_kinds("module", (self.module,), arch, fused=False)
 
     def resolve_layers(self, n_layers: int) -> tuple[int, ...]:
         layers = self.layers or (round(self.layer_depth * (n_layers - 1)),)

@@ -43,10 +43,11 @@ class KeyValueHParams(HParams):
     value_anchor: ClassVar[str] = "layer"
 
     def __post_init__(self):
-        if self.v_steps < 1 or self.v_lr <= 0 or self.clamp_norm_factor <= 0:
-            raise ValueError("v_steps must be >= 1, v_lr and clamp_norm_factor > 0")
-        if self.prefix_count < 0 or any(n < 1 for n in self.prefix_lengths):
-            raise ValueError("prefix_count must be >= 0 and prefix_lengths >= 1")
+        self._at_least(1, "v_steps", "prefix_lengths", "cov_samples_per_prompt",
+                       "cov_new_tokens", "cov_max_length")  # fmt: skip
+        self._at_least(0, "prefix_count", "v_weight_decay", "kl_factor", "peft_pad_rank",
+                       "peft_max_rank")  # fmt: skip
+        self._positive("v_lr", "clamp_norm_factor")
 
     def values(self) -> ValueSettings:
         return ValueSettings(steps=self.v_steps, lr=self.v_lr, weight_decay=self.v_weight_decay,

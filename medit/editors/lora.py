@@ -25,8 +25,17 @@ from typing import Any
 
 import torch
 
-from medit.arch import get_arch
-from medit.editors.base import Capabilities, Editor, EditResult, HParams, hp
+from medit.arch import ArchSpec, get_arch
+from medit.editors.base import (
+    Capabilities,
+    Editor,
+    EditResult,
+    HParamError,
+    HParams,
+    check_kinds,
+    check_layers,
+    hp,
+)
 from medit.forward import target_nll
 from medit.requests import EditRequest
 from medit.text import teacher_batch
@@ -45,10 +54,16 @@ class LoRAHParams(HParams):
     batch_size: int = hp(16, "requests per optimisation step in batch mode")
 
     def __post_init__(self):
-        if self.rank < 1 or self.steps < 1 or self.lr <= 0 or self.alpha <= 0:
-            raise ValueError("rank and steps must be >= 1, lr and alpha > 0")
-        if not 0 <= self.dropout < 1:
-            raise ValueError("dropout must lie in [0, 1)")
+        if not self.targets:
+            raise HParamError("targets", ": give at least one module kind")
+        self._at_least(1, "rank", "steps", "batch_size")
+        self._at_least(0, "layers")
+        self._positive("lr", "alpha")
+        self._within("dropout", 0.0, 1.0, open_high=True)
+
+    def check_arch(self, arch: ArchSpec, n_layers: int | None) -> None:
+        check_layers("layers", self.layers, n_layers)
+        check_kinds("targets", self.targets, arch, fused=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,9 +77,12 @@ class AdaLoRAHParams(LoRAHParams):
     def __post_init__(self):
         super().__post_init__()
         if self.init_rank < self.rank:
-            raise ValueError("init_rank must be >= rank")
+            raise HParamError("init_rank", f"must be >= rank ({self.rank}), got {self.init_rank}")
+        self._at_least(0, "tinit", "tfinal", "orth_reg_weight")
+        self._at_least(1, "delta_t")
         if self.tinit + self.tfinal >= self.steps:
-            raise ValueError("AdaLoRA needs tinit + tfinal < steps")
+            raise HParamError("tinit", f": tinit + tfinal ({self.tinit + self.tfinal}) must be < "
+                                       f"steps ({self.steps})")  # fmt: skip
 
 
 class LoRAEditResult(EditResult):

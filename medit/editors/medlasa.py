@@ -46,12 +46,13 @@ from medit.editors._adapters import (
     lora_init,
 )
 from medit.editors.adapter_result import AdapterEditResult
-from medit.editors.base import Capabilities, Editor, HParams, hp
+from medit.editors.base import Capabilities, Editor, HParamError, HParams, check_kinds, hp
 from medit.editors.ft import _trainable
 from medit.forward import target_nll
 from medit.requests import EditRequest
 from medit.subject import template_subject
 from medit.text import teacher_batch
+from medit.tracing import MODES as TRACE_MODES
 
 ATTN_KINDS = ("q", "k", "v", "o", "qkv", "attn_out")
 MLP_KINDS = ("gate", "up", "down", "mlp_in", "mlp_out")
@@ -98,31 +99,41 @@ class MedLaSAHParams(HParams):
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = PRESETS
 
     @classmethod
-    def for_family(cls, family: str, **overrides: Any) -> HParams:
+    def for_family(cls, family: str, *, owner: str | None = None, **overrides: Any) -> HParams:
         preset = overrides.get("preset", "medcf")
         if preset not in PRESETS:
-            raise ValueError(f"unknown medlasa preset {preset!r}; presets: {', '.join(PRESETS)}")
+            raise HParamError("preset", f"must be one of {', '.join(map(repr, PRESETS))}, "
+                                        f"got {preset!r}", owner)  # fmt: skip
         return cls.from_dict({**cls.FAMILY_DEFAULTS.get(family, {}), **PRESETS[preset],
-                              **overrides})  # fmt: skip
+                              **overrides}, owner=owner)  # fmt: skip
 
     def __post_init__(self):
-        if self.normalisation not in ("minmax", "meanstd"):
-            raise ValueError(
-                f"normalisation must be 'minmax' or 'meanstd', not {self.normalisation!r}"
-            )
-        if self.rank_mode not in ("average", "knowledge"):
-            raise ValueError(f"rank_mode must be 'average' or 'knowledge', not {self.rank_mode!r}")
-        if self.adapters not in ("per_edit", "shared"):
-            raise ValueError(f"adapters must be 'per_edit' or 'shared', not {self.adapters!r}")
-        if self.routing not in ROUTING_MODES:
-            raise ValueError(f"routing must be one of {', '.join(ROUTING_MODES)}")
-        if self.trace_answer not in ("ground_truth", "predicted"):
-            raise ValueError("trace_answer must be 'ground_truth' or 'predicted'")
-        if self.steps < 1 or self.lr <= 0 or self.alpha0 <= 0 or self.r0 < 1:
-            raise ValueError("steps and r0 must be >= 1, lr and alpha0 > 0")
+        self._one_of("preset", tuple(PRESETS))
+        self._one_of("normalisation", ("minmax", "meanstd"))
+        self._one_of("rank_mode", ("average", "knowledge"))
+        self._one_of("adapters", ("per_edit", "shared"))
+        self._one_of("routing", ROUTING_MODES)
+        self._one_of("trace_mode", TRACE_MODES)
+        self._one_of("trace_answer", ("ground_truth", "predicted"))
+        self._at_least(1, "steps", "r0")
+        self._positive("lr", "alpha0")
         if not self.targets:
-            raise ValueError("targets: give at least one module kind")
+            raise HParamError("targets", ": give at least one module kind")
+        self._within("route_depth", 0.0, 1.0)
+        for off, on in (("gate_off", "gate_on"), ("gate_off_unmentioned", "gate_on_unmentioned")):
+            self._within(on, -1.0, 1.0)
+            self._within(off, -1.0, 1.0)
+            if not getattr(self, off) < getattr(self, on):
+                raise HParamError(off, f"must be < {on} ({getattr(self, on)}), "
+                                       f"got {getattr(self, off)}")  # fmt: skip
         self.routing_config()
+
+    def check_arch(self, arch: ArchSpec, n_layers: int | None) -> None:
+        for kind in check_kinds("targets", self.targets, arch, fused=True):
+            try:
+                trace_kind(kind)
+            except ValueError as exc:
+                raise HParamError("targets", f": {exc}") from None
 
     def routing_config(self) -> RoutingConfig:
         return RoutingConfig(self.routing, self.route_depth, self.gate_on, self.gate_off,

@@ -24,7 +24,7 @@ import torch
 
 from medit.arch import ArchSpec, get_arch
 from medit.editors._keys import layer_outputs_at, optimise_values, request_keys
-from medit.editors.base import Capabilities, Editor, hp
+from medit.editors.base import Capabilities, Editor, check_layers, hp
 from medit.editors.locate import KeyValueHParams, LocateEditResult, second_moments
 from medit.requests import EditRequest
 from medit.tracing import request_subjects
@@ -43,8 +43,12 @@ class MEMITHParams(KeyValueHParams):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.n_edit_layers < 1 or not 0 <= self.first_depth <= 1:
-            raise ValueError("n_edit_layers must be >= 1 and first_depth in [0, 1]")
+        self._at_least(1, "n_edit_layers")
+        self._at_least(0, "layers")
+        self._within("first_depth", 0.0, 1.0)
+
+    def check_arch(self, arch: ArchSpec, n_layers: int | None) -> None:
+        check_layers("layers", self.layers, n_layers)
 
     def resolve_layers(self, n_layers: int) -> tuple[int, ...]:
         if self.layers:

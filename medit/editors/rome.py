@@ -27,9 +27,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from medit.arch import get_arch
+from medit.arch import ArchSpec, get_arch
 from medit.editors._keys import optimise_values, template_keys
-from medit.editors.base import Capabilities, Editor, hp
+from medit.editors.base import Capabilities, Editor, check_layers, hp
 from medit.editors.locate import KeyValueHParams, LocateEditResult, second_moments, traced_layer
 from medit.requests import EditRequest
 from medit.tracing import request_subjects
@@ -58,9 +58,14 @@ class ROMEHParams(KeyValueHParams):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.layer_selection not in ("trace", "depth"):
-            raise ValueError(f"layer_selection must be 'trace' or 'depth', "
-                             f"not {self.layer_selection!r}")  # fmt: skip
+        self._one_of("layer_selection", ("trace", "depth"))
+        self._at_least(-1, "layer")
+        self._at_least(1, "trace_prompts")
+        self._within("layer_depth", 0.0, 1.0)
+
+    def check_arch(self, arch: ArchSpec, n_layers: int | None) -> None:
+        if self.layer >= 0:
+            check_layers("layer", self.layer, n_layers)
 
 
 class ROME(Editor):
