@@ -104,11 +104,27 @@ def jsonl(records: Iterable[dict[str, Any]]) -> str:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
 
 
+def read_json_object(path: str | Path) -> dict[str, Any]:
+    """A JSON file holding an object; a user error naming the file (and line) otherwise."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
 def read_results(run_dir: str | Path) -> RunResults:
     path = Path(run_dir) / RESULTS_FILE
     if not path.is_file():
         raise ValueError(f"{run_dir} is not a medit run directory (no {RESULTS_FILE})")
-    data = json.loads(path.read_text())
+    data = read_json_object(path)
     if data.get("schema") != SCHEMA:
         raise ValueError(f"{path}: unknown schema {data.get('schema')!r} (expected {SCHEMA})")
     return data
@@ -129,3 +145,32 @@ def format_summary(res: dict[str, Any]) -> str:
             b = "  -  " if before is None else f"{before:.3f}"
             lines.append(f"  {proto:15s} {key:20s} {b} -> {post[proto][key]:.3f}")
     return "\n".join(lines)
+
+
+# -- the verdict --------------------------------------------------------------------------------
+#: pass-rate thresholds a run is judged against, unless the run declared its own
+DEFAULT_THRESHOLDS = {"efficacy": 0.8, "generality": 0.5, "locality": 0.8}
+_THRESHOLD_METRICS = {
+    "efficacy": ("generation", "efficacy_contains", "generation-based efficacy (target stated)"),
+    "generality": (
+        "generation",
+        "generality_contains",
+        "generation-based generality (paraphrases)",
+    ),
+    "locality": ("generation", "locality_mean", "generation-based locality (probes unchanged)"),
+}
+
+
+def verdict(results: dict[str, Any]) -> dict[str, Any]:
+    """Judge an edit run against its declared thresholds (or the defaults)."""
+    thresholds = results.get("config", {}).get("thresholds") or DEFAULT_THRESHOLDS
+    post = results["metrics"]["post"]
+    checks = []
+    for key, minimum in thresholds.items():
+        if key not in _THRESHOLD_METRICS:
+            raise ValueError(f"unknown threshold {key!r}; known: {', '.join(_THRESHOLD_METRICS)}")
+        protocol, metric, label = _THRESHOLD_METRICS[key]
+        value = post.get(protocol, {}).get(metric)
+        checks.append({"key": key, "label": label, "value": value, "threshold": minimum,
+                       "passed": value is not None and value >= minimum})  # fmt: skip
+    return {"passed": all(c["passed"] for c in checks), "checks": checks}

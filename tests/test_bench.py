@@ -201,7 +201,7 @@ def test_resume_refuses_other_settings(tmp_path, tiny_model_dir):
     common = dict(suite="medcf", data=str(data), model=str(tiny_model_dir), device="cpu",
                   quiet=True, hparams={"ft-m": {"steps": 2}})  # fmt: skip
     run_bench(BenchConfig(out=str(tmp_path / "r"), **common))
-    with pytest.raises(ValueError, match="different settings"):
+    with pytest.raises(ValueError, match=r"other settings \(seed: 0 -> 1\)"):
         run_bench(BenchConfig(out=str(tmp_path / "r"), resume=True, seed=1, **common))
 
 

@@ -47,12 +47,20 @@ from medit.export import (
     ARTIFACT_FILE,
     STATE,
     apply_artifact,
-    atomic_write_text,
     load_edit,
     write_weights_artifact,
 )
-from medit.models import DEFAULT_MODEL, cache_dir, load_model
+from medit.fs import (
+    append_line,
+    atomic_write_bytes,
+    atomic_write_text,
+    check_writable,
+    marker_kind,
+    write_marker,
+)
+from medit.models import DEFAULT_MODEL, cache_dir, load_config, load_model
 from medit.requests import check_lengths, context_length
+from medit.results import read_json_object
 from medit.routing import ROUTER
 from medit.runner import MODES, set_seed
 
@@ -61,7 +69,8 @@ log = logging.getLogger(__name__)
 SCHEMA = "medit.bench/1"
 CASES_FILE = "cases.jsonl"
 _IDENTITY = ("suite", "data_sha256", "methods", "model", "mode", "batch_size", "limit", "seed",
-             "hparams")  # fmt: skip
+             "hparams", "device", "dtype", "eval_batch_size")  # fmt: skip
+REJECTED_FILE = "cases.rejected.jsonl"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +97,10 @@ class BenchConfig:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, not {self.mode!r}")
         if not self.methods:
             raise ValueError("give at least one method")
+        for name in ("batch_size", "eval_batch_size", "limit"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, not {value}")
 
 
 def run_bench(cfg: BenchConfig) -> dict[str, Any]:
@@ -99,8 +112,12 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     identity = {**{k: getattr(cfg, k) for k in _IDENTITY if hasattr(cfg, k)},
                 "methods": list(cfg.methods), "data_sha256": data_sha256(suite.resolve(cfg.data))}  # fmt: skip
     done = _prepare_dir(out, identity, cfg.resume)
+    config = load_config(cfg.model, trust_remote_code=False)
+    for editor in editors.values():
+        editor.check_config(config)
     lm = load_model(cfg.model, cfg.device, cfg.dtype)
-    check_lengths(requests, lm.tokenizer, context_length(lm.model.config))
+    _check_resumed_model(out, lm)
+    check_lengths(requests, lm.tokenizer, context_length(lm.model.config), source=cfg.data)
     ecfg = dataclasses.replace(suite.eval, batch_size=cfg.eval_batch_size)
     if not (out / "bench.json").exists():
         atomic_write_text(out / "bench.json", json.dumps(
@@ -121,38 +138,85 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
 
 def _prepare_dir(out: Path, identity: dict, resume: bool) -> set[tuple[str, int]]:
     """Create or reopen the run directory; the (method, case) pairs already finished."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a directory")
     if out.exists() and any(out.iterdir()):
         if not resume:
             raise ValueError(f"--out {out} is not empty; pass --resume to continue that run")
-        bench = (
-            json.loads((out / "bench.json").read_text()) if (out / "bench.json").exists() else {}
-        )
-        if bench and bench.get("identity") != json.loads(json.dumps(identity)):
-            raise ValueError(f"--resume: {out} was started with different settings "
-                             f"({bench.get('identity')}); use another --out")  # fmt: skip
+        if marker_kind(out) != "bench-run" and not (out / "bench.json").is_file():
+            raise ValueError(f"--resume: {out} is not a medit benchmark run (no bench.json)")
+        bench = read_json_object(out / "bench.json") if (out / "bench.json").exists() else {}
+        differ = _identity_diff(bench.get("identity", {}), json.loads(json.dumps(identity)))
+        if differ:
+            raise ValueError(
+                f"--resume: {out} was started with other settings ({'; '.join(differ)}); "
+                "use the same settings or another --out"
+            )
+    check_writable(out, "--out")
     out.mkdir(parents=True, exist_ok=True)
+    if marker_kind(out) is None:
+        write_marker(out, "bench-run")
     return {(c["method"], c["case"]) for c in read_cases(out, repair=True)}
 
 
+def _identity_diff(old: dict, new: dict) -> list[str]:
+    """The settings of a resumed run that differ from the stored ones ("name: old -> new").
+    Settings a run from an earlier medit did not record are checked after the model loads."""
+    return [f"{k}: {old[k]!r} -> {new[k]!r}" for k in new if k in old and old[k] != new[k]]
+
+
+def _check_resumed_model(out: Path, lm) -> None:
+    """A resumed run continues on the device type and dtype it started with."""
+    path = out / "bench.json"
+    if not path.exists():
+        return
+    started = read_json_object(path).get("provenance", {}).get("model", {})
+    now = lm.provenance()
+    for key in ("weights_sha256", "dtype", "device"):
+        old, new = started.get(key), now.get(key)
+        if key == "device":
+            old, new = old and old.split(":")[0], new.split(":")[0]
+        if old is not None and old != new:
+            raise ValueError(
+                f"--resume: {out} was started with model {key} {old}, this run has "
+                f"{new}; the table would mix them: use the same --{key.split('_')[0]} "
+                "or another --out"
+            )
+
+
 def read_cases(out: Path, repair: bool = False) -> list[dict[str, Any]]:
-    """Finished cases; with ``repair``, a trailing line cut short by a crash is removed."""
+    """Finished cases. A line that is not a complete case record (a crash cut the last line
+    short, or a line was damaged) is skipped; with ``repair`` such lines are moved out of
+    ``cases.jsonl`` into ``cases.rejected.jsonl`` (nothing is thrown away) and those cases run
+    again."""
     path = out / CASES_FILE
     if not path.exists():
         return []
-    data = path.read_bytes()
-    good_end, cases = 0, []
-    for line in data.splitlines(keepends=True):
-        if not line.endswith(b"\n"):
-            break
-        try:
-            cases.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-        good_end += len(line)
-    if repair and good_end < len(data):
-        log.warning("%s: dropping an incomplete last line (interrupted run)", path)
-        with open(path, "r+b") as f:
-            f.truncate(good_end)
+    lines = path.read_bytes().splitlines(keepends=True)
+    cases, good, bad = [], [], []
+    for n, line in enumerate(lines, 1):
+        record = _case_record(line)
+        if record is None:
+            bad.append((n, line))
+        else:
+            cases.append(record)
+            good.append(line)
+    if repair and bad:
+        for n, line in bad:
+            what = (
+                "incomplete last line (interrupted run)"
+                if n == len(lines) and not line.endswith(b"\n")
+                else "not a valid case record"
+            )
+            log.warning(
+                "%s: line %d: %s; moved to %s, the case runs again", path, n, what, REJECTED_FILE
+            )
+        rejected = b"".join(line if line.endswith(b"\n") else line + b"\n" for _, line in bad)
+        with open(out / REJECTED_FILE, "ab") as f:
+            f.write(rejected)
+            f.flush()
+            os.fsync(f.fileno())
+        atomic_write_bytes(path, b"".join(good))
     seen, unique = set(), []
     for c in cases:  # a case is never counted twice
         if (c["method"], c["case"]) not in seen:
@@ -161,11 +225,25 @@ def read_cases(out: Path, repair: bool = False) -> list[dict[str, Any]]:
     return unique
 
 
+def _case_record(line: bytes) -> dict[str, Any] | None:
+    """The case a cases.jsonl line holds, or None for a cut-short or damaged line."""
+    if not line.endswith(b"\n"):
+        return None
+    try:
+        record = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    ok = (
+        isinstance(record, dict)
+        and isinstance(record.get("method"), str)
+        and isinstance(record.get("case"), int)
+        and isinstance(record.get("metrics"), dict)
+    )
+    return record if ok else None
+
+
 def _append(out: Path, record: dict[str, Any]) -> None:
-    with open(out / CASES_FILE, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    append_line(out / CASES_FILE, json.dumps(record, ensure_ascii=False))
 
 
 def _record(suite, method, i, req, post, seconds, steps, lm) -> dict[str, Any]:
@@ -335,7 +413,7 @@ def case_indices(out: Path) -> dict[str, set[int]]:
 def results_of(out: Path, only: set[int] | None = None) -> dict[str, Any]:
     """A run's results aggregated from its ``cases.jsonl``; ``only``: just these case indices."""
     out = Path(out)
-    bench = json.loads((out / "bench.json").read_text())
+    bench = read_json_object(out / "bench.json")
     cfg = bench["config"]
     suite = get_suite(cfg["suite"])
     cases = rescore(read_cases(out), suite, cfg, bench["identity"])

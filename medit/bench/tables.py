@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from pathlib import Path
 from typing import Any
+
+from medit.results import read_json_object
 
 PROTOCOL_LABELS = {"teacher_forced": "teacher-forced (comparable to the MedLaSA paper)",
                    "generation": "generation-based (greedy decoding)"}  # fmt: skip
@@ -100,7 +101,16 @@ def compare(run_dirs: list[str | Path], common: bool = False) -> dict[str, Any]:
         path = Path(d) / "results.json"
         if not path.is_file():
             raise ValueError(f"{d} is not a finished benchmark run (no results.json)")
-        runs.append(json.loads(path.read_text()))
+        run = read_json_object(path)
+        if not str(run.get("schema", "")).startswith("medit.bench/"):
+            raise ValueError(
+                f"{path}: not a benchmark run (schema {run.get('schema')!r}); "
+                "--compare takes `medit bench` run directories"
+            )
+        for field in ("suite", "mode", "methods"):
+            if field not in run:
+                raise ValueError(f"{path}, field '{field}': missing")
+        runs.append(run)
     shared = None
     if common:
         for d in run_dirs:
