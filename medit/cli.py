@@ -32,6 +32,40 @@ def _user_errors(fn):
     return wrapper
 
 
+def _quiet_option(fn):
+    """``--quiet/-q`` on a command as well as on ``medit`` itself (either works)."""
+
+    @click.option("--quiet", "-q", "cmd_quiet", is_flag=True, help="No progress bars or logs.")
+    @click.pass_context
+    @functools.wraps(fn)
+    def wrapper(ctx, *args, cmd_quiet=False, **kwargs):
+        ctx.ensure_object(dict)
+        if cmd_quiet and not ctx.obj.get("quiet"):
+            ctx.obj["quiet"] = True
+            _silence(ctx.obj.get("verbose", False))
+        return ctx.invoke(fn, *args, **kwargs)
+
+    return wrapper
+
+
+def _silence(verbose: bool) -> None:
+    """Quiet mode: no progress bars or warnings from medit or the libraries it calls."""
+    import os
+    import warnings
+
+    if not verbose:
+        logging.getLogger().setLevel(logging.WARNING)
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+    os.environ["TQDM_DISABLE"] = "1"
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def _parse_hparams(items: tuple[str, ...]) -> dict:
     out = {}
     for item in items:
@@ -45,7 +79,41 @@ def _parse_hparams(items: tuple[str, ...]) -> dict:
     return out
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _journal_options(fn):
+    """--author / --reason / --workspace: what the edit journal records."""
+    fn = click.option(
+        "--workspace",
+        type=click.Path(file_okay=False),
+        help="Directory of the edit journal (journal.jsonl); default: the "
+        "directory that holds --out.",
+    )(fn)
+    fn = click.option("--reason", help="Why this change is made (recorded in the journal).")(fn)
+    fn = click.option("--author", help="Who makes it (journal; default: the OS user name).")(fn)
+    return fn
+
+
+class _Group(click.Group):
+    """Usage errors (bad options) as one line, like every other user error: exit 2."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.Abort:
+            click.echo("medit: aborted", err=True)
+            sys.exit(1)
+        except click.UsageError as exc:
+            hint = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
+            click.echo(f"medit: error: {exc.format_message()}{hint}", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            click.echo(f"medit: error: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or log lines on stderr.")
 @click.option("--verbose", "-v", is_flag=True, help="Debug logging.")
 @click.pass_context
@@ -55,7 +123,9 @@ def main(ctx: click.Context, quiet: bool, verbose: bool) -> None:
     logging.basicConfig(level=level, format="medit: %(message)s", stream=sys.stderr)
     for noisy in ("transformers", "httpx", "huggingface_hub", "datasets"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    ctx.obj = {"quiet": quiet}
+    ctx.obj = {"quiet": quiet, "verbose": verbose}
+    if quiet:
+        _silence(verbose)
 
 
 @main.command()
@@ -98,9 +168,19 @@ def main(ctx: click.Context, quiet: bool, verbose: bool) -> None:
     metavar="KEY=VALUE",
     help="Override an editor hyper-parameter (repeatable), e.g. --hparam steps=40.",
 )
-@click.option("--batch-size", default=32, show_default=True, help="Evaluation batch size.")
+@click.option(
+    "--batch-size",
+    default=32,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Evaluation batch size.",
+)
 @click.option("--no-generation", is_flag=True, help="Skip the generation-based protocol.")
-@click.option("--overwrite", is_flag=True, help="Replace a non-empty run directory.")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace a run directory (and --save-model directory) medit wrote earlier.",
+)
 @click.option(
     "--threshold",
     "thresholds",
@@ -112,11 +192,13 @@ def main(ctx: click.Context, quiet: bool, verbose: bool) -> None:
 @click.option("--fail-under", is_flag=True, help="Exit 3 when the verdict fails the thresholds.")
 @click.option("--allow-pickle", is_flag=True, help="Allow pickle (.bin) weights. Unsafe.")
 @click.option("--trust-remote-code", is_flag=True, help="Run the model repo's code. Unsafe.")
+@_journal_options
+@_quiet_option
 @click.pass_context
 @_user_errors
 def edit(ctx, model, method, requests_, mode, out, save_model, seed, device, dtype, limit, hparams,
          batch_size, no_generation, overwrite, thresholds, fail_under, allow_pickle,
-         trust_remote_code):  # fmt: skip
+         trust_remote_code, author, reason, workspace):  # fmt: skip
     """Edit facts into a model and evaluate the edit before/after; writes RUN_DIR."""
     from medit.evaluation import EvalConfig
     from medit.runner import RunConfig, run_edit
@@ -127,7 +209,8 @@ def edit(ctx, model, method, requests_, mode, out, save_model, seed, device, dty
         save_model=save_model, overwrite=overwrite, allow_pickle=allow_pickle,
         trust_remote_code=trust_remote_code, quiet=ctx.obj["quiet"],
         eval=EvalConfig(batch_size=batch_size, generation=not no_generation),
-        thresholds=_parse_thresholds(thresholds),
+        thresholds=_parse_thresholds(thresholds), author=author, reason=reason,
+        workspace=workspace,
     )  # fmt: skip
     from medit.report.render import write_report
     from medit.results import format_summary
@@ -159,6 +242,7 @@ def edit(ctx, model, method, requests_, mode, out, save_model, seed, device, dty
 @click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(1, 4096))
 @click.option("--device", default="auto", show_default=True, help=DEVICES)
 @click.option("--dtype", type=DTYPES, default="auto", show_default=True)
+@_quiet_option
 @_user_errors
 def generate(model, artifact, prompts, prompts_file, max_new_tokens, device, dtype):
     """Greedy continuations as JSONL ({"prompt", "completion"}), optionally with an edit applied."""
@@ -218,7 +302,13 @@ def read_prompts(path: str) -> list[str]:
     default="single",
     show_default=True,
 )
-@click.option("--batch-size", default=8, show_default=True, help="Edits per batch (batch mode).")
+@click.option(
+    "--batch-size",
+    default=8,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Edits per batch (batch mode).",
+)
 @click.option("--limit", type=int, help="First N cases.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--device", default="auto", show_default=True, help=DEVICES)
@@ -249,6 +339,7 @@ def read_prompts(path: str) -> list[str]:
     help="With --compare: aggregate every row over the cases all compared rows hold.",
 )
 @click.option("--out", type=click.Path(file_okay=False), help="Run directory.")
+@_quiet_option
 @click.pass_context
 @_user_errors
 def bench(ctx, suite, data, methods, model, mode, batch_size, limit, seed, device, dtype, hparams,
@@ -259,14 +350,17 @@ def bench(ctx, suite, data, methods, model, mode, batch_size, limit, seed, devic
     if common and not compare_dirs:
         raise ValueError("--common applies to --compare only")
     if compare_dirs:
+        from medit.fs import atomic_dir, atomic_write_text, check_out
+
+        if out:
+            check_out(out, True, "compare")
         merged = tables.compare(list(compare_dirs), common=common)
         text = tables.markdown(merged)
         if out:
-            from medit.export import atomic_write_text
-
-            atomic_write_text(Path(out) / "results.json", json.dumps(merged, indent=2))
-            atomic_write_text(Path(out) / "table.md", text)
-            atomic_write_text(Path(out) / "table.csv", tables.csv_text(merged))
+            with atomic_dir(out, "compare") as tmp:
+                atomic_write_text(tmp / "results.json", json.dumps(merged, indent=2))
+                atomic_write_text(tmp / "table.md", text)
+                atomic_write_text(tmp / "table.csv", tables.csv_text(merged))
         click.echo(text)
         return
     if not out:
@@ -292,7 +386,7 @@ def bench(ctx, suite, data, methods, model, mode, batch_size, limit, seed, devic
 
 
 def _parse_thresholds(items: tuple[str, ...]) -> dict[str, float]:
-    from medit.report.render import DEFAULT_THRESHOLDS
+    from medit.results import DEFAULT_THRESHOLDS
 
     out = dict(DEFAULT_THRESHOLDS)
     for key, value in _parse_hparams(items).items():
@@ -318,11 +412,14 @@ def _parse_thresholds(items: tuple[str, ...]) -> dict[str, float]:
 @click.option(
     "--fail-under", is_flag=True, help="Exit 3 when an edit run's verdict fails its thresholds."
 )
+@_quiet_option
 @_user_errors
 def report(run_dir, output, fmt, fail_under):
     """Render RUN_DIR (an edit or benchmark run) as a self-contained report."""
+    from medit.fs import check_writable
     from medit.report.render import load_run, write_report
 
+    check_writable(output or Path(run_dir) / f"report.{fmt}", "-o" if output else "report")
     path = write_report(run_dir, output, fmt)
     click.echo(str(path.resolve()))
     kind, results, _ = load_run(run_dir)
@@ -332,7 +429,7 @@ def report(run_dir, output, fmt, fail_under):
 
 def _gate(results: dict) -> None:
     """Exit 3 when an edit run's verdict fails its declared thresholds (--fail-under)."""
-    from medit.report.render import verdict
+    from medit.results import verdict
 
     if not verdict(results)["passed"]:
         click.echo("medit: verdict FAIL against the run's thresholds (--fail-under)", err=True)
@@ -376,7 +473,8 @@ def _gate(results: dict) -> None:
 @click.option("--device", default="auto", show_default=True, help=DEVICES)
 @click.option("--dtype", type=DTYPES, default="auto", show_default=True)
 @click.option("--no-cache", is_flag=True, help="Recompute traces cached on disk.")
-@click.option("--overwrite", is_flag=True, help="Replace a non-empty run directory.")
+@click.option("--overwrite", is_flag=True, help="Replace a trace run directory medit wrote.")
+@_quiet_option
 @click.pass_context
 @_user_errors
 def trace(ctx, model, requests_, prompt, subject, out, answer, mode, fast, kinds, samples, noise,
@@ -407,6 +505,134 @@ def trace(ctx, model, requests_, prompt, subject, out, answer, mode, fast, kinds
             click.echo(f"{item['id']}: {item['answer_token']!r} p={item['clean_prob']:.3f} -> "
                        f"{item['corrupted_prob']:.3f} corrupted; peak layers: {peaks}", err=True)  # fmt: skip
     click.echo(str(Path(out).resolve()))
+
+
+def _model_writer(out_help: str):
+    """The options of the commands that write a model directory (apply, revert)."""
+
+    def wrap(f):
+        for option in reversed((
+            click.option("--out", required=True, type=click.Path(file_okay=False), help=out_help),
+            click.option("--device", default="auto", show_default=True, help=DEVICES),
+            click.option("--dtype", type=DTYPES, default="auto", show_default=True),
+            click.option("--overwrite", is_flag=True,
+                         help="Replace a model directory medit wrote earlier."),
+            _journal_options, _quiet_option, _user_errors,
+        )):  # fmt: skip
+            f = option(f)
+        return f
+
+    return wrap
+
+
+@main.command()
+@click.argument("edit", type=click.Path(exists=True))
+@click.option(
+    "--model",
+    default="builtin:smollm2",
+    show_default=True,
+    help="The base model the edit was made for.",
+)
+@_model_writer("Directory of the edited model to write.")
+def apply(edit, model, out, device, dtype, overwrite, author, reason, workspace):
+    """Write the edited model: EDIT (a run directory or artifact) applied to its base --model."""
+    from medit.apply import ApplyConfig, apply_edit
+
+    entry = apply_edit(
+        ApplyConfig(
+            source=edit,
+            out=out,
+            model=model,
+            device=device,
+            dtype=dtype,
+            overwrite=overwrite,
+            author=author,
+            reason=reason,
+            workspace=workspace,
+        )
+    )
+    click.echo(f"edited weights sha256 {entry['result_weights_sha256']}", err=True)
+    click.echo(str(Path(out).resolve()))
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
+@_model_writer("Directory of the restored base model to write.")
+def revert(model_dir, out, device, dtype, overwrite, author, reason, workspace):
+    """Give back the base model of MODEL_DIR (a model medit saved), bit-exactly."""
+    from medit.apply import ApplyConfig, revert_model
+
+    entry = revert_model(
+        ApplyConfig(
+            source=model_dir,
+            out=out,
+            device=device,
+            dtype=dtype,
+            overwrite=overwrite,
+            author=author,
+            reason=reason,
+            workspace=workspace,
+        )
+    )
+    click.echo(
+        f"base weights sha256 {entry['result_weights_sha256']} (as the edit recorded)", err=True
+    )
+    click.echo(str(Path(out).resolve()))
+
+
+@main.group("journal")
+def journal_group():
+    """The edit journal: every edit, apply and revert, hash-chained."""
+
+
+def _journal_path(where: str) -> Path:
+    from medit.journal import JOURNAL_FILE
+
+    path = Path(where)
+    if path.is_dir():
+        path = path / JOURNAL_FILE
+    if not path.is_file():
+        raise ValueError(
+            f"no edit journal at {where} (expected a workspace directory holding "
+            f"{JOURNAL_FILE}, or the journal file)"
+        )
+    return path
+
+
+@journal_group.command("show")
+@click.argument("workspace", default=".", type=click.Path(exists=True))
+@click.option("--run", "run_dir", type=click.Path(), help="Only the entries of this run directory.")
+@click.option("--json", "as_json", is_flag=True, help="The entries as JSON lines.")
+@_user_errors
+def journal_show(workspace, run_dir, as_json):
+    """The journal of WORKSPACE (a directory or journal file), oldest entry first."""
+    from medit import journal
+
+    path = _journal_path(workspace)
+    entries = journal.entries_for_run(path, run_dir) if run_dir else journal.read(path)
+    if as_json:
+        for e in entries:
+            click.echo(json.dumps(e, ensure_ascii=False))
+    else:
+        click.echo(journal.format_entries(entries))
+
+
+@journal_group.command("verify")
+@click.argument("workspace", default=".", type=click.Path(exists=True))
+@click.option("--head", help="The head hash you hold: also detects removed last entries.")
+@_user_errors
+def journal_verify(workspace, head):
+    """Check the hash chain; exit 3 naming every edited, removed or reordered entry."""
+    from medit import journal
+
+    path = _journal_path(workspace)
+    problems = journal.verify(path, expected_head=head)
+    if problems:
+        for p in problems:
+            click.echo(f"medit: journal: {p}", err=True)
+        sys.exit(3)
+    n = len(journal.read(path))
+    click.echo(f"{path}: {n} entries, chain intact; head {journal.head(path)}")
 
 
 @main.command()

@@ -8,8 +8,12 @@ Modes:
 * ``sequential`` — requests applied one after another without restoring, then *all* evaluated
   again (retention).
 
-Input is validated before the model is loaded, and the run directory is assembled in a temporary
-directory that replaces ``out`` only when the run succeeds: a failed run writes nothing.
+Input is validated before the model is loaded (requests, hyper-parameters against the model's
+config, output paths: writable, not overlapping each other or the base model), and the run
+directory is assembled in a temporary directory that replaces ``out`` only when the run succeeds:
+a failed run writes nothing. Every run is appended to the workspace's edit journal
+(``medit.journal``; by default ``journal.jsonl`` beside the run directory), and the run directory
+keeps a copy of its entry (``journal-entry.json``).
 """
 
 from __future__ import annotations
@@ -27,10 +31,11 @@ import torch
 from tqdm.auto import tqdm
 
 from medit import results as R
+from medit import savedmodel
 from medit.editors.base import EditResult, make_editor
 from medit.evaluation import EvalConfig, aggregate, evaluate
-from medit.export import atomic_dir, atomic_write_text, save_edited_model
-from medit.models import DEFAULT_MODEL, load_model, state_dict_sha256
+from medit.fs import atomic_dir, atomic_write_text, check_disjoint, check_out
+from medit.models import DEFAULT_MODEL, load_config, load_model, state_dict_sha256
 from medit.requests import check_lengths, context_length, load_requests
 
 log = logging.getLogger(__name__)
@@ -58,6 +63,9 @@ class RunConfig:
     #: pass rates the report's verdict requires, declared before the run (see medit.report)
     thresholds: dict[str, float] = dataclasses.field(default_factory=dict)
     quiet: bool = False  #: no progress bars
+    author: str | None = None  #: who made the edit (journal; default: the OS user)
+    reason: str | None = None  #: why (journal)
+    workspace: str | None = None  #: directory of the edit journal (default: the parent of out)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -80,39 +88,54 @@ def set_seed(seed: int) -> None:
         pass
 
 
-def _check_out(cfg: RunConfig) -> Path:
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} exists and is not a directory")
-    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
-        raise ValueError(f"--out {out} is not empty; choose another directory or pass --overwrite")
-    return out
+def check_paths(cfg: RunConfig) -> tuple[Path, Path]:
+    """Output paths checked before any work; (run directory, journal file)."""
+    journal = savedmodel.journal_file(cfg.workspace, cfg.out)
+    check_disjoint(
+        {
+            "--out": cfg.out,
+            "--save-model": cfg.save_model,
+            "--model": savedmodel.local_model_path(cfg.model),
+        }
+    )
+    check_disjoint({"--out": cfg.out, "the journal": journal})
+    check_disjoint({"--save-model": cfg.save_model, "the journal": journal})
+    out = check_out(cfg.out, cfg.overwrite, "edit-run")
+    if cfg.save_model:
+        check_out(cfg.save_model, cfg.overwrite, "model", "--save-model")
+    return out, journal
 
 
 def run_edit(cfg: RunConfig) -> dict[str, Any]:
     """Load, evaluate, edit, evaluate again; write the run directory; return results.json."""
-    out = _check_out(cfg)
+    out, journal = check_paths(cfg)
     editor = make_editor(cfg.method, **cfg.hparams)
     requests = load_requests(cfg.requests)[: cfg.limit]
+    editor.check_config(load_config(cfg.model, trust_remote_code=cfg.trust_remote_code))
     t_load = time.perf_counter()
-    lm = load_model(cfg.model, cfg.device, cfg.dtype, allow_pickle=cfg.allow_pickle,
-                    trust_remote_code=cfg.trust_remote_code)  # fmt: skip
+    lm = load_model(
+        cfg.model,
+        cfg.device,
+        cfg.dtype,
+        allow_pickle=cfg.allow_pickle,
+        trust_remote_code=cfg.trust_remote_code,
+    )
     load_seconds = time.perf_counter() - t_load
     model, tok, arch = lm.model, lm.tokenizer, lm.arch
-    check_lengths(requests, tok, context_length(model.config))
+    check_lengths(requests, tok, context_length(model.config), source=cfg.requests)
     set_seed(cfg.seed)
     if lm.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(lm.device)
 
     log.info("evaluating %d requests before editing", len(requests))
     t0 = time.perf_counter()
-    pre = evaluate(model, tok, arch, requests, cfg.eval)
+    pre = evaluate(model, tok, arch, requests, cfg.eval, progress=_bar(cfg, "evaluating before"))
     eval_seconds = time.perf_counter() - t0
     bar = tqdm(total=len(requests), desc=f"{cfg.method} {cfg.mode}", disable=cfg.quiet, unit="edit")
     post, edits, combined = _run_mode(cfg, editor, lm, requests, pre, bar)
     bar.close()
 
-    edited_sha = state_dict_sha256(model) if combined is not None else None
+    edited_sha = _edited_sha256(model, combined)
     resolved = editor.hparams_for(model).to_dict()
     provenance = R.provenance(
         model=lm.provenance(),
@@ -129,35 +152,73 @@ def run_edit(cfg: RunConfig) -> dict[str, Any]:
         "edit": _edit_summary(cfg, edits, combined, edited_sha, lm, eval_seconds, len(requests)),
         "artifact": None,
         "saved_model": None,
+        "journal": str(journal.resolve()),
     }
     samples = [
         {"id": r.id, "request": r.to_dict(), "pre": p, "post": q, "edit": e}
         for r, p, q, e in zip(requests, pre, post, _per_request(edits, len(requests)), strict=True)
     ]
-    with atomic_dir(out) as tmp:
-        if combined is not None:
-            combined.export(tmp, base_model=lm.spec, base_weights_sha256=lm.weights_sha256,
-                            edited_weights_sha256=edited_sha)  # fmt: skip
-            res["artifact"] = "artifact"
-        if cfg.save_model:
-            _save_model(cfg, model, tok, combined, resolved, lm, edited_sha)
-            res["saved_model"] = str(Path(cfg.save_model).resolve())
-        atomic_write_text(tmp / R.SAMPLES_FILE, R.jsonl(samples))
-        atomic_write_text(tmp / R.RESULTS_FILE, json.dumps(res, indent=2, ensure_ascii=False))
+    _write_run(cfg, out, journal, res, samples, requests, combined, lm, edited_sha)
     return res
 
 
-def _save_model(cfg, model, tok, combined, resolved, lm, edited_sha) -> None:
+def _bar(cfg: RunConfig, desc: str) -> str | None:
+    return None if cfg.quiet else desc
+
+
+def _edited_sha256(model: Any, combined: Any) -> str | None:
+    """The hash of the edited weights: for adapter edits, of the weights with the adapters merged
+    in (what ``--save-model`` and ``medit apply`` write); the base weights are untouched."""
+    if combined is None:
+        return None
+    merged = getattr(combined, "merged_into_model", None)
+    if merged is None:
+        return state_dict_sha256(model)
+    with merged():
+        return state_dict_sha256(model)
+
+
+def _write_run(cfg, out, journal, res, samples, requests, combined, lm, edited_sha) -> None:
+    """The run directory (and the saved model), journaled; all of it renamed into place only
+    after the journal entry is written, so no edit that exists is missing from the journal."""
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(atomic_dir(out, "edit-run"))
+        artifacts: dict[str, str] = {}
+        if combined is not None:
+            combined.export(
+                tmp,
+                base_model=lm.spec,
+                base_weights_sha256=lm.weights_sha256,
+                edited_weights_sha256=edited_sha,
+            )
+            res["artifact"] = "artifact"
+            artifacts |= savedmodel.hashes(tmp, "artifact", "run:")
+        model_tmp = None
+        if cfg.save_model:
+            model_tmp = stack.enter_context(atomic_dir(cfg.save_model, "model"))
+            _save_model(cfg, model_tmp, combined, res, lm, edited_sha)
+            res["saved_model"] = str(Path(cfg.save_model).resolve())
+            artifacts |= savedmodel.hashes(model_tmp, ".", "saved_model:", weights_only=True)
+        entry = savedmodel.journal_edit(journal, cfg, res, requests, artifacts, out)
+        res["journal_entry"] = entry["sha256"]
+        if model_tmp is not None:
+            savedmodel.write_run_card(model_tmp, res, requests, entry)
+        atomic_write_text(tmp / savedmodel.ENTRY_FILE, json.dumps(entry, indent=2))
+        atomic_write_text(tmp / R.SAMPLES_FILE, R.jsonl(samples))
+        atomic_write_text(tmp / R.RESULTS_FILE, json.dumps(res, indent=2, ensure_ascii=False))
+
+
+def _save_model(cfg, directory, combined, res, lm, edited_sha) -> None:
     """An HF directory of the edited weights; adapter edits are merged in (each fully on: the
     per-input routing of MedLaSA lives only in the artifact)."""
-    merged = getattr(combined, "merged_into_model", None)
-    ctx = merged() if merged is not None else contextlib.nullcontext()
-    originals = combined.merged_originals if merged is not None else combined.originals
-    with ctx:
-        save_edited_model(model, tok, cfg.save_model, delta=dict(
-            method=cfg.method, hparams=resolved, edited=combined.edited_tensors(),
-            originals=originals, base_model=lm.spec,
-            base_weights_sha256=lm.weights_sha256, edited_weights_sha256=edited_sha))  # fmt: skip
+    savedmodel.write_edited(
+        directory,
+        lm,
+        combined,
+        method=cfg.method,
+        hparams=res["config"]["hparams"],
+        edited_sha=edited_sha,
+    )
 
 
 def _run_mode(cfg, editor, lm, requests, pre, bar):
@@ -182,7 +243,9 @@ def _run_mode(cfg, editor, lm, requests, pre, bar):
             edits.append(editor.apply(model, tok, [req]))
             bar.update(1)
         combined = type(edits[0]).combine(edits)
-    post = evaluate(model, tok, arch, requests, cfg.eval, reference=pre)
+    post = evaluate(
+        model, tok, arch, requests, cfg.eval, reference=pre, progress=_bar(cfg, "evaluating after")
+    )
     return post, edits, combined
 
 

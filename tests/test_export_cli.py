@@ -117,7 +117,7 @@ def test_bad_options_exit_2(tiny_model_dir, tmp_path):
     runner = CliRunner()
     cases = [
         (["edit", "--method", "rome2", "--out", str(tmp_path / "a")], "unknown method 'rome2'"),
-        (["edit", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "b")], "cannot resolve"),
+        (["edit", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "b")], "does not exist"),
         (["edit", "--model", str(tiny_model_dir), "--save-model", str(tmp_path / "m"),
           "--out", str(tmp_path / "c")], "--save-model needs --mode batch"),
         (["edit", "--model", str(tiny_model_dir), "--device", "cuda:7", "--out", str(tmp_path / "d")],

@@ -211,7 +211,10 @@ def test_cli_trace_writes_json_and_one_svg_per_prompt(tiny_model_dir, tmp_path):
     for item in doc["traces"]:
         ET.parse(out / item["svg"])
     again = CliRunner().invoke(main, args)
-    assert again.exit_code == 2 and "not an empty directory" in again.output
+    assert (
+        again.exit_code == 2
+        and "is not empty; choose another directory or pass --overwrite" in again.output
+    )
 
 
 @pytest.mark.parametrize(

@@ -13,20 +13,9 @@ from typing import Any
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 
-from medit.export import atomic_write_text
+from medit.fs import atomic_write_text
 from medit.report import svg
-
-#: pass-rate thresholds a run is judged against, unless the run declared its own
-DEFAULT_THRESHOLDS = {"efficacy": 0.8, "generality": 0.5, "locality": 0.8}
-_THRESHOLD_METRICS = {
-    "efficacy": ("generation", "efficacy_contains", "generation-based efficacy (target stated)"),
-    "generality": (
-        "generation",
-        "generality_contains",
-        "generation-based generality (paraphrases)",
-    ),
-    "locality": ("generation", "locality_mean", "generation-based locality (probes unchanged)"),
-}
+from medit.results import read_json_object, verdict
 
 
 def _env() -> Environment:
@@ -41,21 +30,6 @@ def _env() -> Environment:
     return env
 
 
-def verdict(results: dict[str, Any]) -> dict[str, Any]:
-    """Judge an edit run against its declared thresholds (or the defaults)."""
-    thresholds = results.get("config", {}).get("thresholds") or DEFAULT_THRESHOLDS
-    post = results["metrics"]["post"]
-    checks = []
-    for key, minimum in thresholds.items():
-        if key not in _THRESHOLD_METRICS:
-            raise ValueError(f"unknown threshold {key!r}; known: {', '.join(_THRESHOLD_METRICS)}")
-        protocol, metric, label = _THRESHOLD_METRICS[key]
-        value = post.get(protocol, {}).get(metric)
-        checks.append({"key": key, "label": label, "value": value, "threshold": minimum,
-                       "passed": value is not None and value >= minimum})  # fmt: skip
-    return {"passed": all(c["passed"] for c in checks), "checks": checks}
-
-
 def load_run(run_dir: str | Path) -> tuple[str, dict[str, Any], list[dict[str, Any]]]:
     """(kind, results, samples) of a run directory."""
     run = Path(run_dir)
@@ -64,14 +38,18 @@ def load_run(run_dir: str | Path) -> tuple[str, dict[str, Any], list[dict[str, A
         path = run / "traces.json"  # a `medit trace` run
     if not path.is_file():
         raise ValueError(f"{run} is not a medit run directory (no results.json)")
-    results = json.loads(path.read_text(encoding="utf-8"))
-    schema = results.get("schema", "")
+    results = read_json_object(path)
+    schema = str(results.get("schema", ""))
     if schema.startswith("medit.bench/"):
         return "bench", results, []
     if schema.startswith("medit.traces/"):
         return "trace", results, []
     if not schema.startswith("medit.results/"):
         raise ValueError(f"{path}: unknown schema {schema!r}")
+    for field in ("config", "metrics", "provenance", "edit"):
+        if not isinstance(results.get(field), dict):
+            raise ValueError(f"{path}, field '{field}': missing or not an object")
+    results["_journal"] = journal_status(run, results)
     samples = []
     samples_path = run / "samples.jsonl"
     if samples_path.is_file():
@@ -81,6 +59,27 @@ def load_run(run_dir: str | Path) -> tuple[str, dict[str, Any], list[dict[str, A
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{samples_path}: line {i}: invalid JSON ({exc.msg})") from None
     return "edit", results, samples
+
+
+def journal_status(run: Path, results: dict[str, Any]) -> dict[str, Any] | None:
+    """The run's journal entry (its copy in the run directory) and, where the workspace journal
+    is reachable, whether that journal is intact and holds the entry."""
+    from medit import journal
+    from medit.savedmodel import ENTRY_FILE
+
+    if not (run / ENTRY_FILE).is_file():
+        return None
+    entry = read_json_object(run / ENTRY_FILE)
+    status = {"entry": entry, "path": results.get("journal"), "checked": False}
+    path = Path(results["journal"]) if results.get("journal") else None
+    if path is not None and path.is_file():
+        try:
+            problems = journal.verify(path)
+            held = any(e.get("sha256") == entry.get("sha256") for e in journal.read(path))
+        except ValueError as exc:
+            problems, held = [str(exc)], False
+        status.update(checked=True, problems=problems, held=held)
+    return status
 
 
 # -- edit runs -----------------------------------------------------------------------------------
