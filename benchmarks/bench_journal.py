@@ -47,7 +47,9 @@ class SqliteJournal:
         self.db = sqlite3.connect(path, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
-        self.db.execute("CREATE TABLE IF NOT EXISTS j (seq INTEGER PRIMARY KEY, body TEXT NOT NULL)")
+        self.db.execute(
+            "CREATE TABLE IF NOT EXISTS j (seq INTEGER PRIMARY KEY, body TEXT NOT NULL)"
+        )
 
     def verify(self) -> list[str]:
         prev, problems = journal.GENESIS, []
