@@ -219,7 +219,8 @@ def edit(ctx, model, method, requests_, mode, out, save_model, seed, device, dty
     if not ctx.obj["quiet"]:
         click.echo(format_summary(res), err=True)
     report = write_report(out)
-    click.echo(f"report: {report.resolve()}", err=True)
+    if not ctx.obj["quiet"]:
+        click.echo(f"report: {report.resolve()}", err=True)
     click.echo(str(Path(out).resolve()))
     if fail_under:
         _gate(res)

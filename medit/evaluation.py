@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from medit.arch import ArchSpec, get_arch
-from medit.forward import logits_at
+from medit.forward import cache_kwargs, logits_at
 from medit.requests import EditRequest
 from medit.routing import prompts_for_rows, select_rows
 from medit.text import encode_pair, left_padded, normalise, teacher_batch
@@ -134,7 +134,7 @@ def _greedy(model, arch: ArchSpec, ids, mask, max_new_tokens: int, stop) -> list
     step_ids, step_pos = ids, positions
     for _ in range(max_new_tokens):
         hidden = base(input_ids=step_ids, attention_mask=mask, position_ids=step_pos,
-                      past_key_values=cache, use_cache=True).last_hidden_state  # fmt: skip
+                      use_cache=True, **cache_kwargs(base, cache)).last_hidden_state  # fmt: skip
         nxt = arch.head(model, hidden[:, -1]).argmax(-1)
         done = torch.isin(nxt, stop)
         for r, t, d in zip(alive.tolist(), nxt.tolist(), done.tolist(), strict=True):

@@ -2,12 +2,32 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any
 
 import torch
 
 from medit.arch import ArchSpec
 from medit.text import TeacherBatch
+
+
+@functools.cache
+def _cache_keyword(cls: type) -> str:
+    params = inspect.signature(cls.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def cache_kwargs(base: Any, cache: Any) -> dict[str, Any]:
+    """``{keyword: cache}`` for a call of ``base`` (a decoder stack): transformers 5 takes the KV
+    cache as ``cache`` and deprecates ``past_key_values``; earlier versions know only the latter."""
+    return {_cache_keyword(type(base)): cache}
+
+
+def passed_cache(kwargs: dict[str, Any]) -> Any:
+    """The KV cache a forward hook sees in ``kwargs``, under either keyword."""
+    cache = kwargs.get("cache")
+    return cache if cache is not None else kwargs.get("past_key_values")
 
 
 def logits_at(model: Any, arch: ArchSpec, batch: TeacherBatch, at_prompt_end: bool = False):

@@ -45,6 +45,7 @@ import torch
 from tqdm.auto import tqdm
 
 from medit.arch import ArchSpec
+from medit.forward import cache_kwargs
 from medit.fs import atomic_write_text
 from medit.hooks import (
     add_rows,
@@ -241,9 +242,8 @@ def _collect_states(model, arch, ids, span, draws, kinds) -> _States:
     outs, edits = _recorders(arch, model, kinds, n_layers)
     cache = DynamicCache(config=model.config)
     with hooked(pre), edited_outputs([_corrupt(arch, model, span, draws), *edits]):
-        out = arch.base_model(model)(
-            input_ids=ids.expand(k + 1, -1), past_key_values=cache, use_cache=True
-        )
+        base = arch.base_model(model)
+        out = base(input_ids=ids.expand(k + 1, -1), use_cache=True, **cache_kwargs(base, cache))
     probs = torch.softmax(arch.head(model, out.last_hidden_state[:, -1]).float(), dim=-1)
     clean = {kind: torch.stack([outs[kind, i][0][0] for i in range(n_layers)]) for kind in kinds}
     return _States(
@@ -295,10 +295,9 @@ def _run_cells(
     hidden = states.entering[start][:, token:].repeat(len(cells), 1, 1)
     edits = _restoring_edits(model, arch, states, cells, token, width)
     with frozen_prefix(model, arch, start, hidden), edited_outputs(edits):
-        out = arch.base_model(model)(
-            input_ids=states.ids[token:].expand(n, -1), past_key_values=cache,
-            use_cache=cache is not None,
-        )  # fmt: skip
+        base = arch.base_model(model)
+        out = base(input_ids=states.ids[token:].expand(n, -1), use_cache=cache is not None,
+                   **cache_kwargs(base, cache))  # fmt: skip
     probs = torch.softmax(arch.head(model, out.last_hidden_state[:, -1]).float(), dim=-1)
     return probs[:, answer].view(len(cells), -1).mean(1)
 

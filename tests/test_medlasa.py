@@ -110,8 +110,17 @@ def test_unrouted_callers_route_by_their_own_input(tiny_llama):
     direct = model(**enc).logits
     routed, _ = _logits(model, tok, [REQS[0].prompt])
     torch.testing.assert_close(direct, routed)
-    out = model.generate(**enc, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    bank = getattr(model, ROUTER)
+    calls = []
+    real = bank._coefficients
+    bank._coefficients = lambda prompts: calls.append(list(prompts)) or real(prompts)
+    try:
+        out = model.generate(**enc, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    finally:
+        del bank._coefficients
     assert out.shape[1] == enc["input_ids"].shape[1] + 3
+    # decoding steps keep the routing of the prompt (whatever the KV cache keyword is called)
+    assert calls == [[REQS[0].prompt]]
 
 
 def test_oracle_mode_scales_each_input_by_its_own_trace(tiny_llama):

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from medit.arch import ArchSpec, get_module
+from medit.forward import passed_cache
 from medit.hooks import capture_input
 from medit.routing import ROUTER
 
@@ -271,7 +272,7 @@ class AdapterBank:
         if not self.enabled or self._explicit:
             return None
         ids = kwargs.get("input_ids", args[0] if args else None)
-        past = kwargs.get("past_key_values")
+        past = passed_cache(kwargs)
         if (past is not None and past.get_seq_length() > 0 and self._state is not None
                 and ids is not None and self._state[0].shape[0] == ids.shape[0]):  # fmt: skip
             return None  # decoding: keep the routing of the sequence's prefill
