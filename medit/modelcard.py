@@ -73,6 +73,17 @@ def hub_id(spec: str) -> str | None:
     return spec if _HUB_ID.match(spec) and not spec.endswith(".gguf") else None
 
 
+def peft_base(spec: str | None) -> str | None:
+    """``base_model_name_or_path`` for a PEFT adapter: the hub id, else the local path."""
+    if not spec:
+        return None
+    hub = hub_id(spec)
+    if hub is not None:
+        return hub
+    path = Path(spec).expanduser()
+    return str(path.resolve()) if path.exists() else spec
+
+
 def front_matter(
     *, base_model: str, method: str, medit: dict[str, Any], tags: Sequence[str] | None = None
 ) -> str:

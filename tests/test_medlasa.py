@@ -179,8 +179,12 @@ def test_exported_peft_adapter_reproduces_the_edit(tiny_llama, tmp_path):
     model, tok = tiny_llama
     result = _edit(model, tok, reqs=REQS[:1])
     edited, _ = _logits(model, tok, [REQS[0].prompt])
-    result.export(tmp_path)
+    result.export(tmp_path, base_model="builtin:smollm2")
     result.restore()
+    config = json.loads(
+        (tmp_path / "artifact" / "peft" / "edit-0" / "adapter_config.json").read_text()
+    )
+    assert config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     peft_model = PeftModel.from_pretrained(model, tmp_path / "artifact" / "peft" / "edit-0")
     enc = tok([REQS[0].prompt], return_tensors="pt")
     torch.testing.assert_close(peft_model(**enc).logits, edited, rtol=1e-4, atol=1e-4)
@@ -193,8 +197,10 @@ def test_lora_peft_export_reproduces_the_merged_edit(tiny_llama, tmp_path):
     result = make_editor("lora", steps=10).apply(model, tok, REQS[:1])
     enc = tok([REQS[0].prompt], return_tensors="pt")
     edited = model(**enc).logits
-    result.export(tmp_path)
+    result.export(tmp_path, base_model=str(tmp_path))
     result.restore()
+    config = json.loads((tmp_path / "artifact" / "peft" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tmp_path.resolve())
     peft_model = PeftModel.from_pretrained(model, tmp_path / "artifact" / "peft")
     torch.testing.assert_close(peft_model(**enc).logits, edited, rtol=1e-4, atol=1e-4)
 

@@ -120,7 +120,7 @@ class AdapterEditResult(EditResult):
             write_adapters(tmp, self, **provenance)
             for i, a in enumerate(self.adapters if peft else []):
                 write_peft_adapter(tmp / "peft" / f"edit-{i}", a.A, a.B, a.scale,
-                                   self.bank.arch.conv1d)  # fmt: skip
+                                   self.bank.arch.conv1d, provenance.get("base_model"))  # fmt: skip
         return target
 
 
@@ -153,10 +153,13 @@ def write_adapters(directory: Path, result: AdapterEditResult, **provenance: Any
 
 
 def write_peft_adapter(directory: Path, A: dict[str, torch.Tensor], B: dict[str, torch.Tensor],
-                       scale: dict[str, float], conv1d: bool) -> None:  # fmt: skip
+                       scale: dict[str, float], conv1d: bool, base_model: str | None = None) -> None:  # fmt: skip
     """A LoRA update per module (scale·B·A) as a PEFT LoRA directory, each module's rank and
-    alpha given through PEFT's rank and alpha patterns."""
+    alpha given through PEFT's rank and alpha patterns; ``base_model`` (a model spec) becomes
+    its ``base_model_name_or_path``."""
     from peft import LoraConfig
+
+    from medit.modelcard import peft_base
 
     names = sorted(A)
     ranks = {n: int(A[n].shape[0]) for n in names}
@@ -166,6 +169,7 @@ def write_peft_adapter(directory: Path, A: dict[str, torch.Tensor], B: dict[str,
         rank_pattern={f"^{n}$": r for n, r in ranks.items()},
         alpha_pattern={f"^{n}$": a for n, a in alphas.items()},
         lora_dropout=0.0, bias="none", fan_in_fan_out=conv1d, task_type="CAUSAL_LM",
+        base_model_name_or_path=peft_base(base_model),
     )  # fmt: skip
     directory.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(str(directory))
@@ -198,7 +202,8 @@ def low_rank_approx(delta: torch.Tensor, max_rank: int = 0, rtol: float = 1e-6, 
 
 
 def write_lowrank_peft(directory: Path, deltas: dict[str, torch.Tensor], conv1d: bool,
-                       max_rank: int = 0, pad: int = 1) -> dict[str, dict[str, float]]:  # fmt: skip
+                       max_rank: int = 0, pad: int = 1,
+                       base_model: str | None = None) -> dict[str, dict[str, float]]:  # fmt: skip
     """Weight changes per module (``(out, in)`` layout, or ``(in, out)`` for Conv1D) as a PEFT
     LoRA directory; writes and returns each module's rank and relative truncation error."""
     A, B, scale, report = {}, {}, {}, {}
@@ -206,7 +211,7 @@ def write_lowrank_peft(directory: Path, deltas: dict[str, torch.Tensor], conv1d:
         A[module], B[module], err = low_rank_approx(delta.T if conv1d else delta, max_rank, pad=pad)
         scale[module] = 1.0
         report[module] = {"rank": int(A[module].shape[0]), "relative_error": err}
-    write_peft_adapter(directory, A, B, scale, conv1d)
+    write_peft_adapter(directory, A, B, scale, conv1d, base_model)
     (directory / "medit_lowrank.json").write_text(json.dumps(report, indent=2))
     return report
 

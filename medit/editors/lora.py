@@ -101,7 +101,9 @@ class LoRAEditResult(EditResult):
         )
         deltas = {n.removesuffix(".weight"): p.detach().float() - self.originals[n].float()
                   for n, p in self._params.items()}  # fmt: skip
-        write_lowrank_peft(target / "peft", deltas, self.conv1d, rank)
+        write_lowrank_peft(
+            target / "peft", deltas, self.conv1d, rank, base_model=provenance.get("base_model")
+        )
         return target
 
     @classmethod
