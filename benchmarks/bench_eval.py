@@ -23,9 +23,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from medit.bench.suites import get_suite  # noqa: E402
+from medit.core.models import DEFAULT_MODEL, load_model  # noqa: E402
 from medit.evaluation import evaluate  # noqa: E402
-from medit.models import DEFAULT_MODEL, load_model  # noqa: E402
-from medit.requests import BUILTIN, load_requests  # noqa: E402
+from medit.facts.requests import BUILTIN, load_requests  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

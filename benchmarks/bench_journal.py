@@ -1,4 +1,4 @@
-"""The edit journal's storage: hash-chained JSON lines (medit.journal) vs an SQLite table.
+"""The edit journal's storage: hash-chained JSON lines (medit.artifacts.journal) vs an SQLite table.
 
     python benchmarks/bench_journal.py [--n 1000] [--requests 4] [--out FILE]
 

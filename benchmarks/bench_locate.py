@@ -29,13 +29,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from medit.corpus import Corpus  # noqa: E402
-from medit.editors import _keys  # noqa: E402
+from medit.core.models import DEFAULT_MODEL, load_model  # noqa: E402
 from medit.editors.base import make_editor  # noqa: E402
-from medit.editors.locate import base_corpus  # noqa: E402
-from medit.models import DEFAULT_MODEL, load_model  # noqa: E402
-from medit.requests import load_requests  # noqa: E402
-from medit.tracing import request_subjects  # noqa: E402
+from medit.editors.locate import keys as _keys  # noqa: E402
+from medit.editors.locate.common import base_corpus  # noqa: E402
+from medit.facts.corpus import Corpus  # noqa: E402
+from medit.facts.requests import load_requests  # noqa: E402
+from medit.tracing.trace import request_subjects  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

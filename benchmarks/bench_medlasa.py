@@ -23,11 +23,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from medit.core.models import DEFAULT_MODEL, load_model  # noqa: E402
 from medit.editors.base import make_editor  # noqa: E402
 from medit.editors.medlasa import train_adapter  # noqa: E402
 from medit.evaluation import EvalConfig, evaluate  # noqa: E402
-from medit.models import DEFAULT_MODEL, load_model  # noqa: E402
-from medit.requests import load_requests  # noqa: E402
+from medit.facts.requests import load_requests  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

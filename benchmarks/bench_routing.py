@@ -23,9 +23,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from medit.editors._adapters import Adapter, AdapterBank, RoutingConfig  # noqa: E402
-from medit.models import DEFAULT_MODEL, load_model  # noqa: E402
-from medit.requests import load_requests  # noqa: E402
+from medit.core.models import DEFAULT_MODEL, load_model  # noqa: E402
+from medit.editors.patching.adapters import Adapter, AdapterBank, RoutingConfig  # noqa: E402
+from medit.facts.requests import load_requests  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

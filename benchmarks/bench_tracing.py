@@ -6,7 +6,7 @@
 Prints, in one run, for drug-fact prompts whose subject sits first, mid-sentence or at the end
 (where restorations before the subject are skipped and most positions come from the cache):
 * the batched full trace (hidden, mlp, attn; 10 noise samples; window 10) next to ROME's loop
-  (one full forward of 1 + k rows per restoration; ``medit.tracing.trace_reference``) on the
+  (one full forward of 1 + k rows per restoration; ``medit.tracing.trace.trace_reference``) on the
   first ``--reference`` prompts: largest score difference, speed ratio, and the ratio of work
   (token x layer passes) the two do;
 * seconds per prompt of the full and the fast (attribution patching) trace;
@@ -30,9 +30,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from medit.models import load_model  # noqa: E402
-from medit.requests import load_requests  # noqa: E402
-from medit.tracing import TraceConfig, noise_level, trace, trace_reference, window  # noqa: E402
+from medit.core.models import load_model  # noqa: E402
+from medit.facts.requests import load_requests  # noqa: E402
+from medit.tracing.trace import TraceConfig, noise_level, trace, trace_reference, window  # noqa: E402
 
 #: (prompt, subject, where the subject sits): drug facts the model gets (about) right; the
 #: first ones are also traced with ROME's loop

@@ -17,9 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from medit import journal, savedmodel
-from medit.editors.adapter_result import is_adapter_artifact, load_adapter_artifact
-from medit.export import (
+from medit.artifacts import journal, savedmodel
+from medit.artifacts.weights import (
     DELTA_FILE,
     apply_artifact,
     find_artifact,
@@ -27,8 +26,9 @@ from medit.export import (
     read_state,
     write_model_dir,
 )
-from medit.fs import atomic_dir, atomic_write_text, check_disjoint, check_out, file_sha256
-from medit.models import LoadedModel, load_model, state_dict_sha256
+from medit.core.fs import atomic_dir, atomic_write_text, check_disjoint, check_out, file_sha256
+from medit.core.models import LoadedModel, load_model, state_dict_sha256
+from medit.editors.adapter_result import is_adapter_artifact, load_adapter_artifact
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +56,7 @@ def _artifact_manifest(source: str) -> tuple[dict[str, Any], Path]:
     """The manifest of a run directory's or artifact's edit, read before any model loads."""
     adapter = is_adapter_artifact(source)
     if adapter is not None:
-        from medit.export import open_safetensors
+        from medit.artifacts.weights import open_safetensors
 
         with open_safetensors(adapter) as f:
             meta = f.metadata() or {}
@@ -205,7 +205,7 @@ def _run_results(source: str) -> dict[str, Any] | None:
     path = Path(source) / "results.json"
     if not path.is_file():
         return None
-    from medit.results import read_json_object
+    from medit.core.results import read_json_object
 
     return read_json_object(path)
 

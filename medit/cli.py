@@ -212,8 +212,8 @@ def edit(ctx, model, method, requests_, mode, out, save_model, seed, device, dty
         thresholds=_parse_thresholds(thresholds), author=author, reason=reason,
         workspace=workspace,
     )  # fmt: skip
+    from medit.core.results import format_summary
     from medit.report.render import write_report
-    from medit.results import format_summary
 
     res = run_edit(cfg)
     if not ctx.obj["quiet"]:
@@ -250,9 +250,9 @@ def generate(model, artifact, prompts, prompts_file, max_new_tokens, device, dty
     all_prompts = list(prompts) + (read_prompts(prompts_file) if prompts_file else [])
     if not all_prompts:
         raise ValueError("give --prompt TEXT or --prompts FILE")
+    from medit.artifacts.weights import load_edit
+    from medit.core.models import load_model
     from medit.evaluation import generate as greedy
-    from medit.export import load_edit
-    from medit.models import load_model
 
     lm = load_model(model, device, dtype)
     if artifact:
@@ -351,7 +351,7 @@ def bench(ctx, suite, data, methods, model, mode, batch_size, limit, seed, devic
     if common and not compare_dirs:
         raise ValueError("--common applies to --compare only")
     if compare_dirs:
-        from medit.fs import atomic_dir, atomic_write_text, check_out
+        from medit.core.fs import atomic_dir, atomic_write_text, check_out
 
         if out:
             check_out(out, True, "compare")
@@ -387,7 +387,7 @@ def bench(ctx, suite, data, methods, model, mode, batch_size, limit, seed, devic
 
 
 def _parse_thresholds(items: tuple[str, ...]) -> dict[str, float]:
-    from medit.results import DEFAULT_THRESHOLDS
+    from medit.core.results import DEFAULT_THRESHOLDS
 
     out = dict(DEFAULT_THRESHOLDS)
     for key, value in _parse_hparams(items).items():
@@ -417,7 +417,7 @@ def _parse_thresholds(items: tuple[str, ...]) -> dict[str, float]:
 @_user_errors
 def report(run_dir, output, fmt, fail_under):
     """Render RUN_DIR (an edit or benchmark run) as a self-contained report."""
-    from medit.fs import check_writable
+    from medit.core.fs import check_writable
     from medit.report.render import load_run, write_report
 
     check_writable(output or Path(run_dir) / f"report.{fmt}", "-o" if output else "report")
@@ -430,7 +430,7 @@ def report(run_dir, output, fmt, fail_under):
 
 def _gate(results: dict) -> None:
     """Exit 3 when an edit run's verdict fails its declared thresholds (--fail-under)."""
-    from medit.results import verdict
+    from medit.core.results import verdict
 
     if not verdict(results)["passed"]:
         click.echo("medit: verdict FAIL against the run's thresholds (--fail-under)", err=True)
@@ -481,8 +481,8 @@ def _gate(results: dict) -> None:
 def trace(ctx, model, requests_, prompt, subject, out, answer, mode, fast, kinds, samples, noise,
           window, seed, limit, device, dtype, no_cache, overwrite):  # fmt: skip
     """Causal tracing of the requests' facts; writes RUN_DIR/traces.json and SVG heatmaps."""
-    from medit.tracing import TraceConfig
-    from medit.tracing_run import TraceRunConfig, run_trace
+    from medit.tracing.run import TraceRunConfig, run_trace
+    from medit.tracing.trace import TraceConfig
 
     if subject and not prompt:
         raise ValueError("--subject goes with --prompt")
@@ -587,7 +587,7 @@ def journal_group():
 
 
 def _journal_path(where: str) -> Path:
-    from medit.journal import JOURNAL_FILE
+    from medit.artifacts.journal import JOURNAL_FILE
 
     path = Path(where)
     if path.is_dir():
@@ -607,7 +607,7 @@ def _journal_path(where: str) -> Path:
 @_user_errors
 def journal_show(workspace, run_dir, as_json):
     """The journal of WORKSPACE (a directory or journal file), oldest entry first."""
-    from medit import journal
+    from medit.artifacts import journal
 
     path = _journal_path(workspace)
     entries = journal.entries_for_run(path, run_dir) if run_dir else journal.read(path)
@@ -624,7 +624,7 @@ def journal_show(workspace, run_dir, as_json):
 @_user_errors
 def journal_verify(workspace, head):
     """Check the hash chain; exit 3 naming every edited, removed or reordered entry."""
-    from medit import journal
+    from medit.artifacts import journal
 
     path = _journal_path(workspace)
     problems = journal.verify(path, expected_head=head)
@@ -639,7 +639,7 @@ def journal_verify(workspace, head):
 @main.command()
 def models():
     """Builtin models and the models materialised in the cache."""
-    from medit.models import BUILTIN_MODELS, builtin_gguf_path, cache_dir, cached_models
+    from medit.core.models import BUILTIN_MODELS, builtin_gguf_path, cache_dir, cached_models
 
     click.echo("builtin models:")
     for name, b in BUILTIN_MODELS.items():

@@ -25,11 +25,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from medit.arch import ArchSpec, get_arch
-from medit.forward import cache_kwargs, logits_at
-from medit.requests import EditRequest
-from medit.routing import prompts_for_rows, select_rows
-from medit.text import encode_pair, left_padded, normalise, teacher_batch
+from medit.core.arch import ArchSpec, get_arch
+from medit.core.forward import cache_kwargs, logits_at
+from medit.core.text import encode_pair, left_padded, normalise, teacher_batch
+from medit.editors.patching.routing import prompts_for_rows, select_rows
+from medit.facts.requests import EditRequest
 
 
 @dataclasses.dataclass(frozen=True)

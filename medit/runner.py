@@ -12,7 +12,7 @@ Input is validated before the model is loaded (requests, hyper-parameters agains
 config, output paths: writable, not overlapping each other or the base model), and the run
 directory is assembled in a temporary directory that replaces ``out`` only when the run succeeds:
 a failed run writes nothing. Every run is appended to the workspace's edit journal
-(``medit.journal``; by default ``journal.jsonl`` beside the run directory), and the run directory
+(``medit.artifacts.journal``; by default ``journal.jsonl`` beside the run directory), and the run directory
 keeps a copy of its entry (``journal-entry.json``).
 """
 
@@ -30,13 +30,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from medit import results as R
-from medit import savedmodel
+from medit.artifacts import savedmodel
+from medit.core import results as R
+from medit.core.fs import atomic_dir, atomic_write_text, check_disjoint, check_out
+from medit.core.models import DEFAULT_MODEL, load_config, load_model, state_dict_sha256
 from medit.editors.base import EditResult, make_editor
 from medit.evaluation import EvalConfig, aggregate, evaluate
-from medit.fs import atomic_dir, atomic_write_text, check_disjoint, check_out
-from medit.models import DEFAULT_MODEL, load_config, load_model, state_dict_sha256
-from medit.requests import check_lengths, context_length, load_requests
+from medit.facts.requests import check_lengths, context_length, load_requests
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ MODES = ("single", "batch", "sequential")
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     out: str  #: run directory to write
-    model: str = DEFAULT_MODEL  #: model spec (see medit.models)
+    model: str = DEFAULT_MODEL  #: model spec (see medit.core.models)
     method: str = "ft-m"  #: editor name (see `medit methods`)
     requests: str = "builtin"  #: request file, or "builtin" for the shipped sample set
     mode: str = "single"  #: single | batch | sequential

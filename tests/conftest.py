@@ -70,7 +70,7 @@ def _tiny(kind: str, vocab: int, seed: int = 0):
             eos_token_id=0, bos_token_id=0, pad_token_id=0,
         )  # fmt: skip
         model = GPT2LMHeadModel(cfg)
-    from medit.models import state_dict_sha256
+    from medit.core.models import state_dict_sha256
 
     # as load_model does: work on the base weights (traces, covariances, corpora) is cached
     model.medit_weights_sha256 = state_dict_sha256(model)

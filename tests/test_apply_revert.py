@@ -9,9 +9,9 @@ import pytest
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from medit import journal
+from medit.artifacts import journal
 from medit.cli import main
-from medit.models import load_model
+from medit.core.models import load_model
 from tests.conftest import _tiny
 from tests.test_export_cli import _requests_file
 
@@ -93,7 +93,7 @@ def test_apply_refuses_a_base_with_other_weights(edit_run, tokenizer, tmp_path):
 
 def test_generate_refuses_an_artifact_of_another_shape(edit_run, tiny_model_dir, tmp_path):
     """An artifact whose tensors have other shapes than the model's is named as such."""
-    from medit.export import read_artifact, write_weights_artifact
+    from medit.artifacts.weights import read_artifact, write_weights_artifact
 
     manifest, edited, originals = read_artifact(edit_run)
     name = next(iter(edited))

@@ -2,8 +2,8 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from medit.arch import ARCHITECTURES, get_arch
-from medit.hooks import capture_input, frozen_prefix, hooked
+from medit.core.arch import ARCHITECTURES, get_arch
+from medit.core.hooks import capture_input, frozen_prefix, hooked
 
 
 def test_every_kind_of_tiny_models_resolves_to_a_module(tiny):

@@ -15,7 +15,7 @@ from medit.bench.metrics import (
 )
 from medit.bench.runner import BenchConfig, read_cases, run_bench
 from medit.bench.suites import get_suite
-from medit.requests import RequestError, parse_record
+from medit.facts.requests import RequestError, parse_record
 from tests.conftest import need_data
 
 
@@ -189,7 +189,7 @@ def test_sequential_crash_between_edits_resumes_from_the_last_checkpoint(
         edits = sorted((tmp_path / "crashed" / "checkpoints" / method / "edits").iterdir())
         assert [d.name for d in edits] == [f"{i:06d}" for i in range(5)]
     else:  # the same weights bit for bit: the resumed edits saw the earlier edits' keys
-        from medit.export import read_artifact
+        from medit.artifacts.weights import read_artifact
 
         a = read_artifact(tmp_path / "whole" / "checkpoints" / method)[1]
         b = read_artifact(tmp_path / "crashed" / "checkpoints" / method)[1]

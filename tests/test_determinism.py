@@ -15,10 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from medit.editors import _keys, locate
+from medit.artifacts.weights import STATE
 from medit.editors.adapter_result import AdapterEditResult
 from medit.editors.base import METHODS
-from medit.export import STATE
+from medit.editors.locate import common as locate
+from medit.editors.locate import keys as _keys
 from medit.runner import set_seed
 from tests.conftest import _tiny
 from tests.test_editors import _make, _reqs

@@ -6,12 +6,12 @@ import contextlib
 import pytest
 import torch
 
-from medit.arch import get_arch
+from medit.core.arch import get_arch
 from medit.editors.adapter_result import AdapterEditResult
 from medit.editors.base import METHODS, get_editor_class, make_editor
+from medit.editors.patching.routing import ROUTER
 from medit.evaluation import score_targets
-from medit.requests import parse_record
-from medit.routing import ROUTER
+from medit.facts.requests import parse_record
 
 REQS = [
     parse_record({"prompt": "The hormone insulin is produced by the", "target_new": "liver",

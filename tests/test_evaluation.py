@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from medit.arch import get_arch
+from medit.core.arch import get_arch
+from medit.core.text import continuation, encode_pair, teacher_batch
 from medit.evaluation import (
     EvalConfig,
     aggregate,
@@ -13,8 +14,7 @@ from medit.evaluation import (
     score_targets,
     states_answer,
 )
-from medit.requests import parse_record
-from medit.text import continuation, encode_pair, teacher_batch
+from medit.facts.requests import parse_record
 
 PAIRS = [
     ("The hormone insulin is produced by the", "pancreas"),

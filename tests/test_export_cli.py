@@ -5,11 +5,11 @@ import torch
 from click.testing import CliRunner
 from transformers import AutoModelForCausalLM
 
+from medit.artifacts.weights import apply_artifact, save_edited_model
 from medit.cli import main
+from medit.core.models import load_model
+from medit.core.results import read_results
 from medit.editors.base import make_editor
-from medit.export import apply_artifact, save_edited_model
-from medit.models import load_model
-from medit.results import read_results
 from tests.test_editors import REQS
 
 
@@ -131,7 +131,7 @@ def test_bad_options_exit_2(tiny_model_dir, tmp_path):
 
 
 def test_pickle_weights_need_an_explicit_flag(tiny_model_dir, tmp_path):
-    from medit.models import load_model as load
+    from medit.core.models import load_model as load
 
     pickled = tmp_path / "pickled"
     pickled.mkdir()

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from medit import journal
+from medit.artifacts import journal
 from medit.cli import main
-from medit.models import load_model
+from medit.core.models import load_model
 from tests.test_export_cli import _requests_file
 
 #: patched into the child: after ``DIE_AFTER`` complete calls, the next safetensors write stops
@@ -28,7 +28,7 @@ _CHILD = """
 import os, signal, sys
 from pathlib import Path
 import safetensors.torch as st
-import medit.export, medit.editors.adapter_result
+import medit.artifacts.weights, medit.editors.adapter_result
 real, calls = st.save_file, []
 
 def dying(tensors, filename, metadata=None):
@@ -40,7 +40,7 @@ def dying(tensors, filename, metadata=None):
     calls.append(filename)
     real(tensors, filename, metadata=metadata)
 
-medit.export.save_file = dying
+medit.artifacts.weights.save_file = dying
 medit.editors.adapter_result.save_file = dying
 import transformers.modeling_utils as mu
 real_save_pretrained = mu.PreTrainedModel.save_pretrained
@@ -107,7 +107,7 @@ def test_kill_during_a_sequential_checkpoint_then_resume(tiny_model_dir, tmp_pat
     _killed(args, {"DIE_AFTER": "1"}, tmp_path)  # killed writing the 2nd edit's checkpoint
     ckpt = out / "checkpoints" / "ft-m"
     assert _leftovers(ckpt)
-    from medit.export import read_artifact
+    from medit.artifacts.weights import read_artifact
 
     assert len(read_artifact(ckpt)[0]["edit_seconds"]) == 1  # the 1st checkpoint is intact
 

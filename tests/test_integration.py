@@ -3,10 +3,10 @@
 import pytest
 import torch
 
+from medit.core.models import builtin_gguf_path, load_model, state_dict_sha256
 from medit.editors.base import make_editor
 from medit.evaluation import EvalConfig, evaluate, generate, states_answer
-from medit.models import builtin_gguf_path, load_model, state_dict_sha256
-from medit.requests import load_requests
+from medit.facts.requests import load_requests
 
 pytestmark = pytest.mark.integration
 

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from medit import journal
+from medit.artifacts import journal
 
 _json = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**53), 2**53)

@@ -7,18 +7,18 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from medit.arch import get_arch
+from medit.artifacts.weights import STATE, apply_artifact
 from medit.cli import main
-from medit.corpus import Corpus, file_corpus
-from medit.editors import _keys
-from medit.editors._keys import covariance, optimise_values, template_keys
+from medit.core.arch import get_arch
 from medit.editors.adapter_result import low_rank_approx
 from medit.editors.base import make_editor
-from medit.editors.locate import second_moments
+from medit.editors.locate import keys as _keys
+from medit.editors.locate.common import second_moments
+from medit.editors.locate.keys import covariance, optimise_values, template_keys
 from medit.editors.rome import rank_one_update
 from medit.evaluation import score_targets
-from medit.export import STATE, apply_artifact
-from medit.requests import parse_record
+from medit.facts.corpus import Corpus, file_corpus
+from medit.facts.requests import parse_record
 from tests.conftest import CORPUS
 from tests.test_editors import REQS
 

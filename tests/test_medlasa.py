@@ -5,8 +5,7 @@ import json
 import pytest
 import torch
 
-from medit.arch import get_arch
-from medit.editors._adapters import AdapterBank
+from medit.core.arch import get_arch
 from medit.editors.base import make_editor
 from medit.editors.medlasa import (
     layer_alphas,
@@ -14,9 +13,10 @@ from medit.editors.medlasa import (
     module_plan,
     normalise_profile,
 )
+from medit.editors.patching.adapters import AdapterBank
+from medit.editors.patching.routing import ROUTER, prompts_for_rows
 from medit.evaluation import score_targets
-from medit.requests import parse_record
-from medit.routing import ROUTER, prompts_for_rows
+from medit.facts.requests import parse_record
 
 REQS = [
     parse_record({"prompt": "The hormone insulin is produced by the", "target_new": "liver",

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from medit.modelcard import (
+from medit.artifacts.modelcard import (
     CONFIG_KEY,
     add_edit_record,
     edit_record,

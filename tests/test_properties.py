@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from medit.bench.runner import CASES_FILE, REJECTED_FILE, read_cases
-from medit.requests import RequestError, load_requests
+from medit.facts.requests import RequestError, load_requests
 
 _settings = settings(max_examples=60, deadline=None,
                      suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip

@@ -117,8 +117,8 @@ def test_report_opens_in_headless_chromium(edit_run):
 
 
 def test_trace_run_report_shows_heatmaps(tmp_path, tiny_model_dir):
-    from medit.tracing import TraceConfig
-    from medit.tracing_run import TraceRunConfig, run_trace
+    from medit.tracing.run import TraceRunConfig, run_trace
+    from medit.tracing.trace import TraceConfig
 
     run_trace(TraceRunConfig(out=str(tmp_path / "t"), model=str(tiny_model_dir), device="cpu",
                              prompt="The hormone insulin is produced by the", subject="insulin",

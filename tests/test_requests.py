@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from medit.requests import (
+from medit.facts.requests import (
     RequestError,
     check_lengths,
     load_requests,

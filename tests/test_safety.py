@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from medit import fs
 from medit.cli import main
+from medit.core import fs
 from tests.test_export_cli import _requests_file
 
 
@@ -204,7 +204,7 @@ def test_cases_repair_keeps_every_good_line_and_quarantines_the_bad(tmp_path, ca
 
 def test_bench_resume_refuses_another_dtype_or_device_naming_it(tmp_path, tiny_model_dir):
     from medit.bench.runner import _check_resumed_model, _prepare_dir
-    from medit.models import load_model
+    from medit.core.models import load_model
 
     identity = {"suite": "builtin", "dtype": "float32", "device": "cpu", "seed": 0}
     _prepare_dir(tmp_path / "b", identity, resume=False)

@@ -1,8 +1,8 @@
 import pytest
 
-from medit import subject as S
-from medit.requests import load_requests
-from medit.subject import template_subject
+from medit.facts import subject as S
+from medit.facts.requests import load_requests
+from medit.facts.subject import template_subject
 
 spacy = pytest.importorskip("spacy")
 

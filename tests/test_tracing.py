@@ -6,15 +6,15 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from medit import tracing
-from medit.arch import get_arch
 from medit.cli import main
-from medit.heatmap import trace_svg
-from medit.hooks import edited_outputs, put_rows
-from medit.models import load_model
-from medit.requests import EditRequest
-from medit.subject import subject_tokens
-from medit.tracing import (
+from medit.core.arch import get_arch
+from medit.core.hooks import edited_outputs, put_rows
+from medit.core.models import load_model
+from medit.facts.requests import EditRequest
+from medit.facts.subject import subject_tokens
+from medit.tracing import trace as tracing
+from medit.tracing.heatmap import trace_svg
+from medit.tracing.trace import (
     Trace,
     TraceConfig,
     association_profile,

@@ -12,7 +12,7 @@ from typing import Literal
 import pytest
 
 from medit.editors.base import METHODS, HParams, get_editor_class, hp, make_editor
-from medit.requests import RequestError, check_lengths, load_requests, parse_record
+from medit.facts.requests import RequestError, check_lengths, load_requests, parse_record
 
 
 def _one_line_value_error(exc: BaseException) -> str:
@@ -328,7 +328,7 @@ def test_benchmark_files_with_a_byte_order_mark_load(tmp_path):
              "models/no/such", "no-such-model/"],
 )  # fmt: skip
 def test_a_missing_local_model_path_fails_at_once(spec):
-    from medit.models import resolve_source
+    from medit.core.models import resolve_source
 
     t0 = time.perf_counter()
     with pytest.raises(ValueError) as err:
@@ -338,7 +338,7 @@ def test_a_missing_local_model_path_fails_at_once(spec):
 
 
 def test_org_name_stays_a_hub_id():
-    from medit.models import resolve_source
+    from medit.core.models import resolve_source
 
     assert resolve_source("some-org/some-model") == "some-org/some-model"
 
@@ -363,7 +363,7 @@ def _model_dir(tmp_path, tokenizer=None, config: str | None = None):
      ('{"model_type": "bert"}', "config.json: unsupported model architecture 'bert'")],
 )  # fmt: skip
 def test_a_bad_config_json_is_named(tmp_path, config, message):
-    from medit.models import load_model
+    from medit.core.models import load_model
 
     d = _model_dir(tmp_path, config=config)
     with pytest.raises(ValueError) as err:
@@ -373,7 +373,7 @@ def test_a_bad_config_json_is_named(tmp_path, config, message):
 
 
 def test_a_model_directory_without_a_tokenizer(tmp_path):
-    from medit.models import load_model
+    from medit.core.models import load_model
 
     d = _model_dir(tmp_path)
     with pytest.raises(ValueError) as err:
@@ -383,7 +383,7 @@ def test_a_model_directory_without_a_tokenizer(tmp_path):
 
 
 def test_unreadable_weights_are_a_user_error_naming_the_model(tmp_path, tokenizer):
-    from medit.models import load_model
+    from medit.core.models import load_model
 
     d = _model_dir(tmp_path, tokenizer)
     with pytest.raises(ValueError) as err:

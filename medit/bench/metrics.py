@@ -11,8 +11,8 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from medit.requests import EditRequest
-from medit.text import normalise
+from medit.core.text import normalise
+from medit.facts.requests import EditRequest
 
 PROTOCOLS = {"tf": "teacher_forced", "gen": "generation"}
 

@@ -29,7 +29,14 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from medit import results as R
+from medit.artifacts.weights import (
+    ARTIFACT_DIR,
+    ARTIFACT_FILE,
+    STATE,
+    apply_artifact,
+    load_edit,
+    write_weights_artifact,
+)
 from medit.bench import tables
 from medit.bench.metrics import (
     aggregate_cases,
@@ -39,18 +46,8 @@ from medit.bench.metrics import (
     quality_flags,
 )
 from medit.bench.suites import data_sha256, get_suite
-from medit.editors.adapter_result import AdapterEditResult
-from medit.editors.base import EditResult, make_editor
-from medit.evaluation import evaluate
-from medit.export import (
-    ARTIFACT_DIR,
-    ARTIFACT_FILE,
-    STATE,
-    apply_artifact,
-    load_edit,
-    write_weights_artifact,
-)
-from medit.fs import (
+from medit.core import results as R
+from medit.core.fs import (
     append_line,
     atomic_write_bytes,
     atomic_write_text,
@@ -58,10 +55,13 @@ from medit.fs import (
     marker_kind,
     write_marker,
 )
-from medit.models import DEFAULT_MODEL, cache_dir, load_config, load_model
-from medit.requests import check_lengths, context_length
-from medit.results import read_json_object
-from medit.routing import ROUTER
+from medit.core.models import DEFAULT_MODEL, cache_dir, load_config, load_model
+from medit.core.results import read_json_object
+from medit.editors.adapter_result import AdapterEditResult
+from medit.editors.base import EditResult, make_editor
+from medit.editors.patching.routing import ROUTER
+from medit.evaluation import evaluate
+from medit.facts.requests import check_lengths, context_length
 from medit.runner import MODES, set_seed
 
 log = logging.getLogger(__name__)
@@ -363,7 +363,7 @@ def _load_adapter_checkpoints(model, tok, ckpt: Path) -> list[float]:
 def _checkpoint_originals(ckpt: Path) -> dict[str, torch.Tensor]:
     if not (ckpt / ARTIFACT_DIR / ARTIFACT_FILE).exists():  # none yet, or adapter edits
         return {}
-    from medit.export import read_artifact
+    from medit.artifacts.weights import read_artifact
 
     return read_artifact(ckpt)[2]
 

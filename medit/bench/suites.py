@@ -7,7 +7,7 @@
 * ``builtin`` — medit's own 33 corrections of facts the default model gets wrong.
 
 MedCF and MedFE are read from a local path (``--data``), in their original JSON format, by the
-reader of request files (``medit.requests.load_requests``: errors name the file and the line and
+reader of request files (``medit.facts.requests.load_requests``: errors name the file and the line and
 column of malformed JSON, or the record and field); nothing is downloaded. The files are
 published with the MedLaSA paper's code (github.com/quqxui/MedLaSA, folder ``data/``):
 ``MedCF/{train,valid,test}.json`` and ``MedFE/{valid,test}.json``.
@@ -20,7 +20,7 @@ import hashlib
 from pathlib import Path
 
 from medit.evaluation import EvalConfig
-from medit.requests import BUILTIN, EditRequest, RequestError, load_requests
+from medit.facts.requests import BUILTIN, EditRequest, RequestError, load_requests
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,7 +7,7 @@ import io
 from pathlib import Path
 from typing import Any
 
-from medit.results import read_json_object
+from medit.core.results import read_json_object
 
 PROTOCOL_LABELS = {"teacher_forced": "teacher-forced (comparable to the MedLaSA paper)",
                    "generation": "generation-based (greedy decoding)"}  # fmt: skip

@@ -1,7 +1,7 @@
 """Results of adapter edits (MedLaSA): restore, combine, export, and loading artifacts back.
 
 An adapter edit never writes the base weights: ``restore()`` removes its adapters from the
-model's :class:`~medit.editors._adapters.AdapterBank`, which leaves the model bit-identical to
+model's :class:`~medit.editors.patching.adapters.AdapterBank`, which leaves the model bit-identical to
 before. The artifact (``RUN_DIR/artifact/``) holds:
 
 * ``adapters.safetensors`` — every adapter's A and B per module, its routing key and the
@@ -24,10 +24,10 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from medit.editors._adapters import Adapter, AdapterBank, RoutingConfig
+from medit.artifacts.weights import ARTIFACT_DIR, FORMAT, atomic_dir, open_safetensors
+from medit.core.fs import atomic_file
 from medit.editors.base import EditResult, HParams
-from medit.export import ARTIFACT_DIR, FORMAT, atomic_dir, open_safetensors
-from medit.fs import atomic_file
+from medit.editors.patching.adapters import Adapter, AdapterBank, RoutingConfig
 
 ADAPTERS_FILE = "adapters.safetensors"
 
@@ -159,7 +159,7 @@ def write_peft_adapter(directory: Path, A: dict[str, torch.Tensor], B: dict[str,
     its ``base_model_name_or_path``."""
     from peft import LoraConfig
 
-    from medit.modelcard import peft_base
+    from medit.artifacts.modelcard import peft_base
 
     names = sorted(A)
     ranks = {n: int(A[n].shape[0]) for n in names}
@@ -227,7 +227,7 @@ def is_adapter_artifact(path: str | Path) -> Path | None:
 
 def load_adapter_artifact(model: Any, tok: Any, path: str | Path) -> AdapterEditResult:
     """Install an adapter artifact's edits on ``model`` (the base model it was made for)."""
-    from medit.arch import get_arch
+    from medit.core.arch import get_arch
     from medit.editors.base import get_editor_class
 
     file = is_adapter_artifact(path)

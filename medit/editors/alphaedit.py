@@ -22,11 +22,11 @@ from typing import Any
 
 import torch
 
-from medit.editors._keys import null_space_projector
+from medit.artifacts.weights import STATE
 from medit.editors.base import hp
-from medit.editors.locate import LocateEditResult, second_moments
+from medit.editors.locate.common import LocateEditResult, second_moments
+from medit.editors.locate.keys import null_space_projector
 from medit.editors.memit import MEMIT, MEMITHParams, _solve_device
-from medit.export import STATE
 
 
 @dataclasses.dataclass(frozen=True)

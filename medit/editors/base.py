@@ -25,8 +25,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from medit.arch import ArchSpec, get_arch
-from medit.requests import EditRequest
+from medit.core.arch import ArchSpec, get_arch
+from medit.facts.requests import EditRequest
 
 
 def hp(default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse's vocabulary
@@ -329,8 +329,8 @@ class EditResult:
         return combined
 
     def export(self, directory: str | Path, **provenance: Any) -> Path:
-        """Write the edit artifact (see ``medit.export``) into ``directory``."""
-        from medit.export import write_weights_artifact
+        """Write the edit artifact (see ``medit.artifacts.weights``) into ``directory``."""
+        from medit.artifacts.weights import write_weights_artifact
 
         return write_weights_artifact(
             directory,

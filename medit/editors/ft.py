@@ -24,7 +24,10 @@ from typing import Any
 
 import torch
 
-from medit.arch import ArchSpec, get_arch
+from medit.core.arch import ArchSpec, get_arch
+from medit.core.forward import logits_at, per_sequence_mean, target_nll
+from medit.core.hooks import capture_input, frozen_prefix
+from medit.core.text import TeacherBatch, teacher_batch
 from medit.editors.base import (
     Capabilities,
     Editor,
@@ -34,17 +37,14 @@ from medit.editors.base import (
     check_layers,
     hp,
 )
-from medit.forward import logits_at, per_sequence_mean, target_nll
-from medit.hooks import capture_input, frozen_prefix
-from medit.requests import EditRequest
-from medit.text import TeacherBatch, teacher_batch
+from medit.facts.requests import EditRequest
 
 
 @dataclasses.dataclass(frozen=True)
 class FTHParams(HParams):
     layers: tuple[int, ...] = hp((), "decoder layers to train; empty: the layer at `layer_depth`")
     layer_depth: float = hp(0.66, "relative depth of the default layer (0 first, 1 last)")
-    module: str = hp("mlp_out", "module kind trained in each layer (see medit.arch)")
+    module: str = hp("mlp_out", "module kind trained in each layer (see medit.core.arch)")
     objective: str = hp("target_new", "'target_new' (FT-M) or 'prompt_last' (FT-L)")
     steps: int = hp(25, "maximum optimisation steps (EasyEdit default)")
     lr: float = hp(5e-4, "Adam learning rate (EasyEdit default)")

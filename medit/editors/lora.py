@@ -25,7 +25,9 @@ from typing import Any
 
 import torch
 
-from medit.arch import ArchSpec, get_arch
+from medit.core.arch import ArchSpec, get_arch
+from medit.core.forward import target_nll
+from medit.core.text import teacher_batch
 from medit.editors.base import (
     Capabilities,
     Editor,
@@ -36,14 +38,12 @@ from medit.editors.base import (
     check_layers,
     hp,
 )
-from medit.forward import target_nll
-from medit.requests import EditRequest
-from medit.text import teacher_batch
+from medit.facts.requests import EditRequest
 
 
 @dataclasses.dataclass(frozen=True)
 class LoRAHParams(HParams):
-    targets: tuple[str, ...] = hp(("q", "v"), "module kinds adapted (see medit.arch)")
+    targets: tuple[str, ...] = hp(("q", "v"), "module kinds adapted (see medit.core.arch)")
     layers: tuple[int, ...] = hp((), "layers adapted; empty: all")
     rank: int = hp(8, "LoRA rank r (AdaLoRA: the final average rank)")
     alpha: float = hp(32.0, "LoRA alpha; the update is scaled by alpha / r")

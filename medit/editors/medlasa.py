@@ -3,7 +3,7 @@ Ability of Medical Large Language Models", CIKM 2024).
 
 In the order of the paper:
 
-1. **Associate knowledge with layers** — causal tracing (``medit.tracing``) of the edit prompt
+1. **Associate knowledge with layers** — causal tracing (``medit.tracing.trace``) of the edit prompt
    gives, per layer, the mean indirect effect of restoring the MLP / attention output over the
    subject tokens (the association profile).
 2. **Scale per layer** — the profile is normalised across layers (min-max, as the paper's code;
@@ -18,7 +18,7 @@ In the order of the paper:
 4. **Scale at inference** — the paper's code looks each evaluated prompt up in traces computed
    beforehand for every test prompt (an oracle). medit routes any input to its nearest edited
    knowledge instead and switches the adapter off for inputs far from every edit
-   (``medit.editors._adapters``); ``routing=oracle`` keeps the paper's protocol.
+   (``medit.editors.patching.adapters``); ``routing=oracle`` keeps the paper's protocol.
 
 Edits coexist (batch and sequential editing): each keeps its own adapter, key and scales.
 """
@@ -36,8 +36,13 @@ from typing import Any, ClassVar
 
 import torch
 
-from medit.arch import ArchSpec, get_arch, get_module
-from medit.editors._adapters import (
+from medit.core.arch import ArchSpec, get_arch, get_module
+from medit.core.forward import target_nll
+from medit.core.text import teacher_batch
+from medit.editors.adapter_result import AdapterEditResult
+from medit.editors.base import Capabilities, Editor, HParamError, HParams, check_kinds, hp
+from medit.editors.ft import _trainable
+from medit.editors.patching.adapters import (
     ROUTING_MODES,
     Adapter,
     AdapterBank,
@@ -45,14 +50,9 @@ from medit.editors._adapters import (
     linear_dims,
     lora_init,
 )
-from medit.editors.adapter_result import AdapterEditResult
-from medit.editors.base import Capabilities, Editor, HParamError, HParams, check_kinds, hp
-from medit.editors.ft import _trainable
-from medit.forward import target_nll
-from medit.requests import EditRequest
-from medit.subject import template_subject
-from medit.text import teacher_batch
-from medit.tracing import MODES as TRACE_MODES
+from medit.facts.requests import EditRequest
+from medit.facts.subject import template_subject
+from medit.tracing.trace import MODES as TRACE_MODES
 
 ATTN_KINDS = ("q", "k", "v", "o", "qkv", "attn_out")
 MLP_KINDS = ("gate", "up", "down", "mlp_in", "mlp_out")
@@ -337,7 +337,7 @@ class MedLaSA(Editor):
 def run_profiles(path: str, weights_sha256: str | None) -> dict[tuple, dict[str, list[float]]]:
     """Association profiles of a ``medit trace`` run directory (or its traces.json), keyed by
     (prompt, subject) and (prompt, None); refuses traces of other weights."""
-    from medit.tracing_run import TRACES_FILE
+    from medit.tracing.run import TRACES_FILE
 
     file = Path(path) / TRACES_FILE if Path(path).is_dir() else Path(path)
     if not file.is_file():
@@ -359,8 +359,8 @@ def run_profiles(path: str, weights_sha256: str | None) -> dict[tuple, dict[str,
 
 def _profile(model, tok, arch, prompt: str, subject: str | None, answer: str | None,
              hp: MedLaSAHParams) -> dict[str, list[float]]:  # fmt: skip
-    from medit.subject import detect_subject
-    from medit.tracing import TraceConfig, cached_trace
+    from medit.facts.subject import detect_subject
+    from medit.tracing.trace import TraceConfig, cached_trace
 
     if not subject:
         try:

@@ -22,12 +22,12 @@ from typing import Any
 
 import torch
 
-from medit.arch import ArchSpec, get_arch
-from medit.editors._keys import layer_outputs_at, optimise_values, request_keys
+from medit.core.arch import ArchSpec, get_arch
 from medit.editors.base import Capabilities, Editor, check_layers, hp
-from medit.editors.locate import KeyValueHParams, LocateEditResult, second_moments
-from medit.requests import EditRequest
-from medit.tracing import request_subjects
+from medit.editors.locate.common import KeyValueHParams, LocateEditResult, second_moments
+from medit.editors.locate.keys import layer_outputs_at, optimise_values, request_keys
+from medit.facts.requests import EditRequest
+from medit.tracing.trace import request_subjects
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,12 +27,17 @@ from typing import Any, ClassVar
 
 import torch
 
-from medit.arch import ArchSpec, get_arch
-from medit.editors._keys import optimise_values, template_keys
+from medit.core.arch import ArchSpec, get_arch
 from medit.editors.base import Capabilities, Editor, check_layers, hp
-from medit.editors.locate import KeyValueHParams, LocateEditResult, second_moments, traced_layer
-from medit.requests import EditRequest
-from medit.tracing import request_subjects
+from medit.editors.locate.common import (
+    KeyValueHParams,
+    LocateEditResult,
+    second_moments,
+    traced_layer,
+)
+from medit.editors.locate.keys import optimise_values, template_keys
+from medit.facts.requests import EditRequest
+from medit.tracing.trace import request_subjects
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,9 +13,9 @@ from typing import Any
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 
-from medit.fs import atomic_write_text
+from medit.core.fs import atomic_write_text
+from medit.core.results import read_json_object, verdict
 from medit.report import svg
-from medit.results import read_json_object, verdict
 
 
 def _env() -> Environment:
@@ -64,8 +64,8 @@ def load_run(run_dir: str | Path) -> tuple[str, dict[str, Any], list[dict[str, A
 def journal_status(run: Path, results: dict[str, Any]) -> dict[str, Any] | None:
     """The run's journal entry (its copy in the run directory) and, where the workspace journal
     is reachable, whether that journal is intact and holds the entry."""
-    from medit import journal
-    from medit.savedmodel import ENTRY_FILE
+    from medit.artifacts import journal
+    from medit.artifacts.savedmodel import ENTRY_FILE
 
     if not (run / ENTRY_FILE).is_file():
         return None
@@ -179,10 +179,10 @@ def bench_context(results: dict[str, Any]) -> dict[str, Any]:
 
 # -- causal traces -------------------------------------------------------------------------------
 def trace_context(results: dict[str, Any]) -> dict[str, Any]:
-    """Heatmaps (escaped SVG from medit.heatmap) and the set's association profile chart."""
+    """Heatmaps (escaped SVG from medit.tracing.heatmap) and the set's association profile chart."""
     from markupsafe import Markup
 
-    from medit.heatmap import trace_svg
+    from medit.tracing.heatmap import trace_svg
 
     items = [{**t, "svg": Markup(trace_svg(t))} for t in results["traces"]]
     profile = results.get("association_profile") or {}
@@ -232,7 +232,7 @@ def markdown(kind: str, results: dict[str, Any], samples: list[dict[str, Any]]) 
         value = "–" if c["value"] is None else f"{c['value']:.3f}"
         lines.append(f"- {c['label']}: {value} (threshold {c['threshold']}) — "
                      f"{'pass' if c['passed'] else 'FAIL'}")  # fmt: skip
-    from medit.results import format_summary
+    from medit.core.results import format_summary
 
     lines += ["", "```", format_summary(results), "```", "",
               f"{len(samples)} edits; weights sha256 "

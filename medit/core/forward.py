@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from medit.arch import ArchSpec
-from medit.text import TeacherBatch
+from medit.core.arch import ArchSpec
+from medit.core.text import TeacherBatch
 
 
 @functools.cache

@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from medit.fs import atomic_dir, atomic_file, atomic_write_text, check_writable
+from medit.core.fs import atomic_dir, atomic_file, atomic_write_text, check_writable
 
 __all__ = ["atomic_dir", "atomic_write_text", "check_writable"]  # re-exported for callers
 
@@ -178,7 +178,7 @@ def load_edit(model: torch.nn.Module, tok: Any, path: str | Path) -> dict:
 
 def write_model_dir(model: Any, tok: Any, directory: str | Path, delta: dict | None) -> None:
     """Write a loadable HF directory (safetensors) plus ``medit-delta.safetensors`` of the edit
-    into ``directory`` (a temporary directory of the caller's :func:`~medit.fs.atomic_dir`).
+    into ``directory`` (a temporary directory of the caller's :func:`~medit.core.fs.atomic_dir`).
 
     ``delta``: keyword arguments of :func:`write_delta_file` (method, hparams, edited, originals).
     """

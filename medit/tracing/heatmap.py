@@ -74,7 +74,7 @@ def _colour_bar(rgb, low: float, high: float, x0: float, y: float, width: float)
 
 
 def trace_svg(trace: Any) -> str:
-    """A standalone SVG document for a :class:`medit.tracing.Trace` (or its ``to_dict()``)."""
+    """A standalone SVG document for a :class:`medit.tracing.trace.Trace` (or its ``to_dict()``)."""
     d = trace if isinstance(trace, dict) else trace.to_dict()
     kinds = [k for k in ("hidden", "mlp", "attn") if k in d["scores"]]
     kinds += [k for k in d["scores"] if k not in kinds]

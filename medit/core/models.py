@@ -29,8 +29,8 @@ from typing import Any
 
 import torch
 
-from medit.arch import ArchSpec, get_arch
-from medit.fs import file_sha256
+from medit.core.arch import ArchSpec, get_arch
+from medit.core.fs import file_sha256
 
 log = logging.getLogger(__name__)
 

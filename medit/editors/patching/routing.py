@@ -10,7 +10,7 @@ attribute ``ROUTER``); medit's own forward passes tell it which prompt each row 
 
 Callers that know nothing of routing (``model.generate``, a user's own forward) still work: the
 router then reads the prompts from the input ids of each new sequence (see
-:class:`medit.editors._adapters.AdapterBank`).
+:class:`medit.editors.patching.adapters.AdapterBank`).
 """
 
 from __future__ import annotations

@@ -25,9 +25,9 @@ from typing import Any
 
 import torch
 
-from medit.fs import atomic_write_text
-from medit.models import cache_dir
-from medit.text import left_padded
+from medit.core.fs import atomic_write_text
+from medit.core.models import cache_dir
+from medit.core.text import left_padded
 
 log = logging.getLogger(__name__)
 

@@ -9,12 +9,12 @@ import dataclasses
 import json
 from typing import Any
 
-from medit import results as R
-from medit.fs import atomic_dir, atomic_write_text, check_out
-from medit.heatmap import trace_svg
-from medit.models import load_model
-from medit.requests import EditRequest, load_requests
-from medit.tracing import (
+from medit.core import results as R
+from medit.core.fs import atomic_dir, atomic_write_text, check_out
+from medit.core.models import load_model
+from medit.facts.requests import EditRequest, load_requests
+from medit.tracing.heatmap import trace_svg
+from medit.tracing.trace import (
     TraceConfig,
     association_profile,
     request_answer,
@@ -29,7 +29,7 @@ RUN_SCHEMA = "medit.traces/1"
 @dataclasses.dataclass(frozen=True)
 class TraceRunConfig:
     out: str  #: run directory to write (traces.json + one SVG heatmap per prompt)
-    model: str = "builtin:smollm2"  #: model spec (see medit.models)
+    model: str = "builtin:smollm2"  #: model spec (see medit.core.models)
     requests: str = "builtin"  #: request file, or "builtin"; prompts and subjects are traced
     prompt: str | None = None  #: trace this one prompt instead of a request file
     subject: str | None = None  #: its subject (detected when omitted)

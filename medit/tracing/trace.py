@@ -19,7 +19,7 @@ each layer and the corrupted attention keys/values. A restoration at token ``t``
 starts at layer ``s`` changes nothing below ``s`` and (causal attention) nothing before ``t``.
 So restorations are grouped by ``(t, s)``, put on separate batch rows (restorations x noise
 samples, chunked to ``max_batch_tokens``) and run from layer ``s`` on
-(:func:`medit.hooks.frozen_prefix`), over positions ``t ..`` only, with the corrupted keys and
+(:func:`medit.core.hooks.frozen_prefix`), over positions ``t ..`` only, with the corrupted keys and
 values of positions ``< t`` as the attention cache. Tokens before the subject see no noise:
 restoring them changes nothing, and their scores are the corrupted probability.
 :func:`trace_reference` is ROME's loop (one full forward of 1 + k rows per restoration), kept as
@@ -44,10 +44,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from medit.arch import ArchSpec
-from medit.forward import cache_kwargs
-from medit.fs import atomic_write_text
-from medit.hooks import (
+from medit.core.arch import ArchSpec
+from medit.core.forward import cache_kwargs
+from medit.core.fs import atomic_write_text
+from medit.core.hooks import (
     add_rows,
     edited_outputs,
     first_tensor_arg,
@@ -56,10 +56,10 @@ from medit.hooks import (
     put_rows,
     record,
 )
-from medit.models import LoadedModel, cache_dir
-from medit.requests import EditRequest
-from medit.subject import detect_subject, subject_tokens
-from medit.text import encode_pair
+from medit.core.models import LoadedModel, cache_dir
+from medit.core.text import encode_pair
+from medit.facts.requests import EditRequest
+from medit.facts.subject import detect_subject, subject_tokens
 
 log = logging.getLogger(__name__)
 
@@ -474,7 +474,7 @@ def trace_key(
 
 
 def request_subjects(requests: Sequence[EditRequest]) -> list[str]:
-    """Each request's subject, detected (see :mod:`medit.subject`) where it names none."""
+    """Each request's subject, detected (see :mod:`medit.facts.subject`) where it names none."""
     out = []
     for req in requests:
         try:

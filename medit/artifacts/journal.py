@@ -79,7 +79,7 @@ def make_entry(
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The body of a journal entry (``seq``, ``prev`` and ``sha256`` are added by :func:`append`)."""
-    from medit.results import medit_version
+    from medit.core.results import medit_version
 
     if action not in ACTIONS:
         raise ValueError(f"journal action must be one of {', '.join(ACTIONS)}, not {action!r}")

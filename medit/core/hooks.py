@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from medit.arch import ArchSpec
+from medit.core.arch import ArchSpec
 
 PreHook = Callable[[nn.Module, tuple, dict], Any]
 PostHook = Callable[[nn.Module, tuple, dict, Any], Any]

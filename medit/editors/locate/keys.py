@@ -13,7 +13,7 @@ a key-value memory: its input at the subject's last token is the *key* k, its ou
   norm of δ clamped to ``clamp_norm_factor`` × the norm of the value it is added to, Adam, early
   stop (ROME eq. 4; MEMIT's z). Layers below the edited one cannot change, so their output is
   computed once and every step runs only the layers above (``hooks.frozen_prefix``).
-* :func:`covariance` — C = E[k kᵀ] of a layer's keys over an offline corpus (``medit.corpus``),
+* :func:`covariance` — C = E[k kᵀ] of a layer's keys over an offline corpus (``medit.facts.corpus``),
   cached on disk by weights hash, layer and corpus hash; :func:`null_space_projector` — AlphaEdit's
   projector onto the eigenvectors of C with eigenvalues under a threshold (cached).
 """
@@ -31,16 +31,16 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from medit.arch import ArchSpec, get_module
-from medit.corpus import Corpus, sample_continuations
+from medit.core.arch import ArchSpec, get_module
+from medit.core.forward import per_sequence_mean
+from medit.core.fs import atomic_file, atomic_write_text
+from medit.core.hooks import capture_input, capture_inputs, edited_outputs, frozen_prefix, record
+from medit.core.models import cache_dir
+from medit.core.text import teacher_batch
 from medit.editors.ft import _trainable
-from medit.forward import per_sequence_mean
-from medit.fs import atomic_file, atomic_write_text
-from medit.hooks import capture_input, capture_inputs, edited_outputs, frozen_prefix, record
-from medit.models import cache_dir
-from medit.requests import EditRequest
-from medit.subject import subject_tokens
-from medit.text import teacher_batch
+from medit.facts.corpus import Corpus, sample_continuations
+from medit.facts.requests import EditRequest
+from medit.facts.subject import subject_tokens
 
 log = logging.getLogger(__name__)
 

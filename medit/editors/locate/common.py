@@ -11,13 +11,13 @@ from typing import Any, ClassVar
 
 import torch
 
-from medit.arch import ArchSpec
-from medit.corpus import Corpus, GenerationSettings, file_corpus, generated_corpus
-from medit.editors._keys import ValueSettings, context_templates, covariance
+from medit.artifacts.weights import STATE
+from medit.core.arch import ArchSpec
+from medit.core.text import continuation
 from medit.editors.base import EditResult, HParams, hp
-from medit.export import STATE
-from medit.requests import EditRequest
-from medit.text import continuation
+from medit.editors.locate.keys import ValueSettings, context_templates, covariance
+from medit.facts.corpus import Corpus, GenerationSettings, file_corpus, generated_corpus
+from medit.facts.requests import EditRequest
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,8 +104,8 @@ _TRACED: dict[tuple, tuple[int, list[float]]] = {}
 
 
 def _traced_layer(model, tok, arch, n_prompts, sha):
-    from medit.requests import BUILTIN, load_requests
-    from medit.tracing import TraceConfig, cached_trace
+    from medit.facts.requests import BUILTIN, load_requests
+    from medit.tracing.trace import TraceConfig, cached_trace
 
     config = TraceConfig(kinds=("mlp",), last_subject_only=True)
     effects = []

@@ -35,10 +35,10 @@ from typing import Any
 
 import torch
 
-from medit.arch import ArchSpec, get_module
-from medit.forward import passed_cache
-from medit.hooks import capture_input
-from medit.routing import ROUTER
+from medit.core.arch import ArchSpec, get_module
+from medit.core.forward import passed_cache
+from medit.core.hooks import capture_input
+from medit.editors.patching.routing import ROUTER
 
 ROUTING_MODES = ("nearest", "oracle", "always")
 
@@ -233,7 +233,7 @@ class AdapterBank:
         """Per prompt: the adapter with the highest gate among the nearest keys, and that gate."""
         from sklearn.neighbors import NearestNeighbors
 
-        from medit.text import normalise
+        from medit.core.text import normalise
 
         self._fill_keys(self.adapters)  # oracle / always modes compute keys on first use
         keys = torch.stack([a.key for a in self.adapters]).cpu()

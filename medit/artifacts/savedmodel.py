@@ -15,12 +15,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from medit import journal
-from medit.export import DELTA_FILE, write_model_dir
-from medit.fs import tree_sha256
-from medit.modelcard import add_edit_record, edit_record, model_card
-from medit.requests import EditRequest
-from medit.results import medit_version, verdict
+from medit.artifacts import journal
+from medit.artifacts.modelcard import add_edit_record, edit_record, model_card
+from medit.artifacts.weights import DELTA_FILE, write_model_dir
+from medit.core.fs import tree_sha256
+from medit.core.results import medit_version, verdict
+from medit.facts.requests import EditRequest
 
 #: the run directory's copy of its journal entry
 ENTRY_FILE = "journal-entry.json"
@@ -150,7 +150,7 @@ def write_card(
         medit_version=medit_version(),
         created=created,
     )
-    from medit.fs import atomic_write_text
+    from medit.core.fs import atomic_write_text
 
     atomic_write_text(directory / "README.md", card)
     record = edit_record(
