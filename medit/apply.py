@@ -26,6 +26,7 @@ from medit.artifacts.weights import (
     read_state,
     write_model_dir,
 )
+from medit.core.errors import UserError
 from medit.core.fs import atomic_dir, atomic_write_text, check_disjoint, check_out, file_sha256
 from medit.core.models import LoadedModel, load_model, state_dict_sha256
 from medit.editors.adapter_result import is_adapter_artifact, load_adapter_artifact
@@ -61,7 +62,7 @@ def _artifact_manifest(source: str) -> tuple[dict[str, Any], Path]:
         with open_safetensors(adapter) as f:
             meta = f.metadata() or {}
         if "medit_manifest" not in meta:
-            raise ValueError(f"{adapter} is not a medit edit artifact (no manifest)")
+            raise UserError(f"{adapter} is not a medit edit artifact (no manifest)")
         return json.loads(meta["medit_manifest"]), adapter
     file = find_artifact(source)
     return read_artifact(file)[0], file
@@ -74,7 +75,7 @@ def apply_edit(cfg: ApplyConfig) -> dict[str, Any]:
     lm = load_model(cfg.model, cfg.device, cfg.dtype)
     expected = manifest.get("base_weights_sha256")
     if expected and expected != lm.weights_sha256:
-        raise ValueError(
+        raise UserError(
             f"--model {cfg.model} has weights sha256 {lm.weights_sha256[:16]}..., but the edit "
             f"{file} was made for {expected[:16]}... ({manifest.get('base_model', '?')}): "
             "refusing to apply it to another model"
@@ -135,16 +136,14 @@ def revert_model(cfg: ApplyConfig) -> dict[str, Any]:
     """Write the base model of the medit-saved model ``cfg.source``; the journal entry."""
     src = Path(cfg.source)
     if not savedmodel.has_delta(src):
-        raise ValueError(
-            f"{src} is not a model saved by medit (no {DELTA_FILE}): nothing to revert"
-        )
+        raise UserError(f"{src} is not a model saved by medit (no {DELTA_FILE}): nothing to revert")
     journal_path = _check(cfg, None)
     manifest = read_artifact(src / DELTA_FILE)[0]
     lm: LoadedModel = load_model(str(src), cfg.device, cfg.dtype)
     apply_artifact(lm.model, src / DELTA_FILE, revert=True)
     base_sha = state_dict_sha256(lm.model)
     if manifest.get("base_weights_sha256") and base_sha != manifest["base_weights_sha256"]:
-        raise ValueError(
+        raise UserError(
             f"{src}: the reverted weights hash {base_sha[:16]}... differs from the base hash the "
             f"edit records ({manifest['base_weights_sha256'][:16]}...): the model directory was "
             "changed after medit saved it"

@@ -10,24 +10,46 @@ import functools
 import json
 import logging
 import sys
+import traceback
 from pathlib import Path
 
 import click
+
+from medit.core.errors import UserError
 
 DEVICES = "auto|cpu|cuda[:N]|mps"
 DTYPES = click.Choice(["auto", "float32", "bfloat16", "float16"])
 
 
 def _user_errors(fn):
-    """Turn ValueError (bad input: files, records, fields, options) into exit code 2."""
+    """Bad user input (:class:`~medit.core.errors.UserError`) exits 2 with its one line. Anything
+    else is a bug: exit 1 with a short message, and the traceback with ``-v``. An operating-system
+    error (disk full, permission denied) exits 1 with its message."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except ValueError as exc:
+        except UserError as exc:
             click.echo(f"medit: error: {exc}", err=True)
             sys.exit(2)
+        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the last line of defence of the CLI
+            ctx = click.get_current_context(silent=True)
+            verbose = bool(ctx and ctx.obj and ctx.obj.get("verbose"))
+            if verbose:
+                traceback.print_exc()
+            if isinstance(exc, OSError):
+                click.echo(f"medit: error: {exc}", err=True)
+            else:
+                hint = "" if verbose else "; rerun with -v for the traceback"
+                click.echo(
+                    f"medit: internal error ({type(exc).__name__}: {exc}): this is a bug "
+                    f"in medit, not in your input{hint}",
+                    err=True,
+                )
+            sys.exit(1)
 
     return wrapper
 
@@ -249,7 +271,7 @@ def generate(model, artifact, prompts, prompts_file, max_new_tokens, device, dty
     """Greedy continuations as JSONL ({"prompt", "completion"}), optionally with an edit applied."""
     all_prompts = list(prompts) + (read_prompts(prompts_file) if prompts_file else [])
     if not all_prompts:
-        raise ValueError("give --prompt TEXT or --prompts FILE")
+        raise UserError("give --prompt TEXT or --prompts FILE")
     from medit.artifacts.weights import load_edit
     from medit.core.models import load_model
     from medit.evaluation import generate as greedy
@@ -268,16 +290,16 @@ def read_prompts(path: str) -> list[str]:
     try:
         lines = [ln for ln in Path(path).read_text(encoding="utf-8").splitlines() if ln.strip()]
     except UnicodeDecodeError:
-        raise ValueError(f"{path}: not UTF-8 text") from None
+        raise UserError(f"{path}: not UTF-8 text") from None
     if lines and lines[0].lstrip().startswith("{"):
         out = []
         for i, line in enumerate(lines, 1):
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}: line {i}: invalid JSON: {exc.msg}") from None
+                raise UserError(f"{path}: line {i}: invalid JSON: {exc.msg}") from None
             if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
-                raise ValueError(f"{path}: line {i}, field 'prompt': missing or not a string")
+                raise UserError(f"{path}: line {i}, field 'prompt': missing or not a string")
             out.append(rec["prompt"])
         return out
     return lines
@@ -349,7 +371,7 @@ def bench(ctx, suite, data, methods, model, mode, batch_size, limit, seed, devic
     from medit.bench import tables
 
     if common and not compare_dirs:
-        raise ValueError("--common applies to --compare only")
+        raise UserError("--common applies to --compare only")
     if compare_dirs:
         from medit.core.fs import atomic_dir, atomic_write_text, check_out
 
@@ -365,7 +387,7 @@ def bench(ctx, suite, data, methods, model, mode, batch_size, limit, seed, devic
         click.echo(text)
         return
     if not out:
-        raise ValueError("give --out RUN_DIR")
+        raise UserError("give --out RUN_DIR")
     from medit.bench.runner import BenchConfig, run_bench
 
     names = tuple(m.strip() for m in methods.split(",") if m.strip())
@@ -374,7 +396,7 @@ def bench(ctx, suite, data, methods, model, mode, batch_size, limit, seed, devic
         method, _, field = key.rpartition(":")
         for m in [method] if method else names:
             if m not in per_method:
-                raise ValueError(f"--hparam {key}: {m!r} is not among --methods")
+                raise UserError(f"--hparam {key}: {m!r} is not among --methods")
             per_method[m][field] = value
     cfg = BenchConfig(
         out=out, suite=suite, data=data, methods=names, model=model, mode=mode,
@@ -392,9 +414,9 @@ def _parse_thresholds(items: tuple[str, ...]) -> dict[str, float]:
     out = dict(DEFAULT_THRESHOLDS)
     for key, value in _parse_hparams(items).items():
         if key not in DEFAULT_THRESHOLDS:
-            raise ValueError(f"unknown --threshold {key!r}; use {', '.join(DEFAULT_THRESHOLDS)}")
+            raise UserError(f"unknown --threshold {key!r}; use {', '.join(DEFAULT_THRESHOLDS)}")
         if not isinstance(value, (int, float)) or not 0 <= value <= 1:
-            raise ValueError(f"--threshold {key}: expected a pass rate between 0 and 1")
+            raise UserError(f"--threshold {key}: expected a pass rate between 0 and 1")
         out[key] = float(value)
     return out
 
@@ -485,13 +507,13 @@ def trace(ctx, model, requests_, prompt, subject, out, answer, mode, fast, kinds
     from medit.tracing.trace import TraceConfig
 
     if subject and not prompt:
-        raise ValueError("--subject goes with --prompt")
+        raise UserError("--subject goes with --prompt")
     mode = "fast" if fast else mode
 
     try:
         noise_std = None if noise == "auto" else float(noise)
     except ValueError:
-        raise ValueError(f"--noise must be a number or 'auto', not {noise!r}") from None
+        raise UserError(f"--noise must be a number or 'auto', not {noise!r}") from None
     cfg = TraceRunConfig(
         out=out, model=model, requests=requests_, prompt=prompt, subject=subject, answer=answer,
         limit=limit, device=device,
@@ -593,7 +615,7 @@ def _journal_path(where: str) -> Path:
     if path.is_dir():
         path = path / JOURNAL_FILE
     if not path.is_file():
-        raise ValueError(
+        raise UserError(
             f"no edit journal at {where} (expected a workspace directory holding "
             f"{JOURNAL_FILE}, or the journal file)"
         )

@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from medit.core.arch import ArchSpec, get_arch
+from medit.core.errors import UserError
 from medit.core.forward import cache_kwargs, logits_at
 from medit.core.text import encode_pair, left_padded, normalise, teacher_batch
 from medit.editors.patching.routing import prompts_for_rows, select_rows
@@ -45,7 +46,7 @@ class EvalConfig:
                           ("fluency_tokens", 0)):  # fmt: skip
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"evaluation {name} must be >= {low}, got {value!r}")
+                raise UserError(f"evaluation {name} must be >= {low}, got {value!r}")
 
 
 @dataclasses.dataclass

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from medit.artifacts import savedmodel
 from medit.core import results as R
+from medit.core.errors import UserError
 from medit.core.fs import atomic_dir, atomic_write_text, check_disjoint, check_out
 from medit.core.models import DEFAULT_MODEL, load_config, load_model, state_dict_sha256
 from medit.editors.base import EditResult, make_editor
@@ -69,12 +70,12 @@ class RunConfig:
 
     def __post_init__(self):
         if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}, not {self.mode!r}")
+            raise UserError(f"mode must be one of {', '.join(MODES)}, not {self.mode!r}")
         if self.save_model and self.mode == "single":
-            raise ValueError("--save-model needs --mode batch or sequential (single mode restores "
+            raise UserError("--save-model needs --mode batch or sequential (single mode restores "
                              "the model after each edit)")  # fmt: skip
         if self.limit is not None and self.limit < 1:
-            raise ValueError("--limit must be >= 1")
+            raise UserError("--limit must be >= 1")
 
 
 def set_seed(seed: int) -> None:

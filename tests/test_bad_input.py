@@ -412,3 +412,26 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(
     for word in words:
         assert _fill(word, tmp_path, tiny_model_dir) in lines[0], (word, lines[0])
     assert _files(tmp_path) == before, "something was written"
+
+
+# -- an internal error is a bug, never dressed up as bad input -----------------------------------
+@pytest.mark.parametrize("verbose", [False, True])
+def test_an_internal_error_exits_1_and_names_itself_a_bug(tmp_path, tiny_model_dir, monkeypatch,
+                                                          verbose):  # fmt: skip
+    """A ValueError raised deep inside (not a UserError) exits 1 as an internal error with a hint
+    to rerun with -v; with -v the traceback is printed."""
+    import medit.runner
+
+    def broken(*_a, **_k):
+        raise ValueError("shapes (3, 4) and (5, 6) do not match")
+
+    monkeypatch.setattr(medit.runner, "evaluate", broken)
+    (tmp_path / "r.json").write_text(_json([GOOD]))
+    argv = (["-v"] if verbose else []) + _edit(f"{tmp_path}/r.json")
+    res = CliRunner().invoke(main, [_fill(a, tmp_path, tiny_model_dir) for a in argv])
+    assert res.exit_code == 1, res.output
+    assert "internal error" in res.output and "a bug in medit" in res.output
+    assert "shapes (3, 4)" in res.output
+    assert ("Traceback" in res.output) is verbose
+    assert ("rerun with -v" in res.output) is not verbose
+    assert not (tmp_path / "out").exists()

@@ -29,6 +29,8 @@ from typing import Any
 
 from filelock import FileLock
 
+from medit.core.errors import UserError
+
 JOURNAL_FILE = "journal.jsonl"
 SCHEMA = "medit.journal/1"
 #: ``prev`` of the first entry
@@ -37,7 +39,7 @@ ACTIONS = ("edit", "apply", "revert")
 _CHAIN_KEYS = ("seq", "prev", "sha256")
 
 
-class JournalError(ValueError):
+class JournalError(UserError):
     """A journal that cannot be read or must not be appended to (a user-facing error)."""
 
 

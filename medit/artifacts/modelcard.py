@@ -25,6 +25,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from medit.core.errors import UserError
+
 #: Hugging Face hub ids of medit's builtin model specs
 HUB_IDS = {"builtin:smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 #: notes on builtin specs whose weights are not the hub's
@@ -302,7 +304,7 @@ def add_edit_record(config_path: Path, record: dict[str, Any]) -> None:
     config_path = Path(config_path)
     config = json.loads(config_path.read_text(encoding="utf-8"))
     if not isinstance(config, dict):
-        raise ValueError(f"{config_path}: not a JSON object")
+        raise UserError(f"{config_path}: not a JSON object")
     config[CONFIG_KEY] = record
     text = json.dumps(config, indent=2, ensure_ascii=False) + "\n"
     fd, tmp = tempfile.mkstemp(prefix=f".{config_path.name}.tmp-{os.getpid()}-",

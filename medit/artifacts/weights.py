@@ -18,6 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from medit.core.errors import UserError
 from medit.core.fs import atomic_dir, atomic_file, atomic_write_text, check_writable
 
 __all__ = ["atomic_dir", "atomic_write_text", "check_writable"]  # re-exported for callers
@@ -78,7 +79,7 @@ def find_artifact(path: str | Path) -> Path:
     for candidate in (p, p / ARTIFACT_FILE, p / ARTIFACT_DIR / ARTIFACT_FILE, p / DELTA_FILE):
         if candidate.is_file():
             return candidate
-    raise ValueError(
+    raise UserError(
         f"no edit artifact at {p}: expected a run directory with {ARTIFACT_DIR}/{ARTIFACT_FILE} "
         "(written by `medit edit` in batch or sequential mode) or an artifact file"
     )
@@ -102,7 +103,7 @@ def open_safetensors(file: str | Path):
     try:
         return safe_open(str(file), framework="pt")
     except (SafetensorError, OSError) as exc:
-        raise ValueError(f"{file} is not a readable safetensors edit artifact ({exc})") from None
+        raise UserError(f"{file} is not a readable safetensors edit artifact ({exc})") from None
 
 
 def _read_parts(path: str | Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
@@ -111,15 +112,15 @@ def _read_parts(path: str | Path) -> tuple[dict, dict[str, dict[str, torch.Tenso
     with open_safetensors(file) as f:
         meta = f.metadata() or {}
         if "medit_manifest" not in meta:
-            raise ValueError(f"{file} is not a medit edit artifact (no manifest)")
+            raise UserError(f"{file} is not a medit edit artifact (no manifest)")
         manifest = json.loads(meta["medit_manifest"])
         for key in f.keys():
             part, _, name = key.partition("::")
             if part not in parts or not name:
-                raise ValueError(f"{file}: unexpected tensor {key!r}; not a medit weights artifact")
+                raise UserError(f"{file}: unexpected tensor {key!r}; not a medit weights artifact")
             parts[part][name] = f.get_tensor(key)
     if manifest.get("format") != FORMAT:
-        raise ValueError(f"{file}: unknown artifact format {manifest.get('format')!r}")
+        raise UserError(f"{file}: unknown artifact format {manifest.get('format')!r}")
     return manifest, parts
 
 
@@ -135,23 +136,23 @@ def apply_artifact(model: torch.nn.Module, path: str | Path, revert: bool = Fals
     expect, write = (edited, original) if revert else (original, edited)
     for name, value in expect.items():
         if name not in params:
-            raise ValueError(f"artifact tensor {name!r} does not exist in this model")
+            raise UserError(f"artifact tensor {name!r} does not exist in this model")
         p = params[name]
         if p.shape != value.shape:
-            raise ValueError(
+            raise UserError(
                 f"artifact tensor {name!r} has shape {tuple(value.shape)}, the model's has "
                 f"{tuple(p.shape)}: this artifact was made for another model "
                 f"({manifest.get('base_model', '?')})"
             )
         if p.dtype != value.dtype:
             dtype = str(value.dtype).removeprefix("torch.")
-            raise ValueError(
+            raise UserError(
                 f"artifact tensor {name!r} is {dtype}, the model's is "
                 f"{str(p.dtype).removeprefix('torch.')}: load the base model with --dtype {dtype}"
             )
         if not torch.equal(p.detach().cpu(), value):
             state = "edited" if revert else "base"
-            raise ValueError(
+            raise UserError(
                 f"the model's {name!r} differs from the artifact's {state} weights: this artifact "
                 f"was made for another model (base weights sha256 "
                 f"{manifest.get('base_weights_sha256', '?')[:12]}...)"

@@ -47,6 +47,7 @@ from medit.bench.metrics import (
 )
 from medit.bench.suites import data_sha256, get_suite
 from medit.core import results as R
+from medit.core.errors import UserError
 from medit.core.fs import (
     append_line,
     atomic_write_bytes,
@@ -94,13 +95,13 @@ class BenchConfig:
 
     def __post_init__(self):
         if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}, not {self.mode!r}")
+            raise UserError(f"mode must be one of {', '.join(MODES)}, not {self.mode!r}")
         if not self.methods:
-            raise ValueError("give at least one method")
+            raise UserError("give at least one method")
         for name in ("batch_size", "eval_batch_size", "limit"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, not {value}")
+                raise UserError(f"--{name.replace('_', '-')} must be >= 1, not {value}")
 
 
 def run_bench(cfg: BenchConfig) -> dict[str, Any]:
@@ -139,16 +140,16 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
 def _prepare_dir(out: Path, identity: dict, resume: bool) -> set[tuple[str, int]]:
     """Create or reopen the run directory; the (method, case) pairs already finished."""
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} exists and is not a directory")
+        raise UserError(f"--out {out} exists and is not a directory")
     if out.exists() and any(out.iterdir()):
         if not resume:
-            raise ValueError(f"--out {out} is not empty; pass --resume to continue that run")
+            raise UserError(f"--out {out} is not empty; pass --resume to continue that run")
         if marker_kind(out) != "bench-run" and not (out / "bench.json").is_file():
-            raise ValueError(f"--resume: {out} is not a medit benchmark run (no bench.json)")
+            raise UserError(f"--resume: {out} is not a medit benchmark run (no bench.json)")
         bench = read_json_object(out / "bench.json") if (out / "bench.json").exists() else {}
         differ = _identity_diff(bench.get("identity", {}), json.loads(json.dumps(identity)))
         if differ:
-            raise ValueError(
+            raise UserError(
                 f"--resume: {out} was started with other settings ({'; '.join(differ)}); "
                 "use the same settings or another --out"
             )
@@ -177,7 +178,7 @@ def _check_resumed_model(out: Path, lm) -> None:
         if key == "device":
             old, new = old and old.split(":")[0], new.split(":")[0]
         if old is not None and old != new:
-            raise ValueError(
+            raise UserError(
                 f"--resume: {out} was started with model {key} {old}, this run has "
                 f"{new}; the table would mix them: use the same --{key.split('_')[0]} "
                 "or another --out"

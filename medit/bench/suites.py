@@ -19,6 +19,7 @@ import dataclasses
 import hashlib
 from pathlib import Path
 
+from medit.core.errors import UserError
 from medit.evaluation import EvalConfig
 from medit.facts.requests import BUILTIN, EditRequest, RequestError, load_requests
 
@@ -39,7 +40,7 @@ class Suite:
         if not self.needs_data:
             return BUILTIN
         if not data:
-            raise ValueError(
+            raise UserError(
                 f"suite {self.name!r} needs --data PATH (its JSON file or folder, as published "
                 "with the MedLaSA paper's code); medit never downloads data"
             )
@@ -51,9 +52,9 @@ class Suite:
             ):
                 if candidate.is_file():
                     return str(candidate)
-            raise ValueError(f"--data {path}: no {self.default_file} in this folder")
+            raise UserError(f"--data {path}: no {self.default_file} in this folder")
         if not path.is_file():
-            raise ValueError(f"--data {path}: file not found")
+            raise UserError(f"--data {path}: file not found")
         return str(path)
 
     def load(self, data: str | None, limit: int | None = None) -> list[EditRequest]:
@@ -108,5 +109,5 @@ SUITES: dict[str, Suite] = {
 
 def get_suite(name: str) -> Suite:
     if name not in SUITES:
-        raise ValueError(f"unknown suite {name!r}; suites: {', '.join(SUITES)}")
+        raise UserError(f"unknown suite {name!r}; suites: {', '.join(SUITES)}")
     return SUITES[name]

@@ -7,6 +7,7 @@ import io
 from pathlib import Path
 from typing import Any
 
+from medit.core.errors import UserError
 from medit.core.results import read_json_object
 
 PROTOCOL_LABELS = {"teacher_forced": "teacher-forced (comparable to the MedLaSA paper)",
@@ -100,16 +101,16 @@ def compare(run_dirs: list[str | Path], common: bool = False) -> dict[str, Any]:
     for d in run_dirs:
         path = Path(d) / "results.json"
         if not path.is_file():
-            raise ValueError(f"{d} is not a finished benchmark run (no results.json)")
+            raise UserError(f"{d} is not a finished benchmark run (no results.json)")
         run = read_json_object(path)
         if not str(run.get("schema", "")).startswith("medit.bench/"):
-            raise ValueError(
+            raise UserError(
                 f"{path}: not a benchmark run (schema {run.get('schema')!r}); "
                 "--compare takes `medit bench` run directories"
             )
         for field in ("suite", "mode", "methods"):
             if field not in run:
-                raise ValueError(f"{path}, field '{field}': missing")
+                raise UserError(f"{path}, field '{field}': missing")
         runs.append(run)
     shared = None
     if common:
@@ -117,11 +118,11 @@ def compare(run_dirs: list[str | Path], common: bool = False) -> dict[str, Any]:
             for found in case_indices(Path(d)).values():
                 shared = found if shared is None else shared & found
         if not shared:
-            raise ValueError("the compared runs have no case in common")
+            raise UserError("the compared runs have no case in common")
         runs = [results_of(Path(d), shared) for d in run_dirs]
     suites = {r["suite"] for r in runs}
     if len(suites) > 1:
-        raise ValueError(f"cannot compare runs of different suites: {', '.join(sorted(suites))}")
+        raise UserError(f"cannot compare runs of different suites: {', '.join(sorted(suites))}")
     modes = {r["mode"] for r in runs}
     merged = {
         **runs[0],

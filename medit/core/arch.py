@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from medit.core.errors import UserError
+
 #: separate projections -> the fused module that holds them, where an architecture fuses them
 _FUSED = {"q": "qkv", "k": "qkv", "v": "qkv", "o": "attn_out",
           "gate": "mlp_in", "up": "mlp_in", "down": "mlp_out"}  # fmt: skip
@@ -54,7 +56,7 @@ class ArchSpec:
         if kind is None:
             return path
         if kind not in self.kinds:
-            raise ValueError(
+            raise UserError(
                 f"the {self.family} architecture has no module kind {kind!r}; "
                 f"it has: {', '.join(sorted(self.kinds))}"
             )
@@ -67,7 +69,7 @@ class ArchSpec:
         for kind in kinds:
             k = kind if kind in self.kinds else _FUSED.get(kind, kind)
             if k not in self.kinds:
-                raise ValueError(f"the {self.family} architecture has no module kind {kind!r}; "
+                raise UserError(f"the {self.family} architecture has no module kind {kind!r}; "
                                  f"it has: {', '.join(sorted(self.kinds))}")  # fmt: skip
             if k not in out:
                 out.append(k)
@@ -214,7 +216,7 @@ def get_arch(model_or_config: Any) -> ArchSpec:
     config = getattr(model_or_config, "config", model_or_config)
     model_type = getattr(config, "model_type", None)
     if model_type not in ARCHITECTURES:
-        raise ValueError(
+        raise UserError(
             f"unsupported model architecture {model_type!r}; medit supports model_type "
             f"{', '.join(sorted(ARCHITECTURES))}"
         )
@@ -226,4 +228,4 @@ def get_module(model: nn.Module, path: str) -> nn.Module:
     try:
         return model.get_submodule(path)
     except AttributeError as exc:
-        raise ValueError(f"{type(model).__name__} has no module {path!r}") from exc
+        raise UserError(f"{type(model).__name__} has no module {path!r}") from exc

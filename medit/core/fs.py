@@ -30,6 +30,8 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from medit.core.errors import UserError
+
 log = logging.getLogger(__name__)
 
 #: marker file in every directory medit creates: {"created_by": "medit", "kind": ...}
@@ -100,16 +102,16 @@ def check_replaceable(target: str | Path, kinds: Iterable[str], what: str) -> No
     if not target.exists() or is_empty_dir(target):
         return
     if not target.is_dir():
-        raise ValueError(f"{what} {target} exists and is not a directory")
+        raise UserError(f"{what} {target} exists and is not a directory")
     kind = marker_kind(target)
     kinds = tuple(kinds)
     if kind is None:
-        raise ValueError(
+        raise UserError(
             f"{what} {target} is not empty and was not created by medit (no {MARKER} marker): "
             "medit never replaces a directory it did not create; choose another directory"
         )
     if kind not in kinds:
-        raise ValueError(
+        raise UserError(
             f"{what} {target} holds a medit {kind}, not a {' or '.join(kinds)}; "
             "choose another directory"
         )
@@ -121,10 +123,10 @@ def check_out(out: str | Path, overwrite: bool, kind: str, what: str = "--out") 
     replaceable only when medit made it as ``kind``, and writable."""
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise ValueError(f"{what} {out} exists and is not a directory")
+        raise UserError(f"{what} {out} exists and is not a directory")
     if out.exists() and not is_empty_dir(out):
         if not overwrite:
-            raise ValueError(
+            raise UserError(
                 f"{what} {out} is not empty; choose another directory or pass --overwrite"
             )
         check_replaceable(out, (kind,), what)
@@ -140,12 +142,12 @@ def check_writable(path: str | Path, what: str) -> None:
     while not probe_dir.exists():
         probe_dir = probe_dir.parent
     if not probe_dir.is_dir():
-        raise ValueError(f"{what} {path}: {probe_dir} is not a directory")
+        raise UserError(f"{what} {path}: {probe_dir} is not a directory")
     try:
         fd, probe = tempfile.mkstemp(prefix=_tmp_prefix("write-check"), dir=probe_dir)
     except OSError as exc:
         reason = os.strerror(exc.errno) if exc.errno else str(exc)
-        raise ValueError(f"{what} {path}: cannot write in {probe_dir} ({reason})") from None
+        raise UserError(f"{what} {path}: cannot write in {probe_dir} ({reason})") from None
     os.close(fd)
     os.unlink(probe)
 
@@ -163,7 +165,7 @@ def check_disjoint(paths: dict[str, str | Path | None]) -> None:
         for name_b, b in given[i + 1 :]:
             if _inside(a, b) or _inside(b, a):
                 relation = "is the same directory as" if a == b else "overlaps"
-                raise ValueError(
+                raise UserError(
                     f"{name_a} {a} {relation} {name_b} {b}: one write would replace the other; "
                     "use separate directories"
                 )
@@ -312,7 +314,7 @@ def atomic_dir(target: str | Path, kind: str, replace: Iterable[str] | None = No
                 os.replace(tmp, target)
             except OSError as exc:  # created meanwhile by someone else: never replaced blindly
                 if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
-                    raise ValueError(f"{target} appeared while medit was writing it") from None
+                    raise UserError(f"{target} appeared while medit was writing it") from None
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from medit.core.arch import ArchSpec, get_arch
+from medit.core.errors import UserError
 from medit.core.fs import file_sha256
 
 log = logging.getLogger(__name__)
@@ -99,19 +100,19 @@ def builtin_gguf_path(name: str) -> Path:
     try:
         dist = importlib.metadata.distribution(builtin.distribution)
     except importlib.metadata.PackageNotFoundError:
-        raise ValueError(
+        raise UserError(
             f"the builtin model {name!r} needs the package {builtin.distribution!r}; "
             f"install it with: {builtin.install}"
         ) from None
     for f in dist.files or []:
         if f.name == builtin.gguf:
             return Path(dist.locate_file(f)).resolve()
-    raise ValueError(f"package {builtin.distribution!r} does not contain {builtin.gguf}")
+    raise UserError(f"package {builtin.distribution!r} does not contain {builtin.gguf}")
 
 
 def _builtin(name: str) -> BuiltinModel:
     if name not in BUILTIN_MODELS:
-        raise ValueError(
+        raise UserError(
             f"unknown builtin model {name!r}; builtin models: "
             + ", ".join(f"builtin:{n}" for n in BUILTIN_MODELS)
         )
@@ -201,16 +202,16 @@ def resolve_device(name: str = "auto") -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"invalid --device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+        raise UserError(f"invalid --device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: CUDA is not available on this machine")
+            raise UserError(f"--device {name}: CUDA is not available on this machine")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) present")
+            raise UserError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) present")
     elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"--device {name}: MPS is not available on this machine")
+        raise UserError(f"--device {name}: MPS is not available on this machine")
     elif device.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"invalid --device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+        raise UserError(f"invalid --device {name!r}; use auto, cpu, cuda, cuda:N or mps")
     return device
 
 
@@ -219,7 +220,7 @@ def resolve_dtype(name: str, device: torch.device, config: Any = None) -> torch.
     except models of more than ~2B parameters on CUDA, which load in bfloat16."""
     if name != "auto":
         if name not in _DTYPES:
-            raise ValueError(f"invalid --dtype {name!r}; use auto, {', '.join(_DTYPES)}")
+            raise UserError(f"invalid --dtype {name!r}; use auto, {', '.join(_DTYPES)}")
         return _DTYPES[name]
     if device.type == "cuda" and config is not None and _estimate_parameters(config) > 2e9:
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -248,20 +249,20 @@ def resolve_source(spec: str) -> str:
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise ValueError(f"model file not found: {path}")
+            raise UserError(f"model file not found: {path}")
         return str(materialise_gguf(path.resolve()))
     if path.exists():
         if not path.is_dir():
-            raise ValueError(f"{path} is a file, not a Hugging Face model directory or .gguf file")
+            raise UserError(f"{path} is a file, not a Hugging Face model directory or .gguf file")
         if not (path / "config.json").is_file():
-            raise ValueError(f"{path} is not a Hugging Face model directory (no config.json)")
+            raise UserError(f"{path} is not a Hugging Face model directory (no config.json)")
         check_config_file(path / "config.json")
         return str(path.resolve())
     if looks_like_path(spec):  # never a hub id: no network round trips for a typo
-        raise ValueError(f"model path {spec} does not exist")
+        raise UserError(f"model path {spec} does not exist")
     if _HUB_ID.fullmatch(spec):
         return spec
-    raise ValueError(
+    raise UserError(
         f"cannot resolve model {spec!r}: not a builtin (builtin:smollm2), an existing directory, "
         "a .gguf file or a hub id (org/name)"
     )
@@ -282,20 +283,20 @@ def check_config_file(file: Path) -> None:
     try:
         config = json.loads(file.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
-        raise ValueError(f"{file}: not UTF-8 text") from None
+        raise UserError(f"{file}: not UTF-8 text") from None
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{file}: invalid JSON at line {exc.lineno}, column {exc.colno}: "
+        raise UserError(f"{file}: invalid JSON at line {exc.lineno}, column {exc.colno}: "
                          f"{exc.msg}") from None  # fmt: skip
     except OSError as exc:
-        raise ValueError(f"{file}: cannot read: {exc.strerror or exc}") from None
+        raise UserError(f"{file}: cannot read: {exc.strerror or exc}") from None
     if not isinstance(config, dict):
-        raise ValueError(f"{file}: expected a JSON object, got {type(config).__name__}")
+        raise UserError(f"{file}: expected a JSON object, got {type(config).__name__}")
     if not config.get("model_type"):
-        raise ValueError(f"{file} has no 'model_type'; medit chooses the architecture by it")
+        raise UserError(f"{file} has no 'model_type'; medit chooses the architecture by it")
     try:
         get_arch(SimpleNamespace(model_type=config["model_type"]))
     except ValueError as exc:
-        raise ValueError(f"{file}: {exc}") from None
+        raise UserError(f"{file}: {exc}") from None
 
 
 #: files of which a saved tokenizer has at least one
@@ -306,7 +307,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 def check_tokenizer_files(directory: Path, name: str | None = None) -> None:
     """A model directory holds a saved tokenizer (``name``: the directory as the user gave it)."""
     if not any((directory / file).is_file() for file in TOKENIZER_FILES):
-        raise ValueError(
+        raise UserError(
             f"{name or directory} has no tokenizer ({' / '.join(TOKENIZER_FILES)}); save the "
             "model's tokenizer there with tokenizer.save_pretrained(DIR)"
         )
@@ -325,12 +326,12 @@ def _check_weights_format(source: str, allow_pickle: bool) -> None:
         return
     if any(path.glob("*.bin")) or any(path.glob("*.pt")):
         if not allow_pickle:
-            raise ValueError(
+            raise UserError(
                 f"{path} holds only pickle weights (*.bin), which can execute code when loaded; "
                 "convert them to safetensors, or pass --allow-pickle if you trust the source"
             )
         return
-    raise ValueError(f"{path} contains no weights (*.safetensors)")
+    raise UserError(f"{path} contains no weights (*.safetensors)")
 
 
 def load_model(
@@ -403,4 +404,4 @@ def load_config(spec: str, *, trust_remote_code: bool = False) -> Any:
     try:
         return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise ValueError(f"cannot load the config of model {spec!r}: {exc}") from None
+        raise UserError(f"cannot load the config of model {spec!r}: {exc}") from None

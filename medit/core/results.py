@@ -23,6 +23,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, TypedDict
 
+from medit.core.errors import UserError
+
 SCHEMA = "medit.results/1"
 RESULTS_FILE = "results.json"
 SAMPLES_FILE = "samples.jsonl"
@@ -110,23 +112,23 @@ def read_json_object(path: str | Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8-sig"))
     except UnicodeDecodeError:
-        raise ValueError(f"{path}: not UTF-8 text") from None
+        raise UserError(f"{path}: not UTF-8 text") from None
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
+        raise UserError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
     except OSError as exc:
-        raise ValueError(f"{path}: cannot read ({exc.strerror or exc})") from None
+        raise UserError(f"{path}: cannot read ({exc.strerror or exc})") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+        raise UserError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
 
 
 def read_results(run_dir: str | Path) -> RunResults:
     path = Path(run_dir) / RESULTS_FILE
     if not path.is_file():
-        raise ValueError(f"{run_dir} is not a medit run directory (no {RESULTS_FILE})")
+        raise UserError(f"{run_dir} is not a medit run directory (no {RESULTS_FILE})")
     data = read_json_object(path)
     if data.get("schema") != SCHEMA:
-        raise ValueError(f"{path}: unknown schema {data.get('schema')!r} (expected {SCHEMA})")
+        raise UserError(f"{path}: unknown schema {data.get('schema')!r} (expected {SCHEMA})")
     return data
 
 
@@ -168,7 +170,7 @@ def verdict(results: dict[str, Any]) -> dict[str, Any]:
     checks = []
     for key, minimum in thresholds.items():
         if key not in _THRESHOLD_METRICS:
-            raise ValueError(f"unknown threshold {key!r}; known: {', '.join(_THRESHOLD_METRICS)}")
+            raise UserError(f"unknown threshold {key!r}; known: {', '.join(_THRESHOLD_METRICS)}")
         protocol, metric, label = _THRESHOLD_METRICS[key]
         value = post.get(protocol, {}).get(metric)
         checks.append({"key": key, "label": label, "value": value, "threshold": minimum,

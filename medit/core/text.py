@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from medit.core.errors import UserError
+
 
 def continuation(prompt: str, target: str) -> str:
     """The target as it follows the prompt: with one separating space unless one is there."""
@@ -27,7 +29,7 @@ def encode_pair(tok: Any, prompt: str, target: str) -> tuple[list[int], list[int
     prompt_ids = tok(prompt).input_ids
     target_ids = tok(continuation(prompt, target), add_special_tokens=False).input_ids
     if not target_ids:
-        raise ValueError(f"target {target!r} tokenises to nothing")
+        raise UserError(f"target {target!r} tokenises to nothing")
     return prompt_ids, target_ids
 
 

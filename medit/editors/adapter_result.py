@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import save_file
 
 from medit.artifacts.weights import ARTIFACT_DIR, FORMAT, atomic_dir, open_safetensors
+from medit.core.errors import UserError
 from medit.core.fs import atomic_file
 from medit.editors.base import EditResult, HParams
 from medit.editors.patching.adapters import Adapter, AdapterBank, RoutingConfig
@@ -232,16 +233,16 @@ def load_adapter_artifact(model: Any, tok: Any, path: str | Path) -> AdapterEdit
 
     file = is_adapter_artifact(path)
     if file is None:
-        raise ValueError(f"no adapter artifact at {path}")
+        raise UserError(f"no adapter artifact at {path}")
     with open_safetensors(file) as f:
         meta = f.metadata() or {}
         if "medit_manifest" not in meta:
-            raise ValueError(f"{file} is not a medit edit artifact (no manifest)")
+            raise UserError(f"{file} is not a medit edit artifact (no manifest)")
         manifest = json.loads(meta["medit_manifest"])
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     sha = getattr(model, "medit_weights_sha256", None)
     if sha and manifest.get("base_weights_sha256") and sha != manifest["base_weights_sha256"]:
-        raise ValueError(f"{file} was made for another base model (weights sha256 "
+        raise UserError(f"{file} was made for another base model (weights sha256 "
                          f"{manifest['base_weights_sha256'][:12]}..., this model {sha[:12]}...)")  # fmt: skip
     arch = get_arch(model)
     device = arch.embedding(model).weight.device

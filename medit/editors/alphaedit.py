@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from medit.artifacts.weights import STATE
+from medit.core.errors import UserError
 from medit.editors.base import hp
 from medit.editors.locate.common import LocateEditResult, second_moments
 from medit.editors.locate.keys import null_space_projector
@@ -69,7 +70,7 @@ class AlphaEdit(MEMIT):
             P[layer], dims[layer] = null_space_projector(C[layer], hp.nullspace_threshold, key)
             if dims[layer] == 0:
                 smallest = torch.linalg.eigvalsh(C[layer]).min().item()
-                raise ValueError(f"alphaedit: no eigenvalue of C at layer {layer} is below "
+                raise UserError(f"alphaedit: no eigenvalue of C at layer {layer} is below "
                                  f"nullspace_threshold={hp.nullspace_threshold:g} (smallest: "
                                  f"{smallest:.3g}); raise the threshold")  # fmt: skip
         state = getattr(model, STATE, None) or {}

@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 import torch
 
 from medit.core.arch import ArchSpec, get_arch
+from medit.core.errors import UserError
 from medit.facts.requests import EditRequest
 
 
@@ -36,7 +37,7 @@ def hp(default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse's vocab
     return dataclasses.field(default=default, metadata={"help": help})
 
 
-class HParamError(ValueError):
+class HParamError(UserError):
     """A hyper-parameter of the wrong type or value: the message names it, and its method where
     known ("hyper-parameter 'steps' of ft-m expects an integer, got 2.5")."""
 
@@ -72,13 +73,13 @@ class HParams:
         """Hyper-parameters from JSON / CLI values, each converted to its field's declared type
         (see :func:`convert`); ``owner`` (the method's name) is named in errors."""
         if not isinstance(values, Mapping):
-            raise ValueError(f"hyper-parameters must be a mapping, not {type(values).__name__}")
+            raise UserError(f"hyper-parameters must be a mapping, not {type(values).__name__}")
         names = {f.name: f for f in dataclasses.fields(cls)}
         for key in values:
             if key not in names:
                 close = difflib.get_close_matches(str(key), names, n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise ValueError(
+                raise UserError(
                     f"unknown hyper-parameter {key!r} for {owner or cls.__name__}{hint}"
                 )
         types = _field_types(cls)
@@ -374,9 +375,9 @@ class Editor(ABC):
     def apply(self, model: Any, tok: Any, requests: Sequence[EditRequest]) -> EditResult:
         """Edit ``model`` in place so that each request's prompt continues with its target."""
         if not requests:
-            raise ValueError("no requests to apply")
+            raise UserError("no requests to apply")
         if len(requests) > 1 and not self.capabilities.batch:
-            raise ValueError(
+            raise UserError(
                 f"{self.name} edits one request at a time; use single or sequential mode"
             )
         hp, arch = self.hparams_for(model), get_arch(model)
@@ -409,7 +410,7 @@ def get_editor_class(name: str) -> type[Editor]:
     if name not in METHODS:
         close = difflib.get_close_matches(name, METHODS, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown method {name!r}{hint} (available: {', '.join(METHODS)})")
+        raise UserError(f"unknown method {name!r}{hint} (available: {', '.join(METHODS)})")
     module, cls = METHODS[name].split(":")
     return getattr(importlib.import_module(module), cls)
 

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from medit.core.arch import ArchSpec, get_arch
+from medit.core.errors import UserError
 from medit.core.forward import logits_at, per_sequence_mean, target_nll
 from medit.core.hooks import capture_input, frozen_prefix
 from medit.core.text import TeacherBatch, teacher_batch
@@ -75,7 +76,7 @@ class FTHParams(HParams):
         layers = self.layers or (round(self.layer_depth * (n_layers - 1)),)
         bad = [layer for layer in layers if not 0 <= layer < n_layers]
         if bad:
-            raise ValueError(f"layers {bad} out of range: the model has {n_layers} layers")
+            raise UserError(f"layers {bad} out of range: the model has {n_layers} layers")
         return tuple(sorted(set(layers)))
 
 

@@ -37,6 +37,7 @@ from typing import Any, ClassVar
 import torch
 
 from medit.core.arch import ArchSpec, get_arch, get_module
+from medit.core.errors import UserError
 from medit.core.forward import target_nll
 from medit.core.text import teacher_batch
 from medit.editors.adapter_result import AdapterEditResult
@@ -169,7 +170,7 @@ def trace_kind(kind: str) -> str:
         return "attn"
     if kind in MLP_KINDS:
         return "mlp"
-    raise ValueError(f"medlasa cannot scale module kind {kind!r}: use attention ({', '.join(ATTN_KINDS)}) "
+    raise UserError(f"medlasa cannot scale module kind {kind!r}: use attention ({', '.join(ATTN_KINDS)}) "
                      f"or MLP ({', '.join(MLP_KINDS)}) projections")  # fmt: skip
 
 
@@ -341,11 +342,11 @@ def run_profiles(path: str, weights_sha256: str | None) -> dict[tuple, dict[str,
 
     file = Path(path) / TRACES_FILE if Path(path).is_dir() else Path(path)
     if not file.is_file():
-        raise ValueError(f"traces={path}: no {TRACES_FILE} there (write one with `medit trace`)")
+        raise UserError(f"traces={path}: no {TRACES_FILE} there (write one with `medit trace`)")
     doc = json.loads(file.read_text(encoding="utf-8"))
     sha = doc.get("provenance", {}).get("model", {}).get("weights_sha256")
     if weights_sha256 and sha and sha != weights_sha256:
-        raise ValueError(f"traces={path} were made for other weights (sha256 {sha[:12]}..., "
+        raise UserError(f"traces={path} were made for other weights (sha256 {sha[:12]}..., "
                          f"this model {weights_sha256[:12]}...)")  # fmt: skip
     out = {}
     for item in doc.get("traces", []):

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from medit.core.arch import ArchSpec, get_arch
+from medit.core.errors import UserError
 from medit.editors.base import Capabilities, Editor, check_layers, hp
 from medit.editors.locate.common import KeyValueHParams, LocateEditResult, second_moments
 from medit.editors.locate.keys import layer_outputs_at, optimise_values, request_keys
@@ -54,7 +55,7 @@ class MEMITHParams(KeyValueHParams):
         if self.layers:
             bad = [layer for layer in self.layers if not 0 <= layer < n_layers]
             if bad:
-                raise ValueError(f"layers {bad} out of range: the model has {n_layers} layers")
+                raise UserError(f"layers {bad} out of range: the model has {n_layers} layers")
             return tuple(sorted(set(self.layers)))
         count = min(self.n_edit_layers, max(1, n_layers - 1))
         first = min(round(self.first_depth * (n_layers - 1)), n_layers - count)

@@ -28,6 +28,7 @@ from typing import Any, ClassVar
 import torch
 
 from medit.core.arch import ArchSpec, get_arch
+from medit.core.errors import UserError
 from medit.editors.base import Capabilities, Editor, check_layers, hp
 from medit.editors.locate.common import (
     KeyValueHParams,
@@ -112,7 +113,7 @@ class ROME(Editor):
         n = arch.n_layers(model)
         if hp.layer >= 0:
             if hp.layer >= n:
-                raise ValueError(f"layer {hp.layer} out of range: the model has {n} layers")
+                raise UserError(f"layer {hp.layer} out of range: the model has {n} layers")
             return hp.layer, None
         if hp.layer_selection == "trace":
             return traced_layer(model, tok, arch, hp.trace_prompts)

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from medit.core.errors import UserError
 from medit.core.fs import atomic_write_text
 from medit.core.models import cache_dir
 from medit.core.text import left_padded
@@ -120,13 +121,13 @@ def file_corpus(paths: Sequence[str | Path]) -> Corpus:
     for raw in paths:
         path = Path(raw)
         if not path.exists():
-            raise ValueError(f"corpus {path}: no such file or folder")
+            raise UserError(f"corpus {path}: no such file or folder")
         try:
             texts += _read_texts(path)
         except UnicodeDecodeError:
-            raise ValueError(f"corpus {path}: not UTF-8 text") from None
+            raise UserError(f"corpus {path}: not UTF-8 text") from None
     if not texts:
-        raise ValueError(f"corpus {', '.join(map(str, paths))}: no text found")
+        raise UserError(f"corpus {', '.join(map(str, paths))}: no text found")
     return Corpus("files:" + ",".join(Path(p).name for p in paths), tuple(texts))
 
 
@@ -136,7 +137,7 @@ def _read_texts(path: Path) -> list[str]:
 
         ds = load_from_disk(str(path))
         if "text" not in ds.column_names:
-            raise ValueError(f"corpus {path}: the dataset has no 'text' column "
+            raise UserError(f"corpus {path}: the dataset has no 'text' column "
                              f"(columns: {', '.join(ds.column_names)})")  # fmt: skip
         return [t for t in ds["text"] if isinstance(t, str) and t.strip()]
     raw = path.read_text(encoding="utf-8")
@@ -147,15 +148,13 @@ def _read_texts(path: Path) -> list[str]:
                 try:
                     records.append(json.loads(line))
                 except json.JSONDecodeError as exc:
-                    raise ValueError(f"corpus {path}, line {n}: invalid JSON ({exc.msg})") from None
+                    raise UserError(f"corpus {path}, line {n}: invalid JSON ({exc.msg})") from None
         return _record_texts(path, records)
     if path.suffix == ".json":
         try:
             data = json.loads(raw)
         except json.JSONDecodeError as exc:
-            raise ValueError(
-                f"corpus {path}: invalid JSON ({exc.msg}, line {exc.lineno})"
-            ) from None
+            raise UserError(f"corpus {path}: invalid JSON ({exc.msg}, line {exc.lineno})") from None
         return _record_texts(path, data if isinstance(data, list) else [data])
     return [p.strip() for p in raw.split("\n\n") if p.strip()]
 
@@ -165,7 +164,7 @@ def _record_texts(path: Path, records: list) -> list[str]:
     for i, rec in enumerate(records, 1):
         text = rec if isinstance(rec, str) else rec.get("text") if isinstance(rec, dict) else None
         if not isinstance(text, str):
-            raise ValueError(f"corpus {path}, record {i}: field 'text' missing or not a string")
+            raise UserError(f"corpus {path}, record {i}: field 'text' missing or not a string")
         if text.strip():
             out.append(text)
     return out

@@ -23,12 +23,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from medit.core.errors import UserError
+
 BUILTIN = "builtin"
 
 Probe = tuple[str, str]  # (prompt, expected answer)
 
 
-class RequestError(ValueError):
+class RequestError(UserError):
     """Invalid edit request input: the message names file, record and field."""
 
     def __init__(self, source: str, record: int | None, field: str | None, problem: str):

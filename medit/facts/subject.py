@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from importlib import resources
 from typing import Any
 
+from medit.core.errors import UserError
+
 #: spaCy pipelines tried, in order, for the parser fallback (only where installed)
 PARSER_PIPELINES = ("en_core_web_sm", "en_core_web_md", "en_core_web_lg", "en_core_web_trf")
 _SUBJECT_DEPS = ("nsubj", "nsubjpass")
@@ -27,12 +29,12 @@ def subject_span(prompt: str, subject: str) -> tuple[int, int]:
     """Character span of the first occurrence of ``subject`` in ``prompt`` (exact match first,
     then case-insensitive)."""
     if not subject or not subject.strip():
-        raise ValueError(f"empty subject for the prompt {prompt!r}")
+        raise UserError(f"empty subject for the prompt {prompt!r}")
     start = prompt.find(subject)
     if start < 0:
         start = prompt.lower().find(subject.lower())
     if start < 0:
-        raise ValueError(f"subject {subject!r} does not occur in the prompt {prompt!r}")
+        raise UserError(f"subject {subject!r} does not occur in the prompt {prompt!r}")
     return start, start + len(subject)
 
 
@@ -46,7 +48,7 @@ def subject_tokens(tok: Any, prompt: str, subject: str, offset: int = 0) -> tupl
     spans = _token_char_spans(tok, prompt, ids)
     inside = [i for i, (a, b) in enumerate(spans) if a < c1 and b > c0 and b > a]
     if not inside:
-        raise ValueError(f"subject {subject!r} covers no token of the prompt {prompt!r}")
+        raise UserError(f"subject {subject!r} covers no token of the prompt {prompt!r}")
     return inside[0], inside[-1] + 1
 
 
@@ -93,7 +95,7 @@ def subject_pipeline(parser: bool = True) -> Any:
     try:
         import spacy
     except ImportError:
-        raise ValueError(
+        raise UserError(
             "subject detection needs spaCy (pip install spacy); or give each request a 'subject'"
         ) from None
     name = installed_parser() if parser else None
@@ -111,7 +113,7 @@ def detect_subject(prompt: str, nlp: Any = None) -> str:
         return doc.ents[0].text
     found = parsed_subject(doc)
     if found is None:
-        raise ValueError(
+        raise UserError(
             f"no subject found in the prompt {prompt!r} (no known medical term"
             + ("" if doc.has_annotation("DEP") else "; no spaCy English parser installed")
             + "); give the request a 'subject'"

@@ -13,6 +13,7 @@ from typing import Any
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 
+from medit.core.errors import UserError
 from medit.core.fs import atomic_write_text
 from medit.core.results import read_json_object, verdict
 from medit.report import svg
@@ -37,7 +38,7 @@ def load_run(run_dir: str | Path) -> tuple[str, dict[str, Any], list[dict[str, A
     if not path.is_file() and (run / "traces.json").is_file():
         path = run / "traces.json"  # a `medit trace` run
     if not path.is_file():
-        raise ValueError(f"{run} is not a medit run directory (no results.json)")
+        raise UserError(f"{run} is not a medit run directory (no results.json)")
     results = read_json_object(path)
     schema = str(results.get("schema", ""))
     if schema.startswith("medit.bench/"):
@@ -45,10 +46,10 @@ def load_run(run_dir: str | Path) -> tuple[str, dict[str, Any], list[dict[str, A
     if schema.startswith("medit.traces/"):
         return "trace", results, []
     if not schema.startswith("medit.results/"):
-        raise ValueError(f"{path}: unknown schema {schema!r}")
+        raise UserError(f"{path}: unknown schema {schema!r}")
     for field in ("config", "metrics", "provenance", "edit"):
         if not isinstance(results.get(field), dict):
-            raise ValueError(f"{path}, field '{field}': missing or not an object")
+            raise UserError(f"{path}, field '{field}': missing or not an object")
     results["_journal"] = journal_status(run, results)
     samples = []
     samples_path = run / "samples.jsonl"
@@ -57,7 +58,7 @@ def load_run(run_dir: str | Path) -> tuple[str, dict[str, Any], list[dict[str, A
             try:
                 samples.append(json.loads(line))
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{samples_path}: line {i}: invalid JSON ({exc.msg})") from None
+                raise UserError(f"{samples_path}: line {i}: invalid JSON ({exc.msg})") from None
     return "edit", results, samples
 
 
@@ -203,7 +204,7 @@ def render(run_dir: str | Path, fmt: str = "html") -> str:
     if fmt == "md":
         return markdown(kind, results, samples)
     if fmt != "html":
-        raise ValueError(f"unknown report format {fmt!r}; use html or md")
+        raise UserError(f"unknown report format {fmt!r}; use html or md")
     env = _env()
     if kind == "bench":
         return env.get_template("bench.html.j2").render(**bench_context(results))

@@ -10,6 +10,7 @@ import json
 from typing import Any
 
 from medit.core import results as R
+from medit.core.errors import UserError
 from medit.core.fs import atomic_dir, atomic_write_text, check_out
 from medit.core.models import load_model
 from medit.facts.requests import EditRequest, load_requests
@@ -48,11 +49,11 @@ def run_trace(cfg: TraceRunConfig) -> dict[str, Any]:
 
     out = check_out(cfg.out, cfg.overwrite, "trace-run")
     if cfg.limit is not None and cfg.limit < 1:
-        raise ValueError("--limit must be >= 1")
+        raise UserError("--limit must be >= 1")
     if cfg.prompt is not None:
         requests = [EditRequest(prompt=cfg.prompt, target_new="", subject=cfg.subject, id="prompt")]
         if cfg.subject is not None and cfg.subject not in cfg.prompt:
-            raise ValueError(f"--subject {cfg.subject!r} does not occur in --prompt")
+            raise UserError(f"--subject {cfg.subject!r} does not occur in --prompt")
     else:
         requests = load_requests(cfg.requests)[: cfg.limit]
     for req in requests:

@@ -45,6 +45,7 @@ import torch
 from tqdm.auto import tqdm
 
 from medit.core.arch import ArchSpec
+from medit.core.errors import UserError
 from medit.core.forward import cache_kwargs
 from medit.core.fs import atomic_write_text
 from medit.core.hooks import (
@@ -86,13 +87,13 @@ class TraceConfig:
     def __post_init__(self):
         bad = [k for k in self.kinds if k not in KINDS]
         if bad or not self.kinds:
-            raise ValueError(f"trace kinds must be among {', '.join(KINDS)}, got {self.kinds}")
+            raise UserError(f"trace kinds must be among {', '.join(KINDS)}, got {self.kinds}")
         if self.mode not in MODES:
-            raise ValueError(f"trace mode must be one of {', '.join(MODES)}, not {self.mode!r}")
+            raise UserError(f"trace mode must be one of {', '.join(MODES)}, not {self.mode!r}")
         if self.samples < 1 or self.window < 1 or self.max_batch_tokens < 1:
-            raise ValueError("trace samples, window and max_batch_tokens must be >= 1")
+            raise UserError("trace samples, window and max_batch_tokens must be >= 1")
         if self.noise is not None and not self.noise > 0:
-            raise ValueError(f"trace noise must be > 0, got {self.noise}")
+            raise UserError(f"trace noise must be > 0, got {self.noise}")
 
     def settings(self, noise: float) -> dict[str, Any]:
         """What determines a trace's numbers (the batch budget does not)."""
@@ -456,12 +457,12 @@ ANSWERS = ("predicted", "ground_truth", "target_new")
 def request_answer(req: EditRequest, answer: str) -> str | None:
     """The answer traced for a request: None (the model's prediction), or one of its fields."""
     if answer not in ANSWERS:
-        raise ValueError(f"trace answer must be one of {', '.join(ANSWERS)}, not {answer!r}")
+        raise UserError(f"trace answer must be one of {', '.join(ANSWERS)}, not {answer!r}")
     if answer == "predicted":
         return None
     value = getattr(req, answer)
     if not value:
-        raise ValueError(f"{req.id}: request has no {answer!r} to trace")
+        raise UserError(f"{req.id}: request has no {answer!r} to trace")
     return value
 
 
@@ -480,7 +481,7 @@ def request_subjects(requests: Sequence[EditRequest]) -> list[str]:
         try:
             out.append(req.subject or detect_subject(req.prompt))
         except ValueError as exc:
-            raise ValueError(f"{req.id}: {exc}") from None
+            raise UserError(f"{req.id}: {exc}") from None
     return out
 
 

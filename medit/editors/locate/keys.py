@@ -32,6 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from medit.core.arch import ArchSpec, get_module
+from medit.core.errors import UserError
 from medit.core.forward import per_sequence_mean
 from medit.core.fs import atomic_file, atomic_write_text
 from medit.core.hooks import capture_input, capture_inputs, edited_outputs, frozen_prefix, record
@@ -364,7 +365,7 @@ def _accumulate(model, tok, arch, layers, corpus: Corpus, max_length, batch_size
             s = (k.T @ k).double().cpu()
             sums[layer] = s if sums[layer] is None else sums[layer] + s
     if count == 0:
-        raise ValueError(f"corpus {corpus.name!r} has no tokens")
+        raise UserError(f"corpus {corpus.name!r} has no tokens")
     return {layer: (sums[layer], count) for layer in layers}
 
 

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from medit.core.arch import ArchSpec, get_module
+from medit.core.errors import UserError
 from medit.core.forward import passed_cache
 from medit.core.hooks import capture_input
 from medit.editors.patching.routing import ROUTER
@@ -55,14 +56,14 @@ class RoutingConfig:
 
     def __post_init__(self):
         if self.mode not in ROUTING_MODES:
-            raise ValueError(f"routing must be one of {', '.join(ROUTING_MODES)}, "
+            raise UserError(f"routing must be one of {', '.join(ROUTING_MODES)}, "
                              f"not {self.mode!r}")  # fmt: skip
         for off, on in ((self.gate_off, self.gate_on),
                         (self.gate_off_unmentioned, self.gate_on_unmentioned)):  # fmt: skip
             if not -1.0 <= off < on <= 1.0:
-                raise ValueError("need -1 <= gate_off < gate_on <= 1 (both pairs)")
+                raise UserError("need -1 <= gate_off < gate_on <= 1 (both pairs)")
         if not 0.0 <= self.route_depth <= 1.0:
-            raise ValueError("route_depth must lie in [0, 1]")
+            raise UserError("route_depth must lie in [0, 1]")
 
 
 @dataclasses.dataclass
@@ -109,7 +110,7 @@ class AdapterBank:
         if bank is None:
             bank = cls(model, tok, arch, routing, **kw)
         elif bank.routing != routing:
-            raise ValueError(f"the model already carries adapters routed with {bank.routing}; "
+            raise UserError(f"the model already carries adapters routed with {bank.routing}; "
                              f"cannot add adapters routed with {routing}")  # fmt: skip
         return bank
 
@@ -278,7 +279,7 @@ class AdapterBank:
             return None  # decoding: keep the routing of the sequence's prefill
         # a new sequence (or a cache this bank did not see filled: route by the tokens given)
         if ids is None:
-            raise ValueError("medlasa routing needs input_ids (got only inputs_embeds)")
+            raise UserError("medlasa routing needs input_ids (got only inputs_embeds)")
         mask = kwargs.get("attention_mask")
         rows = ids.tolist() if mask is None else [
             [t for t, m in zip(r, mr, strict=True) if m] for r, mr in zip(ids.tolist(), mask.tolist(), strict=True)]  # fmt: skip
