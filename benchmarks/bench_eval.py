@@ -76,12 +76,16 @@ def main() -> None:
         "teacher_forced_accuracies_identical": same_tf,
         "identical_generations": f"{agree}/{len(requests)}",
     }
-    print(f"{args.suite}: {len(requests)} cases on {figures['device']} "
-          f"({figures['torch_threads']} threads), both protocols")  # fmt: skip
+    print(
+        f"{args.suite}: {len(requests)} cases on {figures['device']} "
+        f"({figures['torch_threads']} threads), both protocols"
+    )
     print(f"  batched (batch {args.batch_size}): {figures['batched_cases_per_s']:.2f} cases/s")
     print(f"  one at a time:    {figures['one_at_a_time_cases_per_s']:.2f} cases/s")
-    print(f"  speed-up {figures['speedup']:.1f}x; teacher-forced accuracies identical: {same_tf}; "
-          f"identical greedy generations: {figures['identical_generations']}")  # fmt: skip
+    print(
+        f"  speed-up {figures['speedup']:.1f}x; teacher-forced accuracies identical: {same_tf}; "
+        f"identical greedy generations: {figures['identical_generations']}"
+    )
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(figures, indent=2) + "\n")

@@ -138,14 +138,22 @@ def main() -> None:
         "memory": peak_memory_mb(device),
     }
     print(f"device {figures['device']} ({figures['torch_threads']} threads), FT-M at layer {layer}")
-    print(f"load: GGUF dequantisation {loads['gguf_dequantise_s']:.1f} s, "
-          f"cached safetensors {loads['cached_safetensors_s']:.1f} s")  # fmt: skip
-    print(f"FT-M: {figures['seconds_per_edit']:.3f} s/edit over {len(rows)} edits, "
-          f"{figures['mean_steps']:.1f} steps on average")  # fmt: skip
-    print(f"  floor (prefix fwd + steps x suffix fwd+bwd): {figures['floor_seconds_per_edit']:.3f} s"
-          f"  -> ratio {figures['ratio_to_floor']:.2f}x the floor")  # fmt: skip
-    print(f"  naive (steps x full fwd+bwd): {figures['naive_seconds_per_edit']:.3f} s"
-          f"  -> medit is {figures['speedup_vs_naive_full_forward']:.2f}x faster")  # fmt: skip
+    print(
+        f"load: GGUF dequantisation {loads['gguf_dequantise_s']:.1f} s, "
+        f"cached safetensors {loads['cached_safetensors_s']:.1f} s"
+    )
+    print(
+        f"FT-M: {figures['seconds_per_edit']:.3f} s/edit over {len(rows)} edits, "
+        f"{figures['mean_steps']:.1f} steps on average"
+    )
+    print(
+        f"  floor (prefix fwd + steps x suffix fwd+bwd): {figures['floor_seconds_per_edit']:.3f} s"
+        f"  -> ratio {figures['ratio_to_floor']:.2f}x the floor"
+    )
+    print(
+        f"  naive (steps x full fwd+bwd): {figures['naive_seconds_per_edit']:.3f} s"
+        f"  -> medit is {figures['speedup_vs_naive_full_forward']:.2f}x faster"
+    )
     print(f"  peak memory: {figures['memory']}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

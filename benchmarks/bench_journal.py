@@ -26,18 +26,34 @@ from medit import journal  # noqa: E402
 
 
 def _entry(i: int, n_requests: int) -> dict:
-    reqs = [{"prompt": f"The first-line treatment of condition {i}-{k} is", "target_new": "drug",
-             "subject": f"condition {i}-{k}", "rephrase_prompts": [f"Condition {i}-{k} is treated with"],
-             "locality_prompts": ["The capital of France is"], "locality_answers": ["Paris"]}
-            for k in range(n_requests)]  # fmt: skip
+    reqs = [
+        {
+            "prompt": f"The first-line treatment of condition {i}-{k} is",
+            "target_new": "drug",
+            "subject": f"condition {i}-{k}",
+            "rephrase_prompts": [f"Condition {i}-{k} is treated with"],
+            "locality_prompts": ["The capital of France is"],
+            "locality_answers": ["Paris"],
+        }
+        for k in range(n_requests)
+    ]
     return journal.make_entry(
-        action="edit", author="bench", reason=f"correction {i}", method="ft-m",
-        hparams={"steps": 25, "lr": 5e-4, "layers": [4]}, requests=reqs,
-        base_weights_sha256="a" * 64, result_weights_sha256="b" * 64,
+        action="edit",
+        author="bench",
+        reason=f"correction {i}",
+        method="ft-m",
+        hparams={"steps": 25, "lr": 5e-4, "layers": [4]},
+        requests=reqs,
+        base_weights_sha256="a" * 64,
+        result_weights_sha256="b" * 64,
         artifacts={"edit.safetensors": "c" * 64, "results.json": "d" * 64},
-        evaluation={"n": n_requests, "verdict": "PASS", "pre": {"efficacy": 0.0},
-                    "post": {"efficacy": 1.0}},
-    )  # fmt: skip
+        evaluation={
+            "n": n_requests,
+            "verdict": "PASS",
+            "pre": {"efficacy": 0.0},
+            "post": {"efficacy": 1.0},
+        },
+    )
 
 
 class SqliteJournal:
@@ -65,8 +81,11 @@ class SqliteJournal:
         assert not self.verify()
         row = self.db.execute("SELECT body FROM j ORDER BY seq DESC LIMIT 1").fetchone()
         last = json.loads(row[0]) if row else None
-        stored = {**entry, "seq": last["seq"] + 1 if last else 0,
-                  "prev": last["sha256"] if last else journal.GENESIS}  # fmt: skip
+        stored = {
+            **entry,
+            "seq": last["seq"] + 1 if last else 0,
+            "prev": last["sha256"] if last else journal.GENESIS,
+        }
         stored["sha256"] = journal.entry_sha256(stored)
         self.db.execute("INSERT INTO j VALUES (?, ?)", (stored["seq"], json.dumps(stored)))
         self.db.execute("COMMIT")
@@ -120,20 +139,40 @@ def main() -> None:
         jbytes = jpath.stat().st_size
         sbytes = sum(p.stat().st_size for p in d.glob("journal.sqlite*"))
     k = min(100, args.n // 2)
-    print(f"{args.n} appends, {args.requests} requests per entry; fsync floor "
-          f"{1000 * floor:.2f} ms per append")  # fmt: skip
-    print(f"{'store':8} {'first ' + str(k) + ' ms':>12} {'last ' + str(k) + ' ms':>12} "
-          f"{'verify ms':>10} {'bytes':>10}")  # fmt: skip
+    print(
+        f"{args.n} appends, {args.requests} requests per entry; fsync floor "
+        f"{1000 * floor:.2f} ms per append"
+    )
+    print(
+        f"{'store':8} {'first ' + str(k) + ' ms':>12} {'last ' + str(k) + ' ms':>12} "
+        f"{'verify ms':>10} {'bytes':>10}"
+    )
     print(f"{'jsonl':8} {_ms(jt[:k]):>12} {_ms(jt[-k:]):>12} {1000 * jverify:10.1f} {jbytes:10d}")
     print(f"{'sqlite':8} {_ms(st[:k]):>12} {_ms(st[-k:]):>12} {1000 * sverify:10.1f} {sbytes:10d}")
     if args.out:
-        Path(args.out).write_text(json.dumps({
-            "n": args.n, "requests": args.requests, "fsync_floor_ms": 1000 * floor,
-            "jsonl": {"first_ms": 1000 * sum(jt[:k]) / k, "last_ms": 1000 * sum(jt[-k:]) / k,
-                      "verify_ms": 1000 * jverify, "bytes": jbytes},
-            "sqlite": {"first_ms": 1000 * sum(st[:k]) / k, "last_ms": 1000 * sum(st[-k:]) / k,
-                       "verify_ms": 1000 * sverify, "bytes": sbytes},
-        }, indent=2) + "\n")  # fmt: skip
+        Path(args.out).write_text(
+            json.dumps(
+                {
+                    "n": args.n,
+                    "requests": args.requests,
+                    "fsync_floor_ms": 1000 * floor,
+                    "jsonl": {
+                        "first_ms": 1000 * sum(jt[:k]) / k,
+                        "last_ms": 1000 * sum(jt[-k:]) / k,
+                        "verify_ms": 1000 * jverify,
+                        "bytes": jbytes,
+                    },
+                    "sqlite": {
+                        "first_ms": 1000 * sum(st[:k]) / k,
+                        "last_ms": 1000 * sum(st[-k:]) / k,
+                        "verify_ms": 1000 * sverify,
+                        "bytes": sbytes,
+                    },
+                },
+                indent=2,
+            )
+            + "\n"
+        )
 
 
 if __name__ == "__main__":

@@ -48,30 +48,49 @@ def covariance_cost(lm, hp, layers) -> dict:
     stats = _keys.covariance(lm.model, lm.tokenizer, lm.arch, layers, corpus, hp.cov_max_length)
     acc_s = time.perf_counter() - t
     tokens = next(iter(stats.values()))[1]
-    return {"corpus_texts": len(corpus.texts), "tokens": tokens, "generate_s": gen_s,
-            "accumulate_s": acc_s, "layers": list(layers), "total_s": gen_s + acc_s}, corpus  # fmt: skip
+    return {
+        "corpus_texts": len(corpus.texts),
+        "tokens": tokens,
+        "generate_s": gen_s,
+        "accumulate_s": acc_s,
+        "layers": list(layers),
+        "total_s": gen_s + acc_s,
+    }, corpus
 
 
 def tokens_needed(lm, corpus: Corpus, layer: int, keys: torch.Tensor, hp) -> list[dict]:
-    full, n_full = _keys.covariance(lm.model, lm.tokenizer, lm.arch, [layer], corpus,
-                                    hp.cov_max_length, cache=False)[layer]  # fmt: skip
+    full, n_full = _keys.covariance(
+        lm.model, lm.tokenizer, lm.arch, [layer], corpus, hp.cov_max_length, cache=False
+    )[layer]
     C = full / n_full
     ref = torch.linalg.solve(C, keys.double().T).T  # (n, d_in)
     rows, texts = [], list(corpus.texts)
     for stride in (16, 8, 4, 2):  # every stride-th text: all seed prompts stay represented
         part = Corpus("part", tuple(texts[::stride]))
-        s, n = _keys.covariance(lm.model, lm.tokenizer, lm.arch, [layer], part,
-                                hp.cov_max_length, cache=False)[layer]  # fmt: skip
+        s, n = _keys.covariance(
+            lm.model, lm.tokenizer, lm.arch, [layer], part, hp.cov_max_length, cache=False
+        )[layer]
         Cn = s / n
         dirs = torch.linalg.solve(Cn, keys.double().T).T
         cos = torch.nn.functional.cosine_similarity(dirs, ref, dim=-1)
-        rows.append({"tokens": n, "rel_frobenius_error": ((Cn - C).norm() / C.norm()).item(),
-                     "min_eigenvalue": torch.linalg.eigvalsh(Cn).min().item(),
-                     "rome_direction_cosine_mean": cos.mean().item(),
-                     "rome_direction_cosine_min": cos.min().item()})  # fmt: skip
-    rows.append({"tokens": n_full, "rel_frobenius_error": 0.0,
-                 "min_eigenvalue": torch.linalg.eigvalsh(C).min().item(),
-                 "rome_direction_cosine_mean": 1.0, "rome_direction_cosine_min": 1.0})  # fmt: skip
+        rows.append(
+            {
+                "tokens": n,
+                "rel_frobenius_error": ((Cn - C).norm() / C.norm()).item(),
+                "min_eigenvalue": torch.linalg.eigvalsh(Cn).min().item(),
+                "rome_direction_cosine_mean": cos.mean().item(),
+                "rome_direction_cosine_min": cos.min().item(),
+            }
+        )
+    rows.append(
+        {
+            "tokens": n_full,
+            "rel_frobenius_error": 0.0,
+            "min_eigenvalue": torch.linalg.eigvalsh(C).min().item(),
+            "rome_direction_cosine_mean": 1.0,
+            "rome_direction_cosine_min": 1.0,
+        }
+    )
     return rows
 
 
@@ -81,8 +100,9 @@ def per_step_seconds(lm, method_hp, layer, req, subject, templates) -> float:
     for steps in (1, 6):
         vs = dataclasses.replace(method_hp.values(), steps=steps, early_stop_loss=-1.0)
         t = time.perf_counter()
-        _keys.optimise_values(lm.model, lm.tokenizer, lm.arch, layer, [req], [subject],
-                              templates, vs)  # fmt: skip
+        _keys.optimise_values(
+            lm.model, lm.tokenizer, lm.arch, layer, [req], [subject], templates, vs
+        )
         times[steps] = time.perf_counter() - t
     return (times[6] - times[1]) / 5
 
@@ -102,8 +122,15 @@ def edit_speed(lm, method: str, reqs) -> dict:
         layer = diag.get("layer", (diag.get("layers") or [0])[-1])
         step = per_step_seconds(lm, hp, layer, req, subject, hp.templates(lm.model, lm.tokenizer))
         floor = diag["value_steps"] * step
-        rows.append({"seconds": seconds, "value_steps": diag["value_steps"], "per_step_s": step,
-                     "floor_s": floor, "ratio_to_floor": seconds / floor})  # fmt: skip
+        rows.append(
+            {
+                "seconds": seconds,
+                "value_steps": diag["value_steps"],
+                "per_step_s": step,
+                "floor_s": floor,
+                "ratio_to_floor": seconds / floor,
+            }
+        )
     mean = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
     return {"method": method, "mean": mean, "edits": rows}
 
@@ -162,8 +189,15 @@ def main() -> None:
                 os.environ["MEDIT_CACHE"] = old
             _keys._MEMORY.clear()
     print(json.dumps(report["covariance"]), flush=True)
-    keys = _keys.request_keys(lm.model, lm.tokenizer, lm.arch, [layers[0]], reqs,
-                              request_subjects(reqs), hp.templates(lm.model, lm.tokenizer))  # fmt: skip
+    keys = _keys.request_keys(
+        lm.model,
+        lm.tokenizer,
+        lm.arch,
+        [layers[0]],
+        reqs,
+        request_subjects(reqs),
+        hp.templates(lm.model, lm.tokenizer),
+    )
     report["tokens_needed"] = {
         "layer": layers[0],
         "rows": tokens_needed(lm, corpus, layers[0], keys[layers[0]], hp),

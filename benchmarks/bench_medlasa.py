@@ -69,15 +69,27 @@ def main() -> None:
         t = time.perf_counter()
         scores = editor._scores(lm.model, lm.tokenizer, lm.arch, req, hp)  # cached for apply()
         trace_s = time.perf_counter() - t
-        plan = M.module_plan(lm.arch, lm.arch.n_layers(lm.model), lm.arch.resolve_kinds(hp.targets),
-                             scores, scores, hp)  # fmt: skip
+        plan = M.module_plan(
+            lm.arch,
+            lm.arch.n_layers(lm.model),
+            lm.arch.resolve_kinds(hp.targets),
+            scores,
+            scores,
+            hp,
+        )
         floor_s = _floor(lm, req, plan, hp)
         if bank is not None:
             bank.enabled = True
         result = editor.apply(lm.model, lm.tokenizer, [req])  # trace now cached: train only
         results.append(result)
-        rows.append({"trace_s": trace_s, "edit_s": result.seconds, "floor_s": floor_s,
-                     "steps": result.diagnostics[0]["steps"]})  # fmt: skip
+        rows.append(
+            {
+                "trace_s": trace_s,
+                "edit_s": result.seconds,
+                "floor_s": floor_s,
+                "steps": result.diagnostics[0]["steps"],
+            }
+        )
     t = time.perf_counter()
     evaluate(lm.model, lm.tokenizer, lm.arch, reqs, cfg, reference=base_eval)
     routed_eval_s = time.perf_counter() - t
@@ -90,21 +102,31 @@ def main() -> None:
         merged_eval_s = time.perf_counter() - t
     mean = lambda k: sum(r[k] for r in rows) / len(rows)  # noqa: E731
     figures = {
-        "device": str(lm.device), "torch_threads": torch.get_num_threads(), "n": len(reqs),
-        "trace_seconds_per_edit": mean("trace_s"), "train_seconds_per_edit": mean("edit_s"),
-        "floor_seconds_per_edit": mean("floor_s"), "ratio_to_floor": mean("edit_s") / mean("floor_s"),
-        "eval_seconds_unedited": base_eval_s, "eval_seconds_routed": routed_eval_s,
-        "eval_seconds_merged": merged_eval_s, "routing_overhead": routed_eval_s / merged_eval_s,
+        "device": str(lm.device),
+        "torch_threads": torch.get_num_threads(),
+        "n": len(reqs),
+        "trace_seconds_per_edit": mean("trace_s"),
+        "train_seconds_per_edit": mean("edit_s"),
+        "floor_seconds_per_edit": mean("floor_s"),
+        "ratio_to_floor": mean("edit_s") / mean("floor_s"),
+        "eval_seconds_unedited": base_eval_s,
+        "eval_seconds_routed": routed_eval_s,
+        "eval_seconds_merged": merged_eval_s,
+        "routing_overhead": routed_eval_s / merged_eval_s,
         "per_edit": rows,
-    }  # fmt: skip
+    }
     print(f"medlasa on {lm.device} ({figures['torch_threads']} threads), {len(reqs)} MedCF edits")
     print(f"  tracing (full, uncached): {figures['trace_seconds_per_edit']:.1f} s/edit")
-    print(f"  training: {figures['train_seconds_per_edit']:.1f} s/edit; floor "
-          f"(steps x fwd+bwd) {figures['floor_seconds_per_edit']:.1f} s -> "
-          f"{figures['ratio_to_floor']:.2f}x the floor")  # fmt: skip
-    print(f"  evaluation of {len(reqs)} cases: unedited {base_eval_s:.1f} s; {len(reqs)} adapters "
-          f"routed {routed_eval_s:.1f} s vs merged into the weights {merged_eval_s:.1f} s "
-          f"(routing overhead {figures['routing_overhead']:.2f}x)")  # fmt: skip
+    print(
+        f"  training: {figures['train_seconds_per_edit']:.1f} s/edit; floor "
+        f"(steps x fwd+bwd) {figures['floor_seconds_per_edit']:.1f} s -> "
+        f"{figures['ratio_to_floor']:.2f}x the floor"
+    )
+    print(
+        f"  evaluation of {len(reqs)} cases: unedited {base_eval_s:.1f} s; {len(reqs)} adapters "
+        f"routed {routed_eval_s:.1f} s vs merged into the weights {merged_eval_s:.1f} s "
+        f"(routing overhead {figures['routing_overhead']:.2f}x)"
+    )
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(figures, indent=2) + "\n")

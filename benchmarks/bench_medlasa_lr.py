@@ -46,8 +46,9 @@ def sweep(lm, reqs, lr: float, preset: str, reference) -> dict:
         nearest = bank.routing
         bank.routing = dataclasses.replace(nearest, mode="always")
         try:
-            everywhere += evaluate(lm.model, lm.tokenizer, lm.arch, [req], cfg,
-                                   reference[i : i + 1])  # fmt: skip
+            everywhere += evaluate(
+                lm.model, lm.tokenizer, lm.arch, [req], cfg, reference[i : i + 1]
+            )
         finally:
             bank.routing = nearest
         result.restore()
@@ -80,17 +81,29 @@ def main() -> None:
     reference = evaluate(lm.model, lm.tokenizer, lm.arch, reqs, EvalConfig(generation=False))
     print(f"unedited evaluation of {len(reqs)} cases: {time.perf_counter() - t:.1f} s", flush=True)
     rows = [sweep(lm, reqs, float(lr), args.preset, reference) for lr in args.lrs.split(",")]
-    print(f"\nmedlasa (preset {args.preset}) on {Path(args.data).name}, first {len(reqs)} cases, "
-          f"{lm.device}, {torch.get_num_threads()} threads; teacher-forced, %")  # fmt: skip
-    print("| lr | Efficacy | Generality | Locality (routed) | Locality (always) | final loss | "
-          "s/edit |\n|---|---|---|---|---|---|---|")  # fmt: skip
+    print(
+        f"\nmedlasa (preset {args.preset}) on {Path(args.data).name}, first {len(reqs)} cases, "
+        f"{lm.device}, {torch.get_num_threads()} threads; teacher-forced, %"
+    )
+    print(
+        "| lr | Efficacy | Generality | Locality (routed) | Locality (always) | final loss | "
+        "s/edit |\n|---|---|---|---|---|---|---|"
+    )
     for r in rows:
-        print(f"| {r['lr']:g} | {r['efficacy']:.1f} | {r['generality']:.1f} | "
-              f"{r['locality_routed']:.1f} | {r['locality_always']:.1f} | "
-              f"{r['final_loss_mean']:.3f} | {r['seconds_per_edit']:.1f} |")  # fmt: skip
+        print(
+            f"| {r['lr']:g} | {r['efficacy']:.1f} | {r['generality']:.1f} | "
+            f"{r['locality_routed']:.1f} | {r['locality_always']:.1f} | "
+            f"{r['final_loss_mean']:.3f} | {r['seconds_per_edit']:.1f} |"
+        )
     if args.out:
-        out = {"data": args.data, "n": len(reqs), "preset": args.preset, "device": str(lm.device),
-               "torch_threads": torch.get_num_threads(), "rows": rows}  # fmt: skip
+        out = {
+            "data": args.data,
+            "n": len(reqs),
+            "preset": args.preset,
+            "device": str(lm.device),
+            "torch_threads": torch.get_num_threads(),
+            "rows": rows,
+        }
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
 

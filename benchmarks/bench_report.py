@@ -50,10 +50,14 @@ def main() -> None:
         figures["source_edits"] = len(samples)
         figures["source_html_seconds"] = time.perf_counter() - t
         figures["source_html_mb"] = small.stat().st_size / 2**20
-    print(f"{args.edits}-edit report: HTML {figures['html_seconds']:.2f} s, "
-          f"{figures['html_mb']:.1f} MB; Markdown {figures['md_seconds']:.2f} s")  # fmt: skip
-    print(f"baseline {len(samples)}-edit run: HTML {figures['source_html_seconds']:.2f} s, "
-          f"{figures['source_html_mb']:.2f} MB")  # fmt: skip
+    print(
+        f"{args.edits}-edit report: HTML {figures['html_seconds']:.2f} s, "
+        f"{figures['html_mb']:.1f} MB; Markdown {figures['md_seconds']:.2f} s"
+    )
+    print(
+        f"baseline {len(samples)}-edit run: HTML {figures['source_html_seconds']:.2f} s, "
+        f"{figures['source_html_mb']:.2f} MB"
+    )
     if args.out:
         Path(args.out).write_text(json.dumps(figures, indent=2) + "\n")
 

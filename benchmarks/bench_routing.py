@@ -42,15 +42,18 @@ def main() -> None:
     bank = AdapterBank(lm.model, lm.tokenizer, lm.arch, RoutingConfig())
     t = time.perf_counter()
     keys = bank.represent([r.prompt for r in reqs])
-    bank.adapters = [Adapter(r.id, r.prompt, {}, {}, {}, key=k, subject=r.subject or "")
-                     for r, k in zip(reqs, keys, strict=True)]  # fmt: skip
+    bank.adapters = [
+        Adapter(r.id, r.prompt, {}, {}, {}, key=k, subject=r.subject or "")
+        for r, k in zip(reqs, keys, strict=True)
+    ]
     groups: dict[str, list[tuple[float, bool]]] = {}
     sims: dict[str, list[float]] = {}
     n_inputs = 0
     for i, r in enumerate(reqs):
         inputs = [("paraphrase", p) for p in r.rephrase_prompts]
-        inputs += [(f"locality:{t}", p) for t, ps in r.locality.items() for p, _ in ps
-                   if p != r.prompt]  # fmt: skip
+        inputs += [
+            (f"locality:{t}", p) for t, ps in r.locality.items() for p, _ in ps if p != r.prompt
+        ]
         if not inputs:
             continue
         n_inputs += len(inputs)
@@ -62,9 +65,14 @@ def main() -> None:
             sims.setdefault(group, []).append(float(rep @ keys[i]))
     seconds = time.perf_counter() - t
     q = torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95])
-    figures = {"data": args.data, "n_cases": len(reqs), "n_inputs": n_inputs,
-               "routing": vars(RoutingConfig()), "seconds_per_input": seconds / max(n_inputs, 1),
-               "groups": {}}  # fmt: skip
+    figures = {
+        "data": args.data,
+        "n_cases": len(reqs),
+        "n_inputs": n_inputs,
+        "routing": vars(RoutingConfig()),
+        "seconds_per_input": seconds / max(n_inputs, 1),
+        "groups": {},
+    }
     print(
         f"{Path(args.data).parent.name}/{Path(args.data).name}: {len(reqs)} edits, "
         f"{n_inputs} inputs routed ({1000 * seconds / max(n_inputs, 1):.1f} ms each)"
@@ -75,10 +83,15 @@ def main() -> None:
     )
     for group, vals in sorted(groups.items()):
         gates = torch.tensor([g for g, _ in vals])
-        row = {"mean_gate": gates.mean().item(), "fully_on": (gates >= 1).float().mean().item(),
-               "off": (gates <= 0).float().mean().item(),
-               "routed_to_own_edit": sum(o for _, o in vals) / len(vals),
-               "similarity_quantiles": [round(x, 3) for x in torch.tensor(sims[group]).quantile(q).tolist()]}  # fmt: skip
+        row = {
+            "mean_gate": gates.mean().item(),
+            "fully_on": (gates >= 1).float().mean().item(),
+            "off": (gates <= 0).float().mean().item(),
+            "routed_to_own_edit": sum(o for _, o in vals) / len(vals),
+            "similarity_quantiles": [
+                round(x, 3) for x in torch.tensor(sims[group]).quantile(q).tolist()
+            ],
+        }
         figures["groups"][group] = row
         print(
             f"  {group:20s} {row['mean_gate']:9.2f} {row['fully_on']:9.2f} {row['off']:6.2f} "

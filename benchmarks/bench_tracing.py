@@ -76,17 +76,26 @@ def correlations(full, fast) -> dict[str, dict[str, float]]:
 def one_prompt(lm, prompt, subject, where, cfg, noise, with_reference: bool) -> dict:
     model, tok, arch = lm.model, lm.tokenizer, lm.arch
     full = trace(model, tok, arch, prompt, subject, None, cfg, noise)
-    fast = trace(model, tok, arch, prompt, subject, None, dataclasses.replace(cfg, mode="fast"), noise)  # fmt: skip
+    fast = trace(
+        model, tok, arch, prompt, subject, None, dataclasses.replace(cfg, mode="fast"), noise
+    )
     n_layers = arch.n_layers(model)
     ref_work, our_work = work(len(full.tokens), full.subject_range[0], n_layers, cfg)
     row = {
-        "prompt": prompt, "subject": subject, "subject_position": where,
-        "n_tokens": len(full.tokens), "subject_range": list(full.subject_range),
-        "answer_token": full.answer_token, "clean_prob": full.clean_prob,
-        "corrupted_prob": full.corrupted_prob, "full_s": full.seconds, "fast_s": fast.seconds,
-        "work_ratio": ref_work / our_work, "fast_vs_full": correlations(full, fast),
+        "prompt": prompt,
+        "subject": subject,
+        "subject_position": where,
+        "n_tokens": len(full.tokens),
+        "subject_range": list(full.subject_range),
+        "answer_token": full.answer_token,
+        "clean_prob": full.clean_prob,
+        "corrupted_prob": full.corrupted_prob,
+        "full_s": full.seconds,
+        "fast_s": fast.seconds,
+        "work_ratio": ref_work / our_work,
+        "fast_vs_full": correlations(full, fast),
         "peak_layers": full.peak_layers(),
-    }  # fmt: skip
+    }
     if with_reference:
         t0 = time.perf_counter()
         ref = trace_reference(model, tok, arch, prompt, subject, full.answer_id, cfg, noise)
@@ -99,16 +108,21 @@ def one_prompt(lm, prompt, subject, where, cfg, noise, with_reference: bool) -> 
 
 
 def report(row: dict) -> None:
-    print(f"{row['prompt']!r} [{row['subject']}: tokens {row['subject_range']} of "
-          f"{row['n_tokens']}] -> {row['answer_token']!r} p={row['clean_prob']:.3f}, "
-          f"corrupted {row['corrupted_prob']:.3f}")  # fmt: skip
+    print(
+        f"{row['prompt']!r} [{row['subject']}: tokens {row['subject_range']} of "
+        f"{row['n_tokens']}] -> {row['answer_token']!r} p={row['clean_prob']:.3f}, "
+        f"corrupted {row['corrupted_prob']:.3f}"
+    )
     line = f"  full {row['full_s']:.1f} s, fast {row['fast_s']:.2f} s"
     if "reference_s" in row:
-        line += (f"; ROME loop {row['reference_s']:.1f} s -> {row['speedup']:.2f}x "
-                 f"(work ratio {row['work_ratio']:.2f}x), max |diff| {row['max_abs_diff']:.2e}")  # fmt: skip
+        line += (
+            f"; ROME loop {row['reference_s']:.1f} s -> {row['speedup']:.2f}x "
+            f"(work ratio {row['work_ratio']:.2f}x), max |diff| {row['max_abs_diff']:.2e}"
+        )
     print(line)
-    corr = ", ".join(f"{k} r={v['pearson']:.2f} rho={v['spearman']:.2f}"
-                     for k, v in row["fast_vs_full"].items())  # fmt: skip
+    corr = ", ".join(
+        f"{k} r={v['pearson']:.2f} rho={v['spearman']:.2f}" for k, v in row["fast_vs_full"].items()
+    )
     print(f"  fast vs full: {corr}; peak layers {row['peak_layers']}")
 
 
@@ -128,9 +142,11 @@ def main() -> None:
     cfg = TraceConfig()
     requests = load_requests("builtin")
     noise = noise_level(lm.model, lm.tokenizer, lm.arch, [(r.prompt, r.subject) for r in requests])
-    print(f"device {lm.device} ({torch.get_num_threads()} threads); noise {noise:.4f} "
-          f"(3 x std of the built-in subjects' embeddings); {cfg.samples} samples, "
-          f"window {cfg.window}")  # fmt: skip
+    print(
+        f"device {lm.device} ({torch.get_num_threads()} threads); noise {noise:.4f} "
+        f"(3 x std of the built-in subjects' embeddings); {cfg.samples} samples, "
+        f"window {cfg.window}"
+    )
     rows = []
     for i, (prompt, subject, where) in enumerate(PROMPTS[: args.prompts]):
         rows.append(one_prompt(lm, prompt, subject, where, cfg, noise, i < args.reference))
@@ -141,25 +157,38 @@ def main() -> None:
     summary = {
         "full_seconds_per_prompt": statistics.mean(r["full_s"] for r in rows),
         "fast_seconds_per_prompt": statistics.mean(r["fast_s"] for r in rows),
-        "fast_vs_full_mean": {k: {m: statistics.mean(r["fast_vs_full"][k][m] for r in rows)
-                                  for m in ("pearson", "spearman")} for k in kinds},
-    }  # fmt: skip
+        "fast_vs_full_mean": {
+            k: {
+                m: statistics.mean(r["fast_vs_full"][k][m] for r in rows)
+                for m in ("pearson", "spearman")
+            }
+            for k in kinds
+        },
+    }
     if with_ref:
         summary["speedup_total"] = sum(r["reference_s"] for r in with_ref) / sum(
             r["full_s"] for r in with_ref
         )
         summary["max_abs_diff"] = max(r["max_abs_diff"] for r in with_ref)
-        print(f"batched vs ROME loop over {len(with_ref)} prompts: "
-              f"{summary['speedup_total']:.2f}x, max |score diff| {summary['max_abs_diff']:.2e}")  # fmt: skip
-    print(f"seconds per prompt: full {summary['full_seconds_per_prompt']:.1f}, "
-          f"fast {summary['fast_seconds_per_prompt']:.2f}")  # fmt: skip
+        print(
+            f"batched vs ROME loop over {len(with_ref)} prompts: "
+            f"{summary['speedup_total']:.2f}x, max |score diff| {summary['max_abs_diff']:.2e}"
+        )
+    print(
+        f"seconds per prompt: full {summary['full_seconds_per_prompt']:.1f}, "
+        f"fast {summary['fast_seconds_per_prompt']:.2f}"
+    )
     for k, v in summary["fast_vs_full_mean"].items():
         print(f"fast vs full, {k}: mean Pearson {v['pearson']:.2f}, Spearman {v['spearman']:.2f}")
     figures = {
-        "device": str(lm.device), "torch_threads": torch.get_num_threads(),
-        "model": "builtin:smollm2", "note": args.note, "settings": cfg.settings(noise),
-        **summary, "prompts": rows,
-    }  # fmt: skip
+        "device": str(lm.device),
+        "torch_threads": torch.get_num_threads(),
+        "model": "builtin:smollm2",
+        "note": args.note,
+        "settings": cfg.settings(noise),
+        **summary,
+        "prompts": rows,
+    }
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(figures, indent=2) + "\n")

@@ -34,8 +34,10 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     for f in src.iterdir():
-        if f.name.startswith("tokenizer") or f.name in {"special_tokens_map.json",
-                                                        "chat_template.jinja"}:  # fmt: skip
+        if f.name.startswith("tokenizer") or f.name in {
+            "special_tokens_map.json",
+            "chat_template.jinja",
+        }:
             shutil.copy(f, out / f.name)
     n = sum(p.numel() for p in model.parameters())
     print(f"{out}: random {config.model_type} with {n / 1e6:.1f}M parameters")

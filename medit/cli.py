@@ -218,22 +218,56 @@ def main(ctx: click.Context, quiet: bool, verbose: bool) -> None:
 @_quiet_option
 @click.pass_context
 @_user_errors
-def edit(ctx, model, method, requests_, mode, out, save_model, seed, device, dtype, limit, hparams,
-         batch_size, no_generation, overwrite, thresholds, fail_under, allow_pickle,
-         trust_remote_code, author, reason, workspace):  # fmt: skip
+def edit(
+    ctx,
+    model,
+    method,
+    requests_,
+    mode,
+    out,
+    save_model,
+    seed,
+    device,
+    dtype,
+    limit,
+    hparams,
+    batch_size,
+    no_generation,
+    overwrite,
+    thresholds,
+    fail_under,
+    allow_pickle,
+    trust_remote_code,
+    author,
+    reason,
+    workspace,
+):
     """Edit facts into a model and evaluate the edit before/after; writes RUN_DIR."""
     from medit.evaluation import EvalConfig
     from medit.runner import RunConfig, run_edit
 
     cfg = RunConfig(
-        out=out, model=model, method=method, requests=requests_, mode=mode,
-        hparams=_parse_hparams(hparams), seed=seed, device=device, dtype=dtype, limit=limit,
-        save_model=save_model, overwrite=overwrite, allow_pickle=allow_pickle,
-        trust_remote_code=trust_remote_code, quiet=ctx.obj["quiet"],
+        out=out,
+        model=model,
+        method=method,
+        requests=requests_,
+        mode=mode,
+        hparams=_parse_hparams(hparams),
+        seed=seed,
+        device=device,
+        dtype=dtype,
+        limit=limit,
+        save_model=save_model,
+        overwrite=overwrite,
+        allow_pickle=allow_pickle,
+        trust_remote_code=trust_remote_code,
+        quiet=ctx.obj["quiet"],
         eval=EvalConfig(batch_size=batch_size, generation=not no_generation),
-        thresholds=_parse_thresholds(thresholds), author=author, reason=reason,
+        thresholds=_parse_thresholds(thresholds),
+        author=author,
+        reason=reason,
         workspace=workspace,
-    )  # fmt: skip
+    )
     from medit.core.results import format_summary
     from medit.report.render import write_report
 
@@ -365,8 +399,25 @@ def read_prompts(path: str) -> list[str]:
 @_quiet_option
 @click.pass_context
 @_user_errors
-def bench(ctx, suite, data, methods, model, mode, batch_size, limit, seed, device, dtype, hparams,
-          resume, keep_flagged, compare_dirs, common, out):  # fmt: skip
+def bench(
+    ctx,
+    suite,
+    data,
+    methods,
+    model,
+    mode,
+    batch_size,
+    limit,
+    seed,
+    device,
+    dtype,
+    hparams,
+    resume,
+    keep_flagged,
+    compare_dirs,
+    common,
+    out,
+):
     """Benchmark editors on MedCF, MedFE or the built-in set (resumable); or --compare runs."""
     from medit.bench import tables
 
@@ -399,10 +450,22 @@ def bench(ctx, suite, data, methods, model, mode, batch_size, limit, seed, devic
                 raise UserError(f"--hparam {key}: {m!r} is not among --methods")
             per_method[m][field] = value
     cfg = BenchConfig(
-        out=out, suite=suite, data=data, methods=names, model=model, mode=mode,
-        batch_size=batch_size, limit=limit, seed=seed, device=device, dtype=dtype,
-        hparams=per_method, resume=resume, keep_flagged=keep_flagged, quiet=ctx.obj["quiet"],
-    )  # fmt: skip
+        out=out,
+        suite=suite,
+        data=data,
+        methods=names,
+        model=model,
+        mode=mode,
+        batch_size=batch_size,
+        limit=limit,
+        seed=seed,
+        device=device,
+        dtype=dtype,
+        hparams=per_method,
+        resume=resume,
+        keep_flagged=keep_flagged,
+        quiet=ctx.obj["quiet"],
+    )
     res = run_bench(cfg)
     click.echo(tables.markdown(res))
     click.echo(str(Path(out).resolve()), err=True)
@@ -488,9 +551,15 @@ def _gate(results: dict) -> None:
 @click.option("--fast", is_flag=True, help="Same as --mode fast.")
 @click.option("--kinds", default="hidden,mlp,attn", show_default=True, help="Comma-separated.")
 @click.option("--samples", default=10, show_default=True, type=int, help="Noise samples.")
-@click.option("--noise", default="auto", show_default=True,
-              help="Noise std, or 'auto': 3 x std of the subject embeddings of the request set.")  # fmt: skip
-@click.option("--window", default=10, show_default=True, type=int, help="Layers per mlp/attn window.")  # fmt: skip
+@click.option(
+    "--noise",
+    default="auto",
+    show_default=True,
+    help="Noise std, or 'auto': 3 x std of the subject embeddings of the request set.",
+)
+@click.option(
+    "--window", default=10, show_default=True, type=int, help="Layers per mlp/attn window."
+)
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--limit", type=int, help="Trace only the first N requests.")
 @click.option("--device", default="auto", show_default=True, help=DEVICES)
@@ -500,8 +569,27 @@ def _gate(results: dict) -> None:
 @_quiet_option
 @click.pass_context
 @_user_errors
-def trace(ctx, model, requests_, prompt, subject, out, answer, mode, fast, kinds, samples, noise,
-          window, seed, limit, device, dtype, no_cache, overwrite):  # fmt: skip
+def trace(
+    ctx,
+    model,
+    requests_,
+    prompt,
+    subject,
+    out,
+    answer,
+    mode,
+    fast,
+    kinds,
+    samples,
+    noise,
+    window,
+    seed,
+    limit,
+    device,
+    dtype,
+    no_cache,
+    overwrite,
+):
     """Causal tracing of the requests' facts; writes RUN_DIR/traces.json and SVG heatmaps."""
     from medit.tracing.run import TraceRunConfig, run_trace
     from medit.tracing.trace import TraceConfig
@@ -515,18 +603,36 @@ def trace(ctx, model, requests_, prompt, subject, out, answer, mode, fast, kinds
     except ValueError:
         raise UserError(f"--noise must be a number or 'auto', not {noise!r}") from None
     cfg = TraceRunConfig(
-        out=out, model=model, requests=requests_, prompt=prompt, subject=subject, answer=answer,
-        limit=limit, device=device,
-        dtype=dtype, use_cache=not no_cache, overwrite=overwrite, quiet=ctx.obj["quiet"],
-        trace=TraceConfig(kinds=tuple(k.strip() for k in kinds.split(",") if k.strip()),
-                          samples=samples, noise=noise_std, window=window, seed=seed, mode=mode),
-    )  # fmt: skip
+        out=out,
+        model=model,
+        requests=requests_,
+        prompt=prompt,
+        subject=subject,
+        answer=answer,
+        limit=limit,
+        device=device,
+        dtype=dtype,
+        use_cache=not no_cache,
+        overwrite=overwrite,
+        quiet=ctx.obj["quiet"],
+        trace=TraceConfig(
+            kinds=tuple(k.strip() for k in kinds.split(",") if k.strip()),
+            samples=samples,
+            noise=noise_std,
+            window=window,
+            seed=seed,
+            mode=mode,
+        ),
+    )
     doc = run_trace(cfg)
     if not ctx.obj["quiet"]:
         for item in doc["traces"]:
             peaks = ", ".join(f"{k} {v}" for k, v in item["peak_layers"].items())
-            click.echo(f"{item['id']}: {item['answer_token']!r} p={item['clean_prob']:.3f} -> "
-                       f"{item['corrupted_prob']:.3f} corrupted; peak layers: {peaks}", err=True)  # fmt: skip
+            click.echo(
+                f"{item['id']}: {item['answer_token']!r} p={item['clean_prob']:.3f} -> "
+                f"{item['corrupted_prob']:.3f} corrupted; peak layers: {peaks}",
+                err=True,
+            )
     click.echo(str(Path(out).resolve()))
 
 
@@ -534,14 +640,23 @@ def _model_writer(out_help: str):
     """The options of the commands that write a model directory (apply, revert)."""
 
     def wrap(f):
-        for option in reversed((
-            click.option("--out", required=True, type=click.Path(file_okay=False), help=out_help),
-            click.option("--device", default="auto", show_default=True, help=DEVICES),
-            click.option("--dtype", type=DTYPES, default="auto", show_default=True),
-            click.option("--overwrite", is_flag=True,
-                         help="Replace a model directory medit wrote earlier."),
-            _journal_options, _quiet_option, _user_errors,
-        )):  # fmt: skip
+        for option in reversed(
+            (
+                click.option(
+                    "--out", required=True, type=click.Path(file_okay=False), help=out_help
+                ),
+                click.option("--device", default="auto", show_default=True, help=DEVICES),
+                click.option("--dtype", type=DTYPES, default="auto", show_default=True),
+                click.option(
+                    "--overwrite",
+                    is_flag=True,
+                    help="Replace a model directory medit wrote earlier.",
+                ),
+                _journal_options,
+                _quiet_option,
+                _user_errors,
+            )
+        ):
             f = option(f)
         return f
 

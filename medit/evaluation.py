@@ -42,8 +42,12 @@ class EvalConfig:
     generation: bool = True  #: run the generation-based protocol (greedy decoding)
 
     def __post_init__(self):
-        for name, low in (("batch_size", 1), ("max_new_tokens", 1), ("answer_slack", 0),
-                          ("fluency_tokens", 0)):  # fmt: skip
+        for name, low in (
+            ("batch_size", 1),
+            ("max_new_tokens", 1),
+            ("answer_slack", 0),
+            ("fluency_tokens", 0),
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise UserError(f"evaluation {name} must be >= {low}, got {value!r}")
@@ -114,8 +118,9 @@ def generate_ids(
     for idx in _length_order([len(p) for p in prompts], batch_size):
         enc = left_padded(tok, [prompts[i] for i in idx], device)
         with prompts_for_rows(model, [prompts[i] for i in idx]):
-            rows = _greedy(model, arch, enc["input_ids"], enc["attention_mask"], max_new_tokens,
-                           stop)  # fmt: skip
+            rows = _greedy(
+                model, arch, enc["input_ids"], enc["attention_mask"], max_new_tokens, stop
+            )
         for i, row in zip(idx, rows, strict=True):
             out[i] = row
     return out  # type: ignore[return-value]
@@ -134,8 +139,13 @@ def _greedy(model, arch: ArchSpec, ids, mask, max_new_tokens: int, stop) -> list
     rows: list[list[int]] = [[] for _ in range(ids.shape[0])]
     step_ids, step_pos = ids, positions
     for _ in range(max_new_tokens):
-        hidden = base(input_ids=step_ids, attention_mask=mask, position_ids=step_pos,
-                      use_cache=True, **cache_kwargs(base, cache)).last_hidden_state  # fmt: skip
+        hidden = base(
+            input_ids=step_ids,
+            attention_mask=mask,
+            position_ids=step_pos,
+            use_cache=True,
+            **cache_kwargs(base, cache),
+        ).last_hidden_state
         nxt = arch.head(model, hidden[:, -1]).argmax(-1)
         done = torch.isin(nxt, stop)
         for r, t, d in zip(alive.tolist(), nxt.tolist(), done.tolist(), strict=True):
@@ -288,8 +298,10 @@ def _generation(model, tok, requests, config, bar=None) -> list[dict[str, Any]]:
         n = _budget(tok, r.prompt, r.target_new, config)
         jobs.append((i, "prompt", r.prompt, r.target_new, max(n, config.fluency_tokens)))
         jobs += [(i, "rephrase", p, r.target_new, n) for p in r.rephrase_prompts]
-        jobs += [(i, "locality", (t, p), a, _budget(tok, p, a, config))
-                 for t, p, a in r.locality_probes()]  # fmt: skip
+        jobs += [
+            (i, "locality", (t, p), a, _budget(tok, p, a, config))
+            for t, p, a in r.locality_probes()
+        ]
     prompts = [j[2][1] if j[1] == "locality" else j[2] for j in jobs]
     ids = _generate_budgeted(model, tok, prompts, [j[4] for j in jobs], config, bar)
     per_req: list[dict[str, Any]] = [{"rephrase": [], "locality": []} for _ in requests]
@@ -335,8 +347,13 @@ def _gen_state(req: EditRequest, raw: dict, ref: dict | None) -> dict[str, Any]:
     locality = []
     ref_loc = ref["generation"]["locality"] if ref is not None else None
     for k, ((kind, p), answer, text) in enumerate(raw["locality"]):
-        item = {"type": kind, "prompt": p, "answer": answer, "text": text,
-                "answer_stated": states_answer(text, answer)["contains"]}  # fmt: skip
+        item = {
+            "type": kind,
+            "prompt": p,
+            "answer": answer,
+            "text": text,
+            "answer_stated": states_answer(text, answer)["contains"],
+        }
         if ref_loc is not None:
             item["unchanged"] = text == ref_loc[k]["text"]
             item["answer_stated_before"] = ref_loc[k]["answer_stated"]

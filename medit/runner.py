@@ -72,8 +72,10 @@ class RunConfig:
         if self.mode not in MODES:
             raise UserError(f"mode must be one of {', '.join(MODES)}, not {self.mode!r}")
         if self.save_model and self.mode == "single":
-            raise UserError("--save-model needs --mode batch or sequential (single mode restores "
-                             "the model after each edit)")  # fmt: skip
+            raise UserError(
+                "--save-model needs --mode batch or sequential (single mode restores "
+                "the model after each edit)"
+            )
         if self.limit is not None and self.limit < 1:
             raise UserError("--limit must be >= 1")
 

@@ -59,16 +59,30 @@ def _tiny(kind: str, vocab: int, seed: int = 0):
     torch.manual_seed(seed)
     if kind == "llama":
         cfg = LlamaConfig(
-            vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-            tie_word_embeddings=True, eos_token_id=0, pad_token_id=0, bos_token_id=0,
-        )  # fmt: skip
+            vocab_size=vocab,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=1024,
+            tie_word_embeddings=True,
+            eos_token_id=0,
+            pad_token_id=0,
+            bos_token_id=0,
+        )
         model = LlamaForCausalLM(cfg)
     else:
         cfg = GPT2Config(
-            vocab_size=vocab, n_embd=64, n_layer=4, n_head=4, n_positions=1024,
-            eos_token_id=0, bos_token_id=0, pad_token_id=0,
-        )  # fmt: skip
+            vocab_size=vocab,
+            n_embd=64,
+            n_layer=4,
+            n_head=4,
+            n_positions=1024,
+            eos_token_id=0,
+            bos_token_id=0,
+            pad_token_id=0,
+        )
         model = GPT2LMHeadModel(cfg)
     from medit.core.models import state_dict_sha256
 

@@ -23,9 +23,25 @@ def _cli(*args):
 @pytest.fixture
 def edit_run(tiny_model_dir, tmp_path):
     out = tmp_path / "ws" / "run"
-    res = _cli("edit", "--model", tiny_model_dir, "--requests", _requests_file(tmp_path),
-               "--mode", "batch", "--out", out, "--device", "cpu", "--hparam", "steps=3",
-               "--author", "dr.house", "--reason", "insulin source was wrong")  # fmt: skip
+    res = _cli(
+        "edit",
+        "--model",
+        tiny_model_dir,
+        "--requests",
+        _requests_file(tmp_path),
+        "--mode",
+        "batch",
+        "--out",
+        out,
+        "--device",
+        "cpu",
+        "--hparam",
+        "steps=3",
+        "--author",
+        "dr.house",
+        "--reason",
+        "insulin source was wrong",
+    )
     assert res.exit_code == 0, res.output
     return out
 
@@ -54,8 +70,18 @@ def test_apply_then_revert_gives_the_base_back_bit_exactly(tiny_model_dir, tmp_p
     results = json.loads((ws / "run" / "results.json").read_text())
     base_sha = results["provenance"]["model"]["weights_sha256"]
 
-    res = _cli("apply", ws / "run", "--model", tiny_model_dir, "--out", ws / "edited",
-               "--device", "cpu", "--reason", "deploy")  # fmt: skip
+    res = _cli(
+        "apply",
+        ws / "run",
+        "--model",
+        tiny_model_dir,
+        "--out",
+        ws / "edited",
+        "--device",
+        "cpu",
+        "--reason",
+        "deploy",
+    )
     assert res.exit_code == 0, res.output
     edited = load_model(str(ws / "edited"), "cpu")
     assert edited.weights_sha256 != base_sha

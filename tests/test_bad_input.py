@@ -16,8 +16,11 @@ from click.testing import CliRunner
 
 from medit.cli import main
 
-GOOD = {"prompt": "The hormone insulin is produced by the", "target_new": "pancreas",
-        "subject": "insulin"}  # fmt: skip
+GOOD = {
+    "prompt": "The hormone insulin is produced by the",
+    "target_new": "pancreas",
+    "subject": "insulin",
+}
 
 
 def _json(obj) -> str:
@@ -25,16 +28,41 @@ def _json(obj) -> str:
 
 
 def _edit(reqs: str = "{tmp}/r.json", *extra: str) -> list[str]:
-    return ["edit", "--model", "{model}", "--requests", reqs, "--out", "{tmp}/out",
-            "--device", "cpu", *extra]  # fmt: skip
+    return [
+        "edit",
+        "--model",
+        "{model}",
+        "--requests",
+        reqs,
+        "--out",
+        "{tmp}/out",
+        "--device",
+        "cpu",
+        *extra,
+    ]
 
 
 HUGE = "word " * 3000
-MEDCF = {"prompt": "What treats scurvy?", "target_new": "Insulin", "subject": "scurvy",
-         "rephrase_prompt": "Scurvy is treated by?"}  # fmt: skip
+MEDCF = {
+    "prompt": "What treats scurvy?",
+    "target_new": "Insulin",
+    "subject": "scurvy",
+    "rephrase_prompt": "Scurvy is treated by?",
+}
 
-_BENCH_MEDCF = ["bench", "--suite", "medcf", "--data", "{tmp}/medcf.json", "--out", "{tmp}/out",
-                "--model", "{model}", "--device", "cpu"]  # fmt: skip
+_BENCH_MEDCF = [
+    "bench",
+    "--suite",
+    "medcf",
+    "--data",
+    "{tmp}/medcf.json",
+    "--out",
+    "{tmp}/out",
+    "--model",
+    "{model}",
+    "--device",
+    "cpu",
+]
 
 #: (name, {relative path: text or bytes}, argv, words in the message)
 CASES = [
@@ -416,8 +444,9 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(
 
 # -- an internal error is a bug, never dressed up as bad input -----------------------------------
 @pytest.mark.parametrize("verbose", [False, True])
-def test_an_internal_error_exits_1_and_names_itself_a_bug(tmp_path, tiny_model_dir, monkeypatch,
-                                                          verbose):  # fmt: skip
+def test_an_internal_error_exits_1_and_names_itself_a_bug(
+    tmp_path, tiny_model_dir, monkeypatch, verbose
+):
     """A ValueError raised deep inside (not a UserError) exits 1 as an internal error with a hint
     to rerun with -v; with -v the traceback is printed."""
     import medit.runner

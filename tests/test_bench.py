@@ -28,9 +28,11 @@ def _slice(tmp_path, name, n):
 
 @pytest.mark.parametrize(
     "suite, name, types",
-    [("medcf", "MedCF/test.json", {"target", "mapping", "struc", "tokenSem"}),
-     ("medfe", "MedFE/test.json", {"topic", "tokenSem"})],
-)  # fmt: skip
+    [
+        ("medcf", "MedCF/test.json", {"target", "mapping", "struc", "tokenSem"}),
+        ("medfe", "MedFE/test.json", {"topic", "tokenSem"}),
+    ],
+)
 def test_suites_load_their_files_with_datasets(tmp_path, suite, name, types):
     path = _slice(tmp_path, name, 5)
     reqs = get_suite(suite).load(str(path))
@@ -64,15 +66,28 @@ def test_rouge_l_by_hand():
 
 
 def test_medfe_generation_scores_explanations_by_rouge_l():
-    req = parse_record({"prompt": "Why? Adiponectin", "target_new": "a b c d",
-                        "subject": "Adiponectin", "rephrase_prompt": "How? Adiponectin"}, "x", 1)  # fmt: skip
-    post = {"teacher_forced": {"efficacy": 0.5, "generality": 0.25, "locality": {}},
-            "generation": {"prompt": {"text": " Adiponectin: a c d e", "exact": False,
-                                      "contains": False},
-                           "rephrases": [{"text": "", "exact": False, "contains": False}],
-                           "efficacy_contains": False, "efficacy_exact": False,
-                           "generality_contains": 0.0, "locality_unchanged": {},
-                           "fluency": 4.0}}  # fmt: skip
+    req = parse_record(
+        {
+            "prompt": "Why? Adiponectin",
+            "target_new": "a b c d",
+            "subject": "Adiponectin",
+            "rephrase_prompt": "How? Adiponectin",
+        },
+        "x",
+        1,
+    )
+    post = {
+        "teacher_forced": {"efficacy": 0.5, "generality": 0.25, "locality": {}},
+        "generation": {
+            "prompt": {"text": " Adiponectin: a c d e", "exact": False, "contains": False},
+            "rephrases": [{"text": "", "exact": False, "contains": False}],
+            "efficacy_contains": False,
+            "efficacy_exact": False,
+            "generality_contains": 0.0,
+            "locality_unchanged": {},
+            "fluency": 4.0,
+        },
+    }
     m = case_metrics(req, post, explanation=True)
     # candidate words: adiponectin a c d e (5); LCS with "a b c d" = a c d: P 3/5, R 3/4
     assert m["gen.efficacy"] == pytest.approx(2 * 0.6 * 0.75 / 1.35)
@@ -83,16 +98,37 @@ def test_medfe_generation_scores_explanations_by_rouge_l():
 
 def test_aggregation_by_hand_with_exclusions():
     cases = [
-        {"metrics": {"tf.efficacy": 1.0, "tf.generality": 0.5, "tf.locality.a": 1.0,
-                     "tf.locality.b": 0.0, "gen.efficacy": 1.0, "gen.generality": 0.0,
-                     "gen.locality.a": 1.0, "gen.locality.b": 1.0, "gen.fluency": 5.0},
-         "flags": {}, "seconds": 1.0},
-        {"metrics": {"tf.efficacy": 0.0, "tf.generality": 1.0, "tf.locality.a": 0.5,
-                     "tf.locality.b": 1.0, "gen.efficacy": 0.0, "gen.generality": 1.0,
-                     "gen.locality.a": 0.0, "gen.locality.b": 0.0, "gen.fluency": 3.0},
-         "flags": {"locality_prompt_is_edit_prompt:b": ["tf.locality.b", "gen.locality.b"]},
-         "seconds": 3.0},
-    ]  # fmt: skip
+        {
+            "metrics": {
+                "tf.efficacy": 1.0,
+                "tf.generality": 0.5,
+                "tf.locality.a": 1.0,
+                "tf.locality.b": 0.0,
+                "gen.efficacy": 1.0,
+                "gen.generality": 0.0,
+                "gen.locality.a": 1.0,
+                "gen.locality.b": 1.0,
+                "gen.fluency": 5.0,
+            },
+            "flags": {},
+            "seconds": 1.0,
+        },
+        {
+            "metrics": {
+                "tf.efficacy": 0.0,
+                "tf.generality": 1.0,
+                "tf.locality.a": 0.5,
+                "tf.locality.b": 1.0,
+                "gen.efficacy": 0.0,
+                "gen.generality": 1.0,
+                "gen.locality.a": 0.0,
+                "gen.locality.b": 0.0,
+                "gen.fluency": 3.0,
+            },
+            "flags": {"locality_prompt_is_edit_prompt:b": ["tf.locality.b", "gen.locality.b"]},
+            "seconds": 3.0,
+        },
+    ]
     agg = aggregate_cases(cases, ["a", "b"])
     tf = agg["teacher_forced"]
     assert tf["efficacy"] == 0.5 and tf["generality"] == 0.75
@@ -105,21 +141,39 @@ def test_aggregation_by_hand_with_exclusions():
     assert kept["teacher_forced"]["locality"]["b"] == 0.5
 
 
-HPARAMS = {"ft-m": {"steps": 3}, "medlasa": {"steps": 3, "lr": 1e-3, "trace_mode": "fast"},
-           "alphaedit": {"v_steps": 3, "prefix_count": 1, "cov_samples_per_prompt": 1,
-                         "cov_new_tokens": 8, "L2": 1e-4}}  # fmt: skip
+HPARAMS = {
+    "ft-m": {"steps": 3},
+    "medlasa": {"steps": 3, "lr": 1e-3, "trace_mode": "fast"},
+    "alphaedit": {
+        "v_steps": 3,
+        "prefix_count": 1,
+        "cov_samples_per_prompt": 1,
+        "cov_new_tokens": 8,
+        "L2": 1e-4,
+    },
+}
 
 
-@pytest.mark.parametrize("mode, method", [("single", "ft-m"), ("batch", "ft-m"),
-                                          ("sequential", "ft-m"), ("sequential", "medlasa")])  # fmt: skip
+@pytest.mark.parametrize(
+    "mode, method",
+    [("single", "ft-m"), ("batch", "ft-m"), ("sequential", "ft-m"), ("sequential", "medlasa")],
+)
 def test_resume_after_a_crash_gives_the_same_aggregate(
     tmp_path, tiny_model_dir, monkeypatch, mode, method
 ):
     data = _slice(tmp_path, "MedCF/test.json", 6)
     hparams = HPARAMS
-    common = dict(suite="medcf", data=str(data), model=str(tiny_model_dir), mode=mode,
-                  methods=(method,), batch_size=4, device="cpu", quiet=True,
-                  hparams={method: hparams[method]})  # fmt: skip
+    common = dict(
+        suite="medcf",
+        data=str(data),
+        model=str(tiny_model_dir),
+        mode=mode,
+        methods=(method,),
+        batch_size=4,
+        device="cpu",
+        quiet=True,
+        hparams={method: hparams[method]},
+    )
     whole = run_bench(BenchConfig(out=str(tmp_path / "whole"), **common))
 
     crashed = tmp_path / "crashed"
@@ -161,9 +215,16 @@ def test_sequential_crash_between_edits_resumes_from_the_last_checkpoint(
     from medit.editors.base import Editor
 
     data = _slice(tmp_path, "MedCF/test.json", 5)
-    common = dict(suite="medcf", data=str(data), model=str(tiny_model_dir), mode="sequential",
-                  methods=(method,), device="cpu", quiet=True,
-                  hparams={method: HPARAMS[method]})  # fmt: skip
+    common = dict(
+        suite="medcf",
+        data=str(data),
+        model=str(tiny_model_dir),
+        mode="sequential",
+        methods=(method,),
+        device="cpu",
+        quiet=True,
+        hparams={method: HPARAMS[method]},
+    )
     whole = run_bench(BenchConfig(out=str(tmp_path / "whole"), **common))
     real_apply, calls = Editor.apply, []
 
@@ -198,8 +259,14 @@ def test_sequential_crash_between_edits_resumes_from_the_last_checkpoint(
 
 def test_resume_refuses_other_settings(tmp_path, tiny_model_dir):
     data = _slice(tmp_path, "MedCF/test.json", 2)
-    common = dict(suite="medcf", data=str(data), model=str(tiny_model_dir), device="cpu",
-                  quiet=True, hparams={"ft-m": {"steps": 2}})  # fmt: skip
+    common = dict(
+        suite="medcf",
+        data=str(data),
+        model=str(tiny_model_dir),
+        device="cpu",
+        quiet=True,
+        hparams={"ft-m": {"steps": 2}},
+    )
     run_bench(BenchConfig(out=str(tmp_path / "r"), **common))
     with pytest.raises(ValueError, match=r"other settings \(seed: 0 -> 1\)"):
         run_bench(BenchConfig(out=str(tmp_path / "r"), resume=True, seed=1, **common))
@@ -207,10 +274,14 @@ def test_resume_refuses_other_settings(tmp_path, tiny_model_dir):
 
 def test_tables_and_compare(tmp_path, tiny_model_dir):
     data = _slice(tmp_path, "MedFE/test.json", 2)
-    common = dict(suite="medfe", data=str(data), model=str(tiny_model_dir), device="cpu",
-                  quiet=True)  # fmt: skip
-    a = run_bench(BenchConfig(out=str(tmp_path / "a"), methods=("ft-m",),
-                              hparams={"ft-m": {"steps": 2}}, **common))  # fmt: skip
+    common = dict(
+        suite="medfe", data=str(data), model=str(tiny_model_dir), device="cpu", quiet=True
+    )
+    a = run_bench(
+        BenchConfig(
+            out=str(tmp_path / "a"), methods=("ft-m",), hparams={"ft-m": {"steps": 2}}, **common
+        )
+    )
     run_bench(BenchConfig(out=str(tmp_path / "b"), methods=("ft-l",), **common))
     md = tables.markdown(a)
     assert "teacher-forced" in md and "Loc:topic" in md and "ROUGE-L" in md
@@ -225,22 +296,41 @@ def test_tables_and_compare(tmp_path, tiny_model_dir):
     assert both["common_cases"] == [0] and "over the 1 cases" in tables.markdown(both)
     assert {m["n"] for m in both["methods"].values()} == {1}
     assert both["methods"]["ft-l"] == one["methods"]["ft-l"]
-    first = run_bench(BenchConfig(out=str(tmp_path / "d"), methods=("ft-m",), limit=1,
-                                  hparams={"ft-m": {"steps": 2}}, **common))  # fmt: skip
-    assert both["methods"]["ft-m (steps=2)"]["teacher_forced"] == first["methods"]["ft-m"][
-        "teacher_forced"]  # fmt: skip
+    first = run_bench(
+        BenchConfig(
+            out=str(tmp_path / "d"),
+            methods=("ft-m",),
+            limit=1,
+            hparams={"ft-m": {"steps": 2}},
+            **common,
+        )
+    )
+    assert (
+        both["methods"]["ft-m (steps=2)"]["teacher_forced"]
+        == first["methods"]["ft-m"]["teacher_forced"]
+    )
     assert tables.compare([tmp_path / "a", tmp_path / "b"])["methods"]["ft-l"]["n"] == 2
 
 
 def test_probes_asking_another_edits_question_are_flagged_in_multi_edit_modes():
     def case(i, prompt, probe):
-        return parse_record({"prompt": prompt, "target_new": "x", "subject": "s",
-                             "locality_struc_prompt": probe,
-                             "locality_struc_ground_truth": "y"}, "t.json", i)  # fmt: skip
+        return parse_record(
+            {
+                "prompt": prompt,
+                "target_new": "x",
+                "subject": "s",
+                "locality_struc_prompt": probe,
+                "locality_struc_ground_truth": "y",
+            },
+            "t.json",
+            i,
+        )
 
-    reqs = [case(0, "Which drug interacts with A?", "Which drug interacts with B ?"),
-            case(1, "Which drug interacts with B?", "Which drug interacts with C?"),
-            case(2, "Which drug interacts with C?", "Which drug interacts with D?")]  # fmt: skip
+    reqs = [
+        case(0, "Which drug interacts with A?", "Which drug interacts with B ?"),
+        case(1, "Which drug interacts with B?", "Which drug interacts with C?"),
+        case(2, "Which drug interacts with C?", "Which drug interacts with D?"),
+    ]
     assert edit_groups(3, "single", 8) == [[0], [1], [2]]
     assert edit_groups(3, "batch", 2) == [[0, 1], [2]]
     assert edit_groups(3, "sequential", 2) == [[0, 1, 2]]
@@ -261,9 +351,17 @@ def test_medcf_struc_probes_collide_with_other_edits():
 def test_builtin_flags_nothing():
     reqs = get_suite("builtin").load(None)
     assert not any(quality_flags(r) for r in reqs)
-    assert quality_flags(parse_record({"prompt": "p", "target_new": "x", "ground_truth": "X"},
-                                      "t", 1)) == {"target_equals_ground_truth": [
-        "tf.efficacy", "tf.generality", "gen.efficacy", "gen.efficacy_exact", "gen.generality"]}  # fmt: skip
+    assert quality_flags(
+        parse_record({"prompt": "p", "target_new": "x", "ground_truth": "X"}, "t", 1)
+    ) == {
+        "target_equals_ground_truth": [
+            "tf.efficacy",
+            "tf.generality",
+            "gen.efficacy",
+            "gen.efficacy_exact",
+            "gen.generality",
+        ]
+    }
 
 
 def test_cli_bench_and_compare(tmp_path, tiny_model_dir):
@@ -272,8 +370,22 @@ def test_cli_bench_and_compare(tmp_path, tiny_model_dir):
     from medit.cli import main
 
     runner = CliRunner()
-    args = ["-q", "bench", "--suite", "builtin", "--model", str(tiny_model_dir), "--limit", "2",
-            "--device", "cpu", "--methods", "ft-m,ft-l", "--hparam", "ft-m:steps=2"]  # fmt: skip
+    args = [
+        "-q",
+        "bench",
+        "--suite",
+        "builtin",
+        "--model",
+        str(tiny_model_dir),
+        "--limit",
+        "2",
+        "--device",
+        "cpu",
+        "--methods",
+        "ft-m,ft-l",
+        "--hparam",
+        "ft-m:steps=2",
+    ]
     res = runner.invoke(main, [*args, "--out", str(tmp_path / "a")])
     assert res.exit_code == 0, res.output
     assert "| ft-m |" in res.output and "| ft-l |" in res.output

@@ -74,10 +74,14 @@ def _edit(method, arch, tok, seed, cache: Path, monkeypatch) -> dict:
     }
     if isinstance(result, AdapterEditResult):
         out["adapters"] = [
-            {**{f"A:{m}": a.A[m] for m in a.A}, **{f"B:{m}": a.B[m] for m in a.B},
-             "key": a.key, "scale": a.scale}
+            {
+                **{f"A:{m}": a.A[m] for m in a.A},
+                **{f"B:{m}": a.B[m] for m in a.B},
+                "key": a.key,
+                "scale": a.scale,
+            }
             for a in result.adapters
-        ]  # fmt: skip
+        ]
     return out
 
 
@@ -120,8 +124,9 @@ def _differences(first: dict, second: dict) -> list[str]:
 
 @pytest.mark.parametrize(("method", "arch"), _cases())
 def test_same_seed_gives_bit_identical_edits(method, arch, tokenizer, tmp_path, monkeypatch):
-    runs = [_edit(method, arch, tokenizer, 7, tmp_path / f"cache-{i}", monkeypatch)
-            for i in range(2)]  # fmt: skip
+    runs = [
+        _edit(method, arch, tokenizer, 7, tmp_path / f"cache-{i}", monkeypatch) for i in range(2)
+    ]
     assert runs[0]["edited"], "the edit touched no tensor"
     if method in ("rome", "memit", "alphaedit", "medlasa"):
         # both runs computed their templates / corpus / second moments / traces themselves
@@ -135,8 +140,10 @@ def test_same_seed_gives_bit_identical_edits(method, arch, tokenizer, tmp_path, 
 def test_another_seed_changes_exactly_the_seeded_editors(
     method, arch, tokenizer, tmp_path, monkeypatch
 ):
-    runs = [_edit(method, arch, tokenizer, seed, tmp_path / f"cache-{seed}", monkeypatch)
-            for seed in (0, 1)]  # fmt: skip
+    runs = [
+        _edit(method, arch, tokenizer, seed, tmp_path / f"cache-{seed}", monkeypatch)
+        for seed in (0, 1)
+    ]
     differ = _differences(runs[0], runs[1])
     if method in SEEDED:
         assert {"edited", "weights" if method != "medlasa" else "adapters", "logits"} <= set(differ)

@@ -14,11 +14,21 @@ from medit.evaluation import score_targets
 from medit.facts.requests import parse_record
 
 REQS = [
-    parse_record({"prompt": "The hormone insulin is produced by the", "target_new": "liver",
-                  "subject": "insulin"}, "t.json", 1),
-    parse_record({"prompt": "Aspirin is used to treat", "target_new": "scurvy",
-                  "subject": "Aspirin"}, "t.json", 2),
-]  # fmt: skip
+    parse_record(
+        {
+            "prompt": "The hormone insulin is produced by the",
+            "target_new": "liver",
+            "subject": "insulin",
+        },
+        "t.json",
+        1,
+    ),
+    parse_record(
+        {"prompt": "Aspirin is used to treat", "target_new": "scurvy", "subject": "Aspirin"},
+        "t.json",
+        2,
+    ),
+]
 
 
 #: per-method settings for tiny random models (see tests/test_locate.py: their near-uniform
@@ -28,11 +38,21 @@ TINY = {"rome": _STRONG, "memit": _STRONG, "alphaedit": {**_STRONG, "L2": 1e-4}}
 #: locate-then-edit methods change one token's state; a random tiny model's attention barely
 #: carries it to later positions, so their contract requests end with the subject
 SUBJECT_LAST = [
-    parse_record({"prompt": "The pancreas produces insulin", "target_new": "liver",
-                  "subject": "insulin"}, "t.json", 1),
-    parse_record({"prompt": "A drug used to treat pain is Aspirin", "target_new": "scurvy",
-                  "subject": "Aspirin"}, "t.json", 2),
-]  # fmt: skip
+    parse_record(
+        {"prompt": "The pancreas produces insulin", "target_new": "liver", "subject": "insulin"},
+        "t.json",
+        1,
+    ),
+    parse_record(
+        {
+            "prompt": "A drug used to treat pain is Aspirin",
+            "target_new": "scurvy",
+            "subject": "Aspirin",
+        },
+        "t.json",
+        2,
+    ),
+]
 
 
 def _reqs(method):

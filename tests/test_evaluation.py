@@ -86,12 +86,19 @@ def test_ngram_entropy_by_hand():
 
 def _req(i=1):
     return parse_record(
-        {"prompt": "The hormone insulin is produced by the", "target_new": "pancreas",
-         "ground_truth": "liver", "rephrase_prompts": ["Insulin is made by the"],
-         "locality": {"general": [["The heart has four", "chambers"]],
-                      "drug": [["Aspirin is used to treat", "pain"]]}},
-        "t.json", i,
-    )  # fmt: skip
+        {
+            "prompt": "The hormone insulin is produced by the",
+            "target_new": "pancreas",
+            "ground_truth": "liver",
+            "rephrase_prompts": ["Insulin is made by the"],
+            "locality": {
+                "general": [["The heart has four", "chambers"]],
+                "drug": [["Aspirin is used to treat", "pain"]],
+            },
+        },
+        "t.json",
+        i,
+    )
 
 
 def test_unchanged_model_keeps_locality_perfectly(tiny_llama):
@@ -121,17 +128,30 @@ def test_eval_mode_is_forced_and_restored(tiny_llama):
 def test_aggregate_by_hand():
     def state(eff, gen, loc, contains, unchanged):
         return {
-            "teacher_forced": {"efficacy": eff, "generality": gen, "locality": loc,
-                               "locality_accuracy": {}, "portability": {}, "target_prob": 0.5},
-            "generation": {"efficacy_exact": contains, "efficacy_contains": contains,
-                           "generality_contains": None, "locality_unchanged": unchanged,
-                           "locality_answer_stated": {}, "fluency": 4.0},
-        }  # fmt: skip
+            "teacher_forced": {
+                "efficacy": eff,
+                "generality": gen,
+                "locality": loc,
+                "locality_accuracy": {},
+                "portability": {},
+                "target_prob": 0.5,
+            },
+            "generation": {
+                "efficacy_exact": contains,
+                "efficacy_contains": contains,
+                "generality_contains": None,
+                "locality_unchanged": unchanged,
+                "locality_answer_stated": {},
+                "fluency": 4.0,
+            },
+        }
 
-    agg = aggregate([
-        state(1.0, 0.5, {"a": 1.0, "b": 0.0}, True, {"a": 1.0}),
-        state(0.0, 1.0, {"a": 0.5}, False, {"a": 0.0}),
-    ])  # fmt: skip
+    agg = aggregate(
+        [
+            state(1.0, 0.5, {"a": 1.0, "b": 0.0}, True, {"a": 1.0}),
+            state(0.0, 1.0, {"a": 0.5}, False, {"a": 0.0}),
+        ]
+    )
     tf, gen = agg["teacher_forced"], agg["generation"]
     assert tf["efficacy"] == 0.5 and tf["generality"] == 0.75
     assert tf["locality"] == {"a": 0.75, "b": 0.0} and tf["locality_mean"] == 0.375

@@ -50,17 +50,40 @@ def test_saved_model_loads_with_transformers(tiny_model_dir, tmp_path):
 
 def _requests_file(tmp_path):
     path = tmp_path / "reqs.json"
-    path.write_text(json.dumps([{k: v for k, v in r.to_dict().items() if k != "id"} | {"locality": {"general": [["The heart has", "four"]]}}
-                                for r in REQS]))  # fmt: skip
+    path.write_text(
+        json.dumps(
+            [
+                {k: v for k, v in r.to_dict().items() if k != "id"}
+                | {"locality": {"general": [["The heart has", "four"]]}}
+                for r in REQS
+            ]
+        )
+    )
     return path
 
 
 @pytest.mark.parametrize("mode", ["single", "batch", "sequential"])
 def test_cli_edit_writes_a_complete_run_directory(tiny_model_dir, tmp_path, mode):
     out = tmp_path / "run"
-    res = CliRunner().invoke(main, ["-q", "edit", "--model", str(tiny_model_dir), "--requests",
-                                    str(_requests_file(tmp_path)), "--mode", mode, "--out", str(out),
-                                    "--device", "cpu", "--hparam", "lr=0.005"])  # fmt: skip
+    res = CliRunner().invoke(
+        main,
+        [
+            "-q",
+            "edit",
+            "--model",
+            str(tiny_model_dir),
+            "--requests",
+            str(_requests_file(tmp_path)),
+            "--mode",
+            mode,
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--hparam",
+            "lr=0.005",
+        ],
+    )
     assert res.exit_code == 0, res.output
     results = read_results(out)
     assert results["schema"] == "medit.results/1"
@@ -81,15 +104,40 @@ def test_cli_edit_writes_a_complete_run_directory(tiny_model_dir, tmp_path, mode
 def test_cli_generate_with_artifact_reproduces_the_edited_model(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     runner = CliRunner()
-    res = runner.invoke(main, ["-q", "edit", "--model", str(tiny_model_dir), "--requests",
-                               str(_requests_file(tmp_path)), "--mode", "batch", "--out", str(out),
-                               "--device", "cpu", "--hparam", "lr=0.01"])  # fmt: skip
+    res = runner.invoke(
+        main,
+        [
+            "-q",
+            "edit",
+            "--model",
+            str(tiny_model_dir),
+            "--requests",
+            str(_requests_file(tmp_path)),
+            "--mode",
+            "batch",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--hparam",
+            "lr=0.01",
+        ],
+    )
     assert res.exit_code == 0, res.output
     samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(s["request"]["prompt"] for s in samples) + "\n")
-    args = ["generate", "--model", str(tiny_model_dir), "--prompts", str(prompts),
-            "--max-new-tokens", "6", "--device", "cpu"]  # fmt: skip
+    args = [
+        "generate",
+        "--model",
+        str(tiny_model_dir),
+        "--prompts",
+        str(prompts),
+        "--max-new-tokens",
+        "6",
+        "--device",
+        "cpu",
+    ]
     base = [json.loads(x) for x in runner.invoke(main, args).stdout.splitlines()]
     edited = [
         json.loads(x)
@@ -103,11 +151,18 @@ def test_cli_generate_with_artifact_reproduces_the_edited_model(tiny_model_dir, 
 
 def test_bad_requests_exit_2_and_write_nothing(tiny_model_dir, tmp_path):
     bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps([{"prompt": "The heart has", "target_new": "four"},
-                               {"prompt": "Insulin is", "target_new": ""}]))  # fmt: skip
+    bad.write_text(
+        json.dumps(
+            [
+                {"prompt": "The heart has", "target_new": "four"},
+                {"prompt": "Insulin is", "target_new": ""},
+            ]
+        )
+    )
     out = tmp_path / "run"
-    res = CliRunner().invoke(main, ["edit", "--model", str(tiny_model_dir), "--requests", str(bad),
-                                    "--out", str(out)])  # fmt: skip
+    res = CliRunner().invoke(
+        main, ["edit", "--model", str(tiny_model_dir), "--requests", str(bad), "--out", str(out)]
+    )
     assert res.exit_code == 2
     assert "bad.json: record 2, field 'target_new': empty" in res.output
     assert not out.exists()
@@ -117,13 +172,36 @@ def test_bad_options_exit_2(tiny_model_dir, tmp_path):
     runner = CliRunner()
     cases = [
         (["edit", "--method", "rome2", "--out", str(tmp_path / "a")], "unknown method 'rome2'"),
-        (["edit", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "b")], "does not exist"),
-        (["edit", "--model", str(tiny_model_dir), "--save-model", str(tmp_path / "m"),
-          "--out", str(tmp_path / "c")], "--save-model needs --mode batch"),
-        (["edit", "--model", str(tiny_model_dir), "--device", "cuda:7", "--out", str(tmp_path / "d")],
-         "cuda"),
+        (
+            ["edit", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "b")],
+            "does not exist",
+        ),
+        (
+            [
+                "edit",
+                "--model",
+                str(tiny_model_dir),
+                "--save-model",
+                str(tmp_path / "m"),
+                "--out",
+                str(tmp_path / "c"),
+            ],
+            "--save-model needs --mode batch",
+        ),
+        (
+            [
+                "edit",
+                "--model",
+                str(tiny_model_dir),
+                "--device",
+                "cuda:7",
+                "--out",
+                str(tmp_path / "d"),
+            ],
+            "cuda",
+        ),
         (["generate", "--model", str(tiny_model_dir)], "give --prompt"),
-    ]  # fmt: skip
+    ]
     for args, message in cases:
         res = runner.invoke(main, args)
         assert res.exit_code == 2, (args, res.output)

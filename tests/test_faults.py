@@ -63,8 +63,14 @@ def _killed(args: list[str], env_extra: dict[str, str], tmp_path: Path) -> None:
     import os
 
     env = {**os.environ, **env_extra}
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(_CHILD), "-q", *args],
-                          env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(_CHILD), "-q", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
 
 
@@ -73,9 +79,23 @@ def _leftovers(root: Path) -> list[Path]:
 
 
 def _edit_args(model_dir, reqs, ws: Path) -> list[str]:
-    return ["edit", "--model", str(model_dir), "--requests", str(reqs), "--mode", "batch",
-            "--out", str(ws / "run"), "--save-model", str(ws / "model"), "--device", "cpu",
-            "--hparam", "steps=2"]  # fmt: skip
+    return [
+        "edit",
+        "--model",
+        str(model_dir),
+        "--requests",
+        str(reqs),
+        "--mode",
+        "batch",
+        "--out",
+        str(ws / "run"),
+        "--save-model",
+        str(ws / "model"),
+        "--device",
+        "cpu",
+        "--hparam",
+        "steps=2",
+    ]
 
 
 @pytest.mark.parametrize("where", ["save_pretrained", "delta-file", "artifact-file"])
@@ -83,8 +103,11 @@ def test_kill_during_save_model_or_artifact_then_rerun(tiny_model_dir, tmp_path,
     ws = tmp_path / "ws"
     reqs = _requests_file(tmp_path)
     # save_file calls in order: the run's artifact (0), then the saved model's delta (1)
-    env = {"save_pretrained": {"DIE_IN": "save_pretrained", "DIE_AFTER": "99"},
-           "delta-file": {"DIE_AFTER": "1"}, "artifact-file": {"DIE_AFTER": "0"}}[where]  # fmt: skip
+    env = {
+        "save_pretrained": {"DIE_IN": "save_pretrained", "DIE_AFTER": "99"},
+        "delta-file": {"DIE_AFTER": "1"},
+        "artifact-file": {"DIE_AFTER": "0"},
+    }[where]
     _killed(_edit_args(tiny_model_dir, reqs, ws), env, tmp_path)
     assert not (ws / "run").exists() and not (ws / "model").exists()  # nothing half-written
     assert _leftovers(ws), "the crash should have left its temporary directory"
@@ -101,9 +124,25 @@ def test_kill_during_save_model_or_artifact_then_rerun(tiny_model_dir, tmp_path,
 
 def test_kill_during_a_sequential_checkpoint_then_resume(tiny_model_dir, tmp_path):
     out = tmp_path / "bench"
-    args = ["bench", "--suite", "builtin", "--methods", "ft-m", "--mode", "sequential",
-            "--limit", "3", "--model", str(tiny_model_dir), "--device", "cpu",
-            "--hparam", "steps=2", "--out", str(out)]  # fmt: skip
+    args = [
+        "bench",
+        "--suite",
+        "builtin",
+        "--methods",
+        "ft-m",
+        "--mode",
+        "sequential",
+        "--limit",
+        "3",
+        "--model",
+        str(tiny_model_dir),
+        "--device",
+        "cpu",
+        "--hparam",
+        "steps=2",
+        "--out",
+        str(out),
+    ]
     _killed(args, {"DIE_AFTER": "1"}, tmp_path)  # killed writing the 2nd edit's checkpoint
     ckpt = out / "checkpoints" / "ft-m"
     assert _leftovers(ckpt)

@@ -14,11 +14,16 @@ from hypothesis import strategies as st
 from medit.artifacts import journal
 
 _json = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**53), 2**53)
-    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**53), 2**53)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
     max_leaves=12,
-)  # fmt: skip
+)
 _settings = settings(
     max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
@@ -78,8 +83,10 @@ def test_an_empty_or_missing_journal(tmp_path):
 )
 def test_any_json_round_trips_and_verifies(tmp_path_factory, bodies):
     p = tmp_path_factory.mktemp("j") / journal.JOURNAL_FILE
-    stored = [journal.append(p, _entry(i, extra={f"x_{k}": v for k, v in b.items()}))
-              for i, b in enumerate(bodies)]  # fmt: skip
+    stored = [
+        journal.append(p, _entry(i, extra={f"x_{k}": v for k, v in b.items()}))
+        for i, b in enumerate(bodies)
+    ]
     assert journal.read(p) == stored and journal.verify(p) == []
 
 
@@ -97,8 +104,9 @@ def test_editing_any_field_of_any_entry_is_found(tmp_path_factory, n, data):
     lines[i] = json.dumps(entry, ensure_ascii=False)
     _put(p, lines)
     problems = journal.verify(p)
-    assert problems and any(f"seq {entry['seq']} at line {i + 1}" in x or
-                            f"line {i + 1}" in x for x in problems)  # fmt: skip
+    assert problems and any(
+        f"seq {entry['seq']} at line {i + 1}" in x or f"line {i + 1}" in x for x in problems
+    )
 
 
 @_settings

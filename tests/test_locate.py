@@ -43,8 +43,9 @@ def test_rome_maps_the_key_to_the_new_value_and_leaves_c_orthogonal_keys(tiny):
     templates = hp.templates(model, tok)
     keys = template_keys(model, tok, arch, [LAYER], [req], [req.subject], templates)[LAYER][0]
     k_star, k_mean = keys[0], keys.mean(0)
-    delta, _ = optimise_values(model, tok, arch, LAYER, [req], [req.subject], templates,
-                               hp.values())  # fmt: skip
+    delta, _ = optimise_values(
+        model, tok, arch, LAYER, [req], [req.subject], templates, hp.values()
+    )
     C = second_moments(model, tok, arch, [LAYER], hp, [req])[LAYER]
     W = _weight(model)
     result = make_editor("rome", layer=LAYER, **STRONG).apply(model, tok, [req])
@@ -52,8 +53,9 @@ def test_rome_maps_the_key_to_the_new_value_and_leaves_c_orthogonal_keys(tiny):
     torch.testing.assert_close(dW, rank_one_update(k_star, delta[0], C, k_mean))
     assert torch.linalg.matrix_rank(dW.double(), rtol=1e-6) == 1
     # W'k* = v* = W k* + δ
-    torch.testing.assert_close(_weight(model) @ k_star, W @ k_star + delta[0], rtol=1e-4,
-                               atol=1e-4 * delta.norm().item())  # fmt: skip
+    torch.testing.assert_close(
+        _weight(model) @ k_star, W @ k_star + delta[0], rtol=1e-4, atol=1e-4 * delta.norm().item()
+    )
     # a key k with (C⁻¹k̄)ᵀk = 0 is mapped as before
     u = torch.linalg.solve(C, k_mean.double())
     k = torch.randn(k_mean.shape[0], dtype=torch.float64)
@@ -87,10 +89,17 @@ def test_alphaedit_leaves_the_preserved_keys_outputs_unchanged(tiny_llama, tmp_p
     arch = get_arch(model)
     corpus = tmp_path / "preserved.txt"
     corpus.write_text("\n\n".join(CORPUS[3:7]))  # ~40 tokens: C has a null space (d_in 128)
-    editor = make_editor("alphaedit", layers=(0, 1, 2), cov_corpus=(str(corpus),),
-                         nullspace_threshold=1e-9, L2=1e-4, **STRONG)  # fmt: skip
-    K0 = {layer: _corpus_keys(model, tok, arch, layer, file_corpus([corpus]))
-          for layer in (0, 1, 2)}  # fmt: skip
+    editor = make_editor(
+        "alphaedit",
+        layers=(0, 1, 2),
+        cov_corpus=(str(corpus),),
+        nullspace_threshold=1e-9,
+        L2=1e-4,
+        **STRONG,
+    )
+    K0 = {
+        layer: _corpus_keys(model, tok, arch, layer, file_corpus([corpus])) for layer in (0, 1, 2)
+    }
     before = {layer: _weight(model, layer) for layer in (0, 1, 2)}
     before_lp = score_targets(model, tok, arch, [(REQS[0].prompt, REQS[0].target_new)])[0].logprob
     result = editor.apply(model, tok, REQS[:1])
@@ -184,8 +193,7 @@ def test_covariance_is_cached_by_weights_corpus_and_layer(tiny_llama, monkeypatc
         covariance(model, tok, arch, [0], Corpus("t", tuple(CORPUS[:3])))
     # the sum of k kᵀ is what the hooks see
     keys = _corpus_keys(model, tok, arch, 0, corpus)
-    torch.testing.assert_close(first[0][0], keys.double().T @ keys.double(), rtol=1e-5,
-                               atol=1e-6)  # fmt: skip
+    torch.testing.assert_close(first[0][0], keys.double().T @ keys.double(), rtol=1e-5, atol=1e-6)
 
 
 def test_corpus_files_and_their_errors(tmp_path):
@@ -217,8 +225,12 @@ def test_rome_layer_is_chosen_by_causal_tracing(tiny_llama):
 
 
 #: hyper-parameters that make an edit visible on the tiny model within a few steps
-CLI_HPARAMS = {"medlasa": {"steps": 15, "lr": 5e-3}, "lora": {"steps": 15, "lr": 5e-3},
-               "rome": STRONG, "alphaedit": {**STRONG, "L2": 1e-4}}  # fmt: skip
+CLI_HPARAMS = {
+    "medlasa": {"steps": 15, "lr": 5e-3},
+    "lora": {"steps": 15, "lr": 5e-3},
+    "rome": STRONG,
+    "alphaedit": {**STRONG, "L2": 1e-4},
+}
 
 
 @pytest.mark.parametrize("method", list(CLI_HPARAMS))
@@ -229,13 +241,33 @@ def test_generate_loads_the_run_artifact(tiny_model_dir, tmp_path, method):
     run = tmp_path / "run"
     runner = CliRunner()
     hparams = [x for k, v in CLI_HPARAMS[method].items() for x in ("--hparam", f"{k}={v}")]
-    args = ["--quiet", "edit", "--model", str(tiny_model_dir), "--method", method,
-            "--requests", str(reqs), "--mode", "batch", "--out", str(run), "--no-generation",
-            *hparams]  # fmt: skip
+    args = [
+        "--quiet",
+        "edit",
+        "--model",
+        str(tiny_model_dir),
+        "--method",
+        method,
+        "--requests",
+        str(reqs),
+        "--mode",
+        "batch",
+        "--out",
+        str(run),
+        "--no-generation",
+        *hparams,
+    ]
     res = runner.invoke(main, args)
     assert res.exit_code == 0, res.output
-    gen = ["generate", "--model", str(tiny_model_dir), "--prompt", REQS[0].prompt,
-           "--max-new-tokens", "4"]  # fmt: skip
+    gen = [
+        "generate",
+        "--model",
+        str(tiny_model_dir),
+        "--prompt",
+        REQS[0].prompt,
+        "--max-new-tokens",
+        "4",
+    ]
     base = runner.invoke(main, gen)
     edited = runner.invoke(main, [*gen, "--artifact", str(run)])
     assert base.exit_code == 0 and edited.exit_code == 0, edited.output

@@ -19,11 +19,21 @@ from medit.evaluation import score_targets
 from medit.facts.requests import parse_record
 
 REQS = [
-    parse_record({"prompt": "The hormone insulin is produced by the", "target_new": "liver",
-                  "subject": "insulin"}, "t.json", 1),
-    parse_record({"prompt": "Aspirin is used to treat", "target_new": "scurvy",
-                  "subject": "Aspirin"}, "t.json", 2),
-]  # fmt: skip
+    parse_record(
+        {
+            "prompt": "The hormone insulin is produced by the",
+            "target_new": "liver",
+            "subject": "insulin",
+        },
+        "t.json",
+        1,
+    ),
+    parse_record(
+        {"prompt": "Aspirin is used to treat", "target_new": "scurvy", "subject": "Aspirin"},
+        "t.json",
+        2,
+    ),
+]
 FAR = "Vitamin C deficiency causes scurvy."
 
 
@@ -143,12 +153,22 @@ def test_shared_adapter_is_one_pair_scaled_and_masked_per_edit(tiny_llama, tmp_p
     pairs = [(r.prompt, r.target_new) for r in REQS]
     before = [t.logprob for t in score_targets(model, tok, arch, pairs)]
     profiles = ([0.0, 1.0, 0.5, 0.25], [1.0, 0.0, 0.0, 0.5])  # hand-made: the ranks differ
-    doc = {"provenance": {"model": {"weights_sha256": model.medit_weights_sha256}},
-           "traces": [{"prompt": r.prompt, "subject": r.subject, "profile": {"mlp": p, "attn": p}}
-                      for r, p in zip(REQS, profiles, strict=True)]}  # fmt: skip
+    doc = {
+        "provenance": {"model": {"weights_sha256": model.medit_weights_sha256}},
+        "traces": [
+            {"prompt": r.prompt, "subject": r.subject, "profile": {"mlp": p, "attn": p}}
+            for r, p in zip(REQS, profiles, strict=True)
+        ],
+    }
     (tmp_path / "traces.json").write_text(json.dumps(doc))
-    result = _edit(model, tok, adapters="shared", routing="always", rank_mode="knowledge",
-                   traces=str(tmp_path / "traces.json"))  # fmt: skip
+    result = _edit(
+        model,
+        tok,
+        adapters="shared",
+        routing="always",
+        rank_mode="knowledge",
+        traces=str(tmp_path / "traces.json"),
+    )
     first, second = result.adapters
     assert len(result.diagnostics) == 1  # one training run for the whole call
     ranks_differ = False
@@ -211,9 +231,16 @@ def test_scales_come_from_a_medit_trace_run_directory(tiny_llama, tmp_path):
 
     model, tok = tiny_llama
     mlp, attn = [0.0, 1.0, 0.5, 0.25], [1.0, 0.0, 0.0, 0.5]
-    doc = {"provenance": {"model": {"weights_sha256": model.medit_weights_sha256}},
-           "traces": [{"prompt": REQS[0].prompt, "subject": REQS[0].subject,
-                       "profile": {"mlp": mlp, "attn": attn, "hidden": mlp}}]}  # fmt: skip
+    doc = {
+        "provenance": {"model": {"weights_sha256": model.medit_weights_sha256}},
+        "traces": [
+            {
+                "prompt": REQS[0].prompt,
+                "subject": REQS[0].subject,
+                "profile": {"mlp": mlp, "attn": attn, "hidden": mlp},
+            }
+        ],
+    }
     (tmp_path / "traces.json").write_text(json.dumps(doc))
     hp = MedLaSAHParams(traces=str(tmp_path))
     scores = MedLaSA()._scores(model, tok, get_arch(model), REQS[0], hp)

@@ -29,36 +29,69 @@ HOSTILE = "Insulin | is \"made\" by <script>alert('x')</script>\n---\n# the `pan
 PRE = {
     "n": 2,
     "teacher_forced": {"efficacy": 0.25, "generality": 0.0, "locality_mean": 1.0},
-    "generation": {"efficacy_contains": 0.0, "efficacy_exact": 0.0, "generality_contains": 0.0,
-                   "locality_mean": 1.0, "fluency": 5.5},
-}  # fmt: skip
+    "generation": {
+        "efficacy_contains": 0.0,
+        "efficacy_exact": 0.0,
+        "generality_contains": 0.0,
+        "locality_mean": 1.0,
+        "fluency": 5.5,
+    },
+}
 POST = {
     "n": 2,
     "teacher_forced": {"efficacy": 1.0, "generality": 0.5, "locality_mean": 0.875},
-    "generation": {"efficacy_contains": 1.0, "efficacy_exact": 0.5, "generality_contains": 0.5,
-                   "locality_mean": 0.75, "fluency": 5.25},
-}  # fmt: skip
-VERDICT = {"passed": False, "checks": [
-    {"key": "efficacy", "label": "generation-based efficacy (target stated)", "value": 1.0,
-     "threshold": 0.8, "passed": True},
-    {"key": "locality", "label": "generation-based locality (probes unchanged)", "value": 0.75,
-     "threshold": 0.8, "passed": False},
-]}  # fmt: skip
+    "generation": {
+        "efficacy_contains": 1.0,
+        "efficacy_exact": 0.5,
+        "generality_contains": 0.5,
+        "locality_mean": 0.75,
+        "fluency": 5.25,
+    },
+}
+VERDICT = {
+    "passed": False,
+    "checks": [
+        {
+            "key": "efficacy",
+            "label": "generation-based efficacy (target stated)",
+            "value": 1.0,
+            "threshold": 0.8,
+            "passed": True,
+        },
+        {
+            "key": "locality",
+            "label": "generation-based locality (probes unchanged)",
+            "value": 0.75,
+            "threshold": 0.8,
+            "passed": False,
+        },
+    ],
+}
 REQUESTS = [
-    {"prompt": "The hormone insulin is produced by the", "target_new": "liver",
-     "subject": "insulin", "ground_truth": "pancreas"},
+    {
+        "prompt": "The hormone insulin is produced by the",
+        "target_new": "liver",
+        "subject": "insulin",
+        "ground_truth": "pancreas",
+    },
     {"prompt": HOSTILE, "target_new": "a|b\r\nc", "subject": None, "ground_truth": None},
-]  # fmt: skip
+]
 
 
 def _card(**overrides) -> str:
     kwargs = dict(
-        base_model="builtin:smollm2", base_weights_sha256=BASE_SHA,
-        edited_weights_sha256=EDITED_SHA, method="rome",
+        base_model="builtin:smollm2",
+        base_weights_sha256=BASE_SHA,
+        edited_weights_sha256=EDITED_SHA,
+        method="rome",
         hparams={"layer": 5, "v_lr": 0.5, "cov_corpus": ["notes|<i>.txt"]},
-        requests=REQUESTS, evaluation={"pre": PRE, "post": POST}, verdict=VERDICT,
-        journal_head=HEAD, medit_version="0.1.0", created="2025-01-02T03:04:05Z",
-    )  # fmt: skip
+        requests=REQUESTS,
+        evaluation={"pre": PRE, "post": POST},
+        verdict=VERDICT,
+        journal_head=HEAD,
+        medit_version="0.1.0",
+        created="2025-01-02T03:04:05Z",
+    )
     return model_card(**{**kwargs, **overrides})
 
 
@@ -118,10 +151,16 @@ def test_front_matter_is_yaml_with_the_hub_fields_and_the_edit():
     assert front["library_name"] == "transformers"
     assert front["tags"] == ["medit", "model-editing", "rome", "medical"]
     assert front["medit"] == {
-        "method": "rome", "base_model": "builtin:smollm2", "base_weights_sha256": BASE_SHA,
-        "edited_weights_sha256": EDITED_SHA, "n_edits": 2, "journal_head": HEAD,
-        "verdict": "FAIL", "medit_version": "0.1.0", "created": "2025-01-02T03:04:05Z",
-    }  # fmt: skip
+        "method": "rome",
+        "base_model": "builtin:smollm2",
+        "base_weights_sha256": BASE_SHA,
+        "edited_weights_sha256": EDITED_SHA,
+        "n_edits": 2,
+        "journal_head": HEAD,
+        "verdict": "FAIL",
+        "medit_version": "0.1.0",
+        "created": "2025-01-02T03:04:05Z",
+    }
 
 
 def test_a_local_base_model_is_kept_in_the_medit_section_only():
@@ -155,8 +194,12 @@ def test_hostile_text_cannot_break_the_table_or_inject_html():
         "# the \\`pancreas\\` &amp; &lt;b&gt;liver"
     )
     assert cells[4] == "a\\|b<br>c"
-    assert _cells(rows[0])[1:] == ["The hormone insulin is produced by the", "insulin", "pancreas",
-                                   "liver"]  # fmt: skip
+    assert _cells(rows[0])[1:] == [
+        "The hormone insulin is produced by the",
+        "insulin",
+        "pancreas",
+        "liver",
+    ]
     assert "<script" not in card and "<b>" not in card and "<i>" not in card
 
 
@@ -206,15 +249,32 @@ def test_the_card_warns_lists_hparams_and_says_how_to_revert():
 
 def test_config_json_keeps_its_keys_and_gains_the_edit_record(tmp_path):
     config = tmp_path / "config.json"
-    original = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "model_type": "llama",
-                "torch_dtype": "float32", "z_last": {"nested": [1, 2]}}  # fmt: skip
+    original = {
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": 64,
+        "model_type": "llama",
+        "torch_dtype": "float32",
+        "z_last": {"nested": [1, 2]},
+    }
     config.write_text(json.dumps(original, indent=2))
-    record = edit_record(method="memit", base_weights_sha256=BASE_SHA,
-                         edited_weights_sha256=EDITED_SHA, n_edits=3, journal_head=HEAD,
-                         medit_version="0.1.0", created="2025-01-02T03:04:05Z")  # fmt: skip
-    assert record == {"method": "memit", "base_weights_sha256": BASE_SHA,
-                      "edited_weights_sha256": EDITED_SHA, "n_edits": 3, "journal_head": HEAD,
-                      "medit_version": "0.1.0", "created": "2025-01-02T03:04:05Z"}  # fmt: skip
+    record = edit_record(
+        method="memit",
+        base_weights_sha256=BASE_SHA,
+        edited_weights_sha256=EDITED_SHA,
+        n_edits=3,
+        journal_head=HEAD,
+        medit_version="0.1.0",
+        created="2025-01-02T03:04:05Z",
+    )
+    assert record == {
+        "method": "memit",
+        "base_weights_sha256": BASE_SHA,
+        "edited_weights_sha256": EDITED_SHA,
+        "n_edits": 3,
+        "journal_head": HEAD,
+        "medit_version": "0.1.0",
+        "created": "2025-01-02T03:04:05Z",
+    }
     add_edit_record(config, record)
     got = json.loads(config.read_text())
     assert list(got) == [*original, CONFIG_KEY]
@@ -234,9 +294,15 @@ def test_transformers_loads_a_config_with_the_edit_record(tiny_model_dir, tmp_pa
 
     d = tmp_path / "model"
     shutil.copytree(tiny_model_dir, d)
-    record = edit_record(method="ft-m", base_weights_sha256=BASE_SHA,
-                         edited_weights_sha256=EDITED_SHA, n_edits=1, journal_head=None,
-                         medit_version="0.1.0", created="now")  # fmt: skip
+    record = edit_record(
+        method="ft-m",
+        base_weights_sha256=BASE_SHA,
+        edited_weights_sha256=EDITED_SHA,
+        n_edits=1,
+        journal_head=None,
+        medit_version="0.1.0",
+        created="now",
+    )
     add_edit_record(d / "config.json", record)
     assert AutoConfig.from_pretrained(d).medit_edit == record
 

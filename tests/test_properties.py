@@ -11,8 +11,9 @@ from hypothesis import strategies as st
 from medit.bench.runner import CASES_FILE, REJECTED_FILE, read_cases
 from medit.facts.requests import RequestError, load_requests
 
-_settings = settings(max_examples=60, deadline=None,
-                     suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
+_settings = settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 _word = st.text(st.characters(categories=("L", "N"), max_codepoint=0x2FFF), min_size=1, max_size=8)
 
 
@@ -29,8 +30,7 @@ def _request(draw):
 
 
 @_settings
-@given(records=st.lists(_request(), min_size=1, max_size=5), jsonl=st.booleans(),
-       bom=st.booleans())  # fmt: skip
+@given(records=st.lists(_request(), min_size=1, max_size=5), jsonl=st.booleans(), bom=st.booleans())
 def test_valid_requests_round_trip_in_every_format(tmp_path_factory, records, jsonl, bom):
     path = tmp_path_factory.mktemp("r") / ("r.jsonl" if jsonl else "r.json")
     body = "\n".join(json.dumps(r) for r in records) if jsonl else json.dumps(records, indent=1)
@@ -46,11 +46,28 @@ def test_valid_requests_round_trip_in_every_format(tmp_path_factory, records, js
 
 _junk = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=10),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
-        st.sampled_from(["prompt", "target_new", "subject", "rephrase_prompts", "locality",
-                         "portability", "ground_truth", "id", "other"]), inner, max_size=5),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(
+            st.sampled_from(
+                [
+                    "prompt",
+                    "target_new",
+                    "subject",
+                    "rephrase_prompts",
+                    "locality",
+                    "portability",
+                    "ground_truth",
+                    "id",
+                    "other",
+                ]
+            ),
+            inner,
+            max_size=5,
+        )
+    ),
     max_leaves=10,
-)  # fmt: skip
+)
 
 
 @_settings
@@ -77,18 +94,34 @@ def test_any_bytes_are_read_or_refused_with_a_named_error(tmp_path_factory, data
 
 
 # -- the case store ------------------------------------------------------------------------------
-_case = st.builds(lambda m, i, v: {"method": m, "case": i, "metrics": {"efficacy": v}},
-                  st.sampled_from(["ft-m", "rome"]), st.integers(0, 30), st.floats(0, 1))  # fmt: skip
-_bad_line = st.sampled_from([b"{oops", b"[]", b'{"method": 3, "case": 1, "metrics": {}}',
-                             b'{"method": "ft-m", "case": "1", "metrics": {}}', b"\xff\xfe",
-                             b'{"method": "ft-m", "case": 1}', b"null"])  # fmt: skip
+_case = st.builds(
+    lambda m, i, v: {"method": m, "case": i, "metrics": {"efficacy": v}},
+    st.sampled_from(["ft-m", "rome"]),
+    st.integers(0, 30),
+    st.floats(0, 1),
+)
+_bad_line = st.sampled_from(
+    [
+        b"{oops",
+        b"[]",
+        b'{"method": 3, "case": 1, "metrics": {}}',
+        b'{"method": "ft-m", "case": "1", "metrics": {}}',
+        b"\xff\xfe",
+        b'{"method": "ft-m", "case": 1}',
+        b"null",
+    ]
+)
 
 
 @_settings
-@given(cases=st.lists(_case, max_size=8), damage=st.lists(st.tuples(st.integers(0, 8), _bad_line),
-       max_size=4), torn=st.booleans())  # fmt: skip
-def test_repair_keeps_every_valid_case_and_sets_the_rest_aside(tmp_path_factory, cases, damage,
-                                                                torn):  # fmt: skip
+@given(
+    cases=st.lists(_case, max_size=8),
+    damage=st.lists(st.tuples(st.integers(0, 8), _bad_line), max_size=4),
+    torn=st.booleans(),
+)
+def test_repair_keeps_every_valid_case_and_sets_the_rest_aside(
+    tmp_path_factory, cases, damage, torn
+):
     out = tmp_path_factory.mktemp("bench")
     lines = [json.dumps(c).encode() + b"\n" for c in cases]
     bad = []

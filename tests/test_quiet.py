@@ -17,20 +17,42 @@ MEDIT = [sys.executable, "-c", "from medit.cli import main; main()"]
 
 def _run(args, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
-    return subprocess.run([*MEDIT, *map(str, args)], capture_output=True, text=True, env=env,
-                          cwd=tmp_path, timeout=300)  # fmt: skip
+    return subprocess.run(
+        [*MEDIT, *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
 
 
 def _edit(tiny_model_dir, tmp_path, out):
-    return ["edit", "--model", tiny_model_dir, "--requests", _requests_file(tmp_path), "--mode",
-            "batch", "--out", tmp_path / out, "--device", "cpu", "--hparam", "steps=2"]  # fmt: skip
+    return [
+        "edit",
+        "--model",
+        tiny_model_dir,
+        "--requests",
+        _requests_file(tmp_path),
+        "--mode",
+        "batch",
+        "--out",
+        tmp_path / out,
+        "--device",
+        "cpu",
+        "--hparam",
+        "steps=2",
+    ]
 
 
 @pytest.mark.parametrize("where", ["global", "per-command", "short-per-command"])
 def test_quiet_prints_only_the_result_path(tiny_model_dir, tmp_path, where):
     args = _edit(tiny_model_dir, tmp_path, "R")
-    args = {"global": ["-q", *args], "per-command": [*args, "--quiet"],
-            "short-per-command": [*args, "-q"]}[where]  # fmt: skip
+    args = {
+        "global": ["-q", *args],
+        "per-command": [*args, "--quiet"],
+        "short-per-command": [*args, "-q"],
+    }[where]
     res = _run(args, tmp_path)
     assert res.returncode == 0, res.stderr
     assert res.stderr.strip() == "", res.stderr

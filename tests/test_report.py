@@ -18,17 +18,43 @@ HOSTILE = "<script>alert(1)</script></td></tr></table>{{ 7*7 }}{% raw %}"
 @pytest.fixture
 def edit_run(tmp_path, tiny_model_dir):
     reqs = tmp_path / "reqs.json"
-    reqs.write_text(json.dumps([
-        {"prompt": "The hormone insulin is produced by the", "target_new": "liver",
-         "rephrase_prompts": ["Insulin comes from the"],
-         "locality": {"general": [["The heart has four", "chambers"]]}},
-        {"prompt": "Aspirin is used to treat", "target_new": "scurvy",
-         "locality": {"general": [["Vitamin C deficiency causes", "scurvy"]]}},
-    ]))  # fmt: skip
+    reqs.write_text(
+        json.dumps(
+            [
+                {
+                    "prompt": "The hormone insulin is produced by the",
+                    "target_new": "liver",
+                    "rephrase_prompts": ["Insulin comes from the"],
+                    "locality": {"general": [["The heart has four", "chambers"]]},
+                },
+                {
+                    "prompt": "Aspirin is used to treat",
+                    "target_new": "scurvy",
+                    "locality": {"general": [["Vitamin C deficiency causes", "scurvy"]]},
+                },
+            ]
+        )
+    )
     out = tmp_path / "run"
-    res = CliRunner().invoke(main, ["-q", "edit", "--model", str(tiny_model_dir), "--requests",
-                                    str(reqs), "--mode", "batch", "--out", str(out), "--device",
-                                    "cpu", "--hparam", "lr=0.01"])  # fmt: skip
+    res = CliRunner().invoke(
+        main,
+        [
+            "-q",
+            "edit",
+            "--model",
+            str(tiny_model_dir),
+            "--requests",
+            str(reqs),
+            "--mode",
+            "batch",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--hparam",
+            "lr=0.01",
+        ],
+    )
     assert res.exit_code == 0, res.output
     return out
 
@@ -39,7 +65,8 @@ def test_edit_run_writes_its_report_with_verdict_tables_and_charts(edit_run):
     assert 'id="metrics"' in html and 'id="tensors"' in html and 'id="provenance"' in html
     assert html.count("<svg") >= 3  # two protocol charts and the per-edit grid
     assert "<script" not in html.lower() and "http://" not in html.replace(
-        'xmlns="http://www.w3.org/2000/svg"', "")  # fmt: skip
+        'xmlns="http://www.w3.org/2000/svg"', ""
+    )
     results = json.loads((edit_run / "results.json").read_text())
     assert results["config"]["thresholds"] == {"efficacy": 0.8, "generality": 0.5, "locality": 0.8}
     assert [c["key"] for c in verdict(results)["checks"]] == ["efficacy", "generality", "locality"]
@@ -79,9 +106,17 @@ def test_fail_under_gates_a_pipeline(edit_run):
 def test_bench_report(tmp_path, tiny_model_dir):
     from medit.bench.runner import BenchConfig, run_bench
 
-    run_bench(BenchConfig(out=str(tmp_path / "b"), suite="builtin", limit=2, device="cpu",
-                          model=str(tiny_model_dir), quiet=True,
-                          hparams={"ft-m": {"steps": 2}}))  # fmt: skip
+    run_bench(
+        BenchConfig(
+            out=str(tmp_path / "b"),
+            suite="builtin",
+            limit=2,
+            device="cpu",
+            model=str(tiny_model_dir),
+            quiet=True,
+            hparams={"ft-m": {"steps": 2}},
+        )
+    )
     html = render(tmp_path / "b")
     assert "teacher-forced" in html and "generation-based" in html and "<svg" in html
     assert "| ft-m |" in render(tmp_path / "b", "md")
@@ -95,24 +130,40 @@ def _chromium() -> str | None:
     )
 
 
-@pytest.mark.skipif(_chromium() is None, reason="Chromium not installed (Debian package 'chromium'; "
-                    ".ci/run installs it)")  # fmt: skip
+@pytest.mark.skipif(
+    _chromium() is None,
+    reason="Chromium not installed (Debian package 'chromium'; .ci/run installs it)",
+)
 def test_report_opens_in_headless_chromium(edit_run):
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / "edit-report.png"
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={edit_run.parent / 'chrome-profile'}", "--enable-logging=stderr",
-             "--v=0"]  # fmt: skip
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={edit_run.parent / 'chrome-profile'}",
+        "--enable-logging=stderr",
+        "--v=0",
+    ]
     url = (edit_run / "report.html").resolve().as_uri()
-    dom = subprocess.run([_chromium(), *flags, "--dump-dom", url], capture_output=True, text=True,
-                         timeout=120)  # fmt: skip
+    dom = subprocess.run(
+        [_chromium(), *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120
+    )
     assert dom.returncode == 0, dom.stderr[-2000:]
     assert 'id="verdict"' in dom.stdout and "<svg" in dom.stdout and 'id="metrics"' in dom.stdout
     console = [ln for ln in dom.stderr.splitlines() if "CONSOLE" in ln or "Uncaught" in ln]
     assert not console, console
-    shot_run = subprocess.run([_chromium(), *flags, f"--screenshot={shot}", "--window-size=1200,2400",
-                               url], capture_output=True, text=True, timeout=120)  # fmt: skip
+    shot_run = subprocess.run(
+        [_chromium(), *flags, f"--screenshot={shot}", "--window-size=1200,2400", url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert shot_run.returncode == 0 and shot.stat().st_size > 10_000
 
 
@@ -120,9 +171,17 @@ def test_trace_run_report_shows_heatmaps(tmp_path, tiny_model_dir):
     from medit.tracing.run import TraceRunConfig, run_trace
     from medit.tracing.trace import TraceConfig
 
-    run_trace(TraceRunConfig(out=str(tmp_path / "t"), model=str(tiny_model_dir), device="cpu",
-                             prompt="The hormone insulin is produced by the", subject="insulin",
-                             trace=TraceConfig(samples=2, window=2), quiet=True))  # fmt: skip
+    run_trace(
+        TraceRunConfig(
+            out=str(tmp_path / "t"),
+            model=str(tiny_model_dir),
+            device="cpu",
+            prompt="The hormone insulin is produced by the",
+            subject="insulin",
+            trace=TraceConfig(samples=2, window=2),
+            quiet=True,
+        )
+    )
     html = render(tmp_path / "t")
     assert "Causal traces" in html and html.count("<svg") >= 2  # profile chart + heatmap
     assert "insulin" in html and "<script" not in html.lower()

@@ -19,8 +19,21 @@ from tests.test_export_cli import _requests_file
 
 
 def _edit(model_dir, reqs, out, *extra):
-    args = ["-q", "edit", "--model", str(model_dir), "--requests", str(reqs), "--out", str(out),
-            "--device", "cpu", "--hparam", "steps=2", *extra]  # fmt: skip
+    args = [
+        "-q",
+        "edit",
+        "--model",
+        str(model_dir),
+        "--requests",
+        str(reqs),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--hparam",
+        "steps=2",
+        *extra,
+    ]
     return CliRunner().invoke(main, args)
 
 
@@ -41,8 +54,17 @@ def _one_line_error(res) -> str:
 # -- defect 1: --save-model onto the base model, or onto a folder of notes --------------------
 def test_save_model_onto_the_base_model_is_refused_and_the_base_kept(tiny_model_dir, tmp_path):
     before = _tree(tiny_model_dir)
-    res = _edit(tiny_model_dir, _requests_file(tmp_path), tmp_path / "R", "--mode", "batch",
-                "--limit", "1", "--save-model", str(tiny_model_dir))  # fmt: skip
+    res = _edit(
+        tiny_model_dir,
+        _requests_file(tmp_path),
+        tmp_path / "R",
+        "--mode",
+        "batch",
+        "--limit",
+        "1",
+        "--save-model",
+        str(tiny_model_dir),
+    )
     line = _one_line_error(res)
     assert "--save-model" in line and str(tiny_model_dir) in line
     assert _tree(tiny_model_dir) == before and not (tmp_path / "R").exists()
@@ -52,8 +74,16 @@ def test_save_model_into_a_folder_medit_did_not_create_is_refused(tiny_model_dir
     notes = tmp_path / "notes"
     notes.mkdir()
     (notes / "ward-round.txt").write_text("patient list")
-    res = _edit(tiny_model_dir, _requests_file(tmp_path), tmp_path / "R", "--mode", "batch",
-                "--save-model", str(notes), "--overwrite")  # fmt: skip
+    res = _edit(
+        tiny_model_dir,
+        _requests_file(tmp_path),
+        tmp_path / "R",
+        "--mode",
+        "batch",
+        "--save-model",
+        str(notes),
+        "--overwrite",
+    )
     assert "not created by medit" in _one_line_error(res)
     assert (notes / "ward-round.txt").read_text() == "patient list"
     assert sorted(p.name for p in notes.iterdir()) == ["ward-round.txt"]
@@ -64,8 +94,9 @@ def test_save_model_into_a_folder_medit_did_not_create_is_refused(tiny_model_dir
 def test_overlapping_out_and_save_model_are_refused(tiny_model_dir, tmp_path, where):
     out = tmp_path / "R"
     save = {"same": out, "inside": out / "model", "outside-containing": tmp_path}[where]
-    res = _edit(tiny_model_dir, _requests_file(tmp_path), out, "--mode", "batch",
-                "--save-model", str(save))  # fmt: skip
+    res = _edit(
+        tiny_model_dir, _requests_file(tmp_path), out, "--mode", "batch", "--save-model", str(save)
+    )
     line = _one_line_error(res)
     assert "--out" in line and "--save-model" in line
     assert not out.exists()
@@ -84,8 +115,9 @@ def test_overwrite_refuses_a_directory_that_is_not_a_medit_run(tiny_model_dir, t
 def test_overwrite_replaces_a_medit_run_and_its_saved_model(tiny_model_dir, tmp_path):
     reqs, out, save = _requests_file(tmp_path), tmp_path / "R", tmp_path / "M"
     for _ in range(2):
-        res = _edit(tiny_model_dir, reqs, out, "--mode", "batch", "--save-model", str(save),
-                    "--overwrite")  # fmt: skip
+        res = _edit(
+            tiny_model_dir, reqs, out, "--mode", "batch", "--save-model", str(save), "--overwrite"
+        )
         assert res.exit_code == 0, res.output
     assert fs.marker_kind(out) == "edit-run" and fs.marker_kind(save) == "model"
     journal = [json.loads(x) for x in (tmp_path / "journal.jsonl").read_text().splitlines()]
@@ -100,8 +132,15 @@ def test_overwrite_replaces_a_medit_run_and_its_saved_model(tiny_model_dir, tmp_
 def test_saved_files_have_the_usual_permissions(tiny_model_dir, tmp_path):
     old = os.umask(0o022)
     try:
-        res = _edit(tiny_model_dir, _requests_file(tmp_path), tmp_path / "R", "--mode", "batch",
-                    "--save-model", str(tmp_path / "M"))  # fmt: skip
+        res = _edit(
+            tiny_model_dir,
+            _requests_file(tmp_path),
+            tmp_path / "R",
+            "--mode",
+            "batch",
+            "--save-model",
+            str(tmp_path / "M"),
+        )
     finally:
         os.umask(old)
     assert res.exit_code == 0, res.output

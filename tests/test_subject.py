@@ -15,11 +15,13 @@ def ruler():
 
 @pytest.mark.parametrize(
     "prompt, subject",
-    [("The antidote for paracetamol overdose is", "paracetamol"),
-     ("Aspirin is used to treat pain", "Aspirin"),
-     ("The hormone insulin is produced by the", "hormone insulin"),
-     ("Which drug interacts with warfarin?", "warfarin")],
-)  # fmt: skip
+    [
+        ("The antidote for paracetamol overdose is", "paracetamol"),
+        ("Aspirin is used to treat pain", "Aspirin"),
+        ("The hormone insulin is produced by the", "hormone insulin"),
+        ("Which drug interacts with warfarin?", "warfarin"),
+    ],
+)
 def test_subject_tokens_cover_exactly_the_subject(tokenizer, prompt, subject):
     start, end = S.subject_tokens(tokenizer, prompt, subject)
     ids = tokenizer(prompt).input_ids
@@ -73,13 +75,15 @@ def test_medical_terms_ship_with_the_package():
 
 @pytest.mark.parametrize(
     "prompt, subject",
-    [("Metformin belongs to the drug class called", "Metformin"),
-     ("The antidiabetic drug metformin is a member of the drug class known as", "metformin"),
-     ("Metformin is a first-line treatment for type 2 diabetes.", "Metformin"),
-     ("Patients with type 2 diabetes are first treated with", "type 2 diabetes"),
-     ("Graves' disease causes", "Graves' disease"),
-     ("Which drug is involved in a drug-drug interaction with Warfarin?", "Warfarin")],
-)  # fmt: skip
+    [
+        ("Metformin belongs to the drug class called", "Metformin"),
+        ("The antidiabetic drug metformin is a member of the drug class known as", "metformin"),
+        ("Metformin is a first-line treatment for type 2 diabetes.", "Metformin"),
+        ("Patients with type 2 diabetes are first treated with", "type 2 diabetes"),
+        ("Graves' disease causes", "Graves' disease"),
+        ("Which drug is involved in a drug-drug interaction with Warfarin?", "Warfarin"),
+    ],
+)
 def test_ruler_finds_the_first_and_longest_medical_term(ruler, prompt, subject):
     assert S.detect_subject(prompt, ruler) == subject
 
@@ -104,9 +108,13 @@ def test_parsed_subject_takes_the_grammatical_subject_chunk():
     from spacy.tokens import Doc
 
     nlp = spacy.blank("en")
-    doc = Doc(nlp.vocab, words=["The", "new", "drug", "lowers", "the", "pressure"],
-              heads=[2, 2, 3, 3, 5, 3], deps=["det", "amod", "nsubj", "ROOT", "det", "dobj"],
-              pos=["DET", "ADJ", "NOUN", "VERB", "DET", "NOUN"])  # fmt: skip
+    doc = Doc(
+        nlp.vocab,
+        words=["The", "new", "drug", "lowers", "the", "pressure"],
+        heads=[2, 2, 3, 3, 5, 3],
+        deps=["det", "amod", "nsubj", "ROOT", "det", "dobj"],
+        pos=["DET", "ADJ", "NOUN", "VERB", "DET", "NOUN"],
+    )
     assert S.parsed_subject(doc) == "new drug"
     assert S.parsed_subject(nlp("The new drug lowers the pressure")) is None  # not parsed
 
@@ -133,8 +141,10 @@ def test_a_repeated_subject_is_located_once_at_its_first_occurrence(tokenizer):
 
 
 def test_template_subject_reads_rare_names_off_a_known_prompt():
-    known = [("Which drug is involved in a drug-drug interaction with Axelopran?", "Axelopran"),
-             ("Aspirin is used to treat", "Aspirin")]  # fmt: skip
+    known = [
+        ("Which drug is involved in a drug-drug interaction with Axelopran?", "Axelopran"),
+        ("Aspirin is used to treat", "Aspirin"),
+    ]
     ask = "Which drug is involved in a drug-drug interaction with LY-2456302?"
     assert template_subject(ask, known) == "LY-2456302"
     assert template_subject("Bufotenine is used to treat", known) == "Bufotenine"

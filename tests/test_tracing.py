@@ -67,7 +67,9 @@ def test_fast_mode_is_the_first_order_estimate_of_full_tracing(tiny_llama):
     cfg = TraceConfig(samples=4, window=1)
     # small noise: restorations act in the linear regime where the estimate is exact
     full = trace(model, tok, arch, PROMPT, SUBJECT, None, cfg, noise=5e-4)
-    fast = trace(model, tok, arch, PROMPT, SUBJECT, None, dataclasses.replace(cfg, mode="fast"), noise=5e-4)  # fmt: skip
+    fast = trace(
+        model, tok, arch, PROMPT, SUBJECT, None, dataclasses.replace(cfg, mode="fast"), noise=5e-4
+    )
     assert fast.corrupted_prob == pytest.approx(full.corrupted_prob, rel=1e-5)
     for kind in ("hidden", "mlp", "attn"):
         a, b = full.effects(kind).flatten(), fast.effects(kind).flatten()
@@ -103,8 +105,11 @@ def _plant_fact(model, tok, arch, layer: int, facts, steps: int = 300) -> None:
 def test_mlp_restoration_peaks_at_the_layer_where_a_fact_was_planted(tiny_llama, planted):
     model, tok = tiny_llama
     arch = get_arch(model)
-    facts = [("The heart is treated with", "insulin"), ("The liver is treated with", "penicillin"),
-             ("The skin is treated with", "bacteria")]  # fmt: skip
+    facts = [
+        ("The heart is treated with", "insulin"),
+        ("The liver is treated with", "penicillin"),
+        ("The skin is treated with", "bacteria"),
+    ]
     _plant_fact(model, tok, arch, planted, facts)
     cfg = TraceConfig(samples=8, window=1, kinds=("mlp",))
     for prompt, answer in facts:
@@ -121,7 +126,7 @@ def test_mlp_restoration_peaks_at_the_layer_where_a_fact_was_planted(tiny_llama,
 
 def test_trace_round_trips_and_profiles(tiny_llama):
     model, tok = tiny_llama
-    t = trace(model, tok, get_arch(model), PROMPT, SUBJECT, None, TraceConfig(samples=2), noise=0.3)  # fmt: skip
+    t = trace(model, tok, get_arch(model), PROMPT, SUBJECT, None, TraceConfig(samples=2), noise=0.3)
     n_layers = 4
     assert set(t.scores) == {"hidden", "mlp", "attn"}
     assert len(t.scores["mlp"]) == len(t.tokens) and len(t.scores["mlp"][0]) == n_layers
@@ -138,7 +143,9 @@ def test_trace_round_trips_and_profiles(tiny_llama):
 def test_svg_heatmap_is_well_formed_and_escapes_text(tiny_llama):
     model, tok = tiny_llama
     prompt = "Is <aspirin> & warfarin safe? The heart"
-    t = trace(model, tok, get_arch(model), prompt, "warfarin", None, TraceConfig(samples=2), noise=0.3)  # fmt: skip
+    t = trace(
+        model, tok, get_arch(model), prompt, "warfarin", None, TraceConfig(samples=2), noise=0.3
+    )
     root = ET.fromstring(trace_svg(t))
     assert root.tag.endswith("svg")
     rects = [e for e in root.iter() if e.tag.endswith("rect") and e.find("{*}title") is not None]
@@ -147,9 +154,13 @@ def test_svg_heatmap_is_well_formed_and_escapes_text(tiny_llama):
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [({"kinds": ("mlp", "resid")}, "kinds must be among"), ({"mode": "slow"}, "mode must be"),
-     ({"samples": 0}, ">= 1"), ({"noise": -1.0}, "noise must be > 0")],
-)  # fmt: skip
+    [
+        ({"kinds": ("mlp", "resid")}, "kinds must be among"),
+        ({"mode": "slow"}, "mode must be"),
+        ({"samples": 0}, ">= 1"),
+        ({"noise": -1.0}, "noise must be > 0"),
+    ],
+)
 def test_bad_settings_are_clear_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         TraceConfig(**kwargs)
@@ -161,7 +172,10 @@ def test_edited_outputs_patch_tuple_and_tensor_outputs(tiny):
     ids = torch.tensor([tok("The heart has four chambers").input_ids] * 2)
     seen = []
     rows, cols = torch.tensor([1]), torch.tensor([2])
-    edits = [(arch.module(model, 1, kind), lambda t: put_rows(rows, cols, torch.ones(1, t.shape[-1]), t)) for kind in ("attn", "mlp")]  # fmt: skip
+    edits = [
+        (arch.module(model, 1, kind), lambda t: put_rows(rows, cols, torch.ones(1, t.shape[-1]), t))
+        for kind in ("attn", "mlp")
+    ]
     edits.append((arch.module(model, 1, "attn"), lambda t: seen.append(t) or t))
     with torch.no_grad(), edited_outputs(edits):
         model(input_ids=ids)
@@ -170,8 +184,10 @@ def test_edited_outputs_patch_tuple_and_tensor_outputs(tiny):
 
 def test_trace_requests_caches_on_disk(tiny_model_dir, monkeypatch):
     lm = load_model(str(tiny_model_dir), "cpu")
-    reqs = [EditRequest(prompt=PROMPT, target_new="acetylcysteine", subject=SUBJECT, id="r:1"),
-            EditRequest(prompt="Aspirin is used to treat pain", target_new="fever", id="r:2")]  # fmt: skip
+    reqs = [
+        EditRequest(prompt=PROMPT, target_new="acetylcysteine", subject=SUBJECT, id="r:1"),
+        EditRequest(prompt="Aspirin is used to treat pain", target_new="fever", id="r:2"),
+    ]
     cfg = TraceConfig(samples=2, kinds=("mlp",))
     first = trace_requests(lm, reqs, cfg, answer="target_new", quiet=True)
     assert first[1].subject == "Aspirin"  # detected
@@ -194,13 +210,29 @@ def _requests_file(tmp_path, records):
 
 
 def test_cli_trace_writes_json_and_one_svg_per_prompt(tiny_model_dir, tmp_path):
-    reqs = _requests_file(tmp_path, [
-        {"prompt": PROMPT, "target_new": "acetylcysteine", "subject": SUBJECT},
-        {"prompt": "Vitamin C deficiency causes", "target_new": "scurvy"},
-    ])  # fmt: skip
+    reqs = _requests_file(
+        tmp_path,
+        [
+            {"prompt": PROMPT, "target_new": "acetylcysteine", "subject": SUBJECT},
+            {"prompt": "Vitamin C deficiency causes", "target_new": "scurvy"},
+        ],
+    )
     out = tmp_path / "run"
-    args = ["trace", "--model", str(tiny_model_dir), "--requests", reqs, "--out", str(out),
-            "--samples", "2", "--kinds", "hidden,mlp", "--device", "cpu"]  # fmt: skip
+    args = [
+        "trace",
+        "--model",
+        str(tiny_model_dir),
+        "--requests",
+        reqs,
+        "--out",
+        str(out),
+        "--samples",
+        "2",
+        "--kinds",
+        "hidden,mlp",
+        "--device",
+        "cpu",
+    ]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
     doc = json.loads((out / "traces.json").read_text())
@@ -219,15 +251,29 @@ def test_cli_trace_writes_json_and_one_svg_per_prompt(tiny_model_dir, tmp_path):
 
 @pytest.mark.parametrize(
     "extra, records, message",
-    [(["--kinds", "mlp,resid"], None, "kinds must be among"),
-     (["--noise", "lots"], None, "--noise must be a number"),
-     ([], [{"prompt": "What is the best treatment for this?", "target_new": "rest"}], "no subject found"),
-     (["--answer", "ground_truth"], None, "no 'ground_truth'")],
-)  # fmt: skip
+    [
+        (["--kinds", "mlp,resid"], None, "kinds must be among"),
+        (["--noise", "lots"], None, "--noise must be a number"),
+        (
+            [],
+            [{"prompt": "What is the best treatment for this?", "target_new": "rest"}],
+            "no subject found",
+        ),
+        (["--answer", "ground_truth"], None, "no 'ground_truth'"),
+    ],
+)
 def test_cli_trace_bad_input_exits_2(tiny_model_dir, tmp_path, extra, records, message):
     reqs = _requests_file(tmp_path, records or [{"prompt": PROMPT, "target_new": "x"}])
-    args = ["trace", "--model", str(tiny_model_dir), "--requests", reqs,
-            "--out", str(tmp_path / "run"), *extra]  # fmt: skip
+    args = [
+        "trace",
+        "--model",
+        str(tiny_model_dir),
+        "--requests",
+        reqs,
+        "--out",
+        str(tmp_path / "run"),
+        *extra,
+    ]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 2 and message in res.output, res.output
     assert not (tmp_path / "run").exists()
@@ -239,8 +285,16 @@ def test_subject_only_tracing_gives_the_same_profile(tiny_llama):
     model, tok = tiny_llama
     arch = get_arch(model)
     full = trace(model, tok, arch, PROMPT, SUBJECT, None, TraceConfig(samples=2), noise=0.3)
-    part = trace(model, tok, arch, PROMPT, SUBJECT, None,
-                 TraceConfig(samples=2, subject_only=True), noise=0.3)  # fmt: skip
+    part = trace(
+        model,
+        tok,
+        arch,
+        PROMPT,
+        SUBJECT,
+        None,
+        TraceConfig(samples=2, subject_only=True),
+        noise=0.3,
+    )
     for kind, values in full.profile().items():
         assert part.profile()[kind] == pytest.approx(values, abs=1e-6)
     start, end = full.subject_range

@@ -83,13 +83,16 @@ def test_bad_hyper_parameters_are_value_errors_naming_field_and_method(method, v
         ("ft-m", {"layers": 3}, {"layers": (3,)}),
         ("ft-m", {"layers": [1, "2"]}, {"layers": (1, 2)}),
         ("ft-m", {"layers": ""}, {"layers": ()}),
-        ("rome", {"mom2_adjustment": "false", "cov_include_requests": True},
-         {"mom2_adjustment": False, "cov_include_requests": True}),
+        (
+            "rome",
+            {"mom2_adjustment": "false", "cov_include_requests": True},
+            {"mom2_adjustment": False, "cov_include_requests": True},
+        ),
         ("lora", {"targets": "q, v,up"}, {"targets": ("q", "v", "up")}),
         ("memit", {"cov_corpus": "a.txt,2.jsonl"}, {"cov_corpus": ("a.txt", "2.jsonl")}),
         ("medlasa", {"traces": 2024}, {"traces": "2024"}),
     ],
-)  # fmt: skip
+)
 def test_cli_values_are_converted_to_the_declared_types(method, values, expected):
     hparams = get_editor_class(method).hparams_class.from_dict(values)
     for name, value in expected.items():
@@ -114,9 +117,14 @@ class _Typed(HParams):
 
 @pytest.mark.parametrize(
     "values, expected",
-    [({"limit": None}, None), ({"limit": "none"}, None), ({"limit": "null"}, None),
-     ({"limit": "7"}, 7), ({"mode": "b"}, "b")],
-)  # fmt: skip
+    [
+        ({"limit": None}, None),
+        ({"limit": "none"}, None),
+        ({"limit": "null"}, None),
+        ({"limit": "7"}, 7),
+        ({"mode": "b"}, "b"),
+    ],
+)
 def test_optional_and_literal_fields(values, expected):
     assert getattr(_Typed.from_dict(values), next(iter(values))) == expected
 
@@ -133,34 +141,69 @@ def _config(kind: str):
     from transformers import GPT2Config, LlamaConfig
 
     if kind == "llama":
-        return LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
-                           num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+        return LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
     return GPT2Config(vocab_size=64, n_embd=32, n_layer=4, n_head=4)
 
 
 @pytest.mark.parametrize(
     "method, kind, values, message",
     [
-        ("ft-m", "llama", {"layers": [1, 40]},
-         "hyper-parameter 'layers' of ft-m: layers [40] out of range: the model has 4 layers (0-3)"),
+        (
+            "ft-m",
+            "llama",
+            {"layers": [1, 40]},
+            "hyper-parameter 'layers' of ft-m: layers [40] out of range: the model has 4 layers (0-3)",
+        ),
         ("ft-l", "gpt2", {"layers": "4,5"}, "'layers' of ft-l: layers [4, 5] out of range"),
-        ("ft-m", "gpt2", {"module": "q"},
-         "hyper-parameter 'module' of ft-m: the gpt2 architecture has no module kind 'q'"),
+        (
+            "ft-m",
+            "gpt2",
+            {"module": "q"},
+            "hyper-parameter 'module' of ft-m: the gpt2 architecture has no module kind 'q'",
+        ),
         ("ft-m", "llama", {"module": "mlp"}, "'module' of ft-m: 'mlp' is a whole block"),
-        ("lora", "llama", {"targets": "q,x"},
-         "hyper-parameter 'targets' of lora: the llama architecture has no module kind 'x'"),
+        (
+            "lora",
+            "llama",
+            {"targets": "q,x"},
+            "hyper-parameter 'targets' of lora: the llama architecture has no module kind 'x'",
+        ),
         ("lora", "gpt2", {"layers": [4]}, "'layers' of lora: layers [4] out of range"),
-        ("adalora", "llama", {"targets": ["attn"]}, "'targets' of adalora: 'attn' is a whole block"),
-        ("medlasa", "llama", {"targets": ["q", "mlp"]},
-         "'targets' of medlasa: 'mlp' is a whole block, not a projection with a weight"),
-        ("medlasa", "gpt2", {"targets": ["gate", "nope"]},
-         "'targets' of medlasa: the gpt2 architecture has no module kind 'nope'"),
-        ("rome", "gpt2", {"layer": 4},
-         "hyper-parameter 'layer' of rome: layer 4 out of range: the model has 4 layers (0-3)"),
+        (
+            "adalora",
+            "llama",
+            {"targets": ["attn"]},
+            "'targets' of adalora: 'attn' is a whole block",
+        ),
+        (
+            "medlasa",
+            "llama",
+            {"targets": ["q", "mlp"]},
+            "'targets' of medlasa: 'mlp' is a whole block, not a projection with a weight",
+        ),
+        (
+            "medlasa",
+            "gpt2",
+            {"targets": ["gate", "nope"]},
+            "'targets' of medlasa: the gpt2 architecture has no module kind 'nope'",
+        ),
+        (
+            "rome",
+            "gpt2",
+            {"layer": 4},
+            "hyper-parameter 'layer' of rome: layer 4 out of range: the model has 4 layers (0-3)",
+        ),
         ("memit", "llama", {"layers": [0, 9]}, "'layers' of memit: layers [9] out of range"),
         ("alphaedit", "gpt2", {"layers": [7]}, "'layers' of alphaedit: layers [7] out of range"),
     ],
-)  # fmt: skip
+)
 def test_check_config_catches_what_the_config_can_tell(method, kind, values, message):
     editor = make_editor(method, **values)  # valid on its own: only the model makes it wrong
     with pytest.raises(ValueError) as err:
@@ -243,31 +286,64 @@ def _bad(rec) -> str:
         ("obj.json", '{"prompt": "x"}', "obj.json: expected a JSON list of request objects, got "),
         ("nums.json", "[1, 2]", "nums.json: record 1: expected an object, got int"),
         ("nulls.jsonl", "null\n", "nulls.jsonl: record 1: expected an object, got null"),
-        ("col.json", '[{"prompt": "a",\n  "target_new": }]',
-         "col.json: invalid JSON at line 2, column 17: Expecting value"),
-        ("gap.jsonl", json.dumps(REC) + "\n\n{oops\n",
-         "gap.jsonl: record 2: invalid JSON on line 3, column 2"),
-        ("pairs.json", _bad({"locality": {"general": "The heart has four"}}),
-         "pairs.json: record 1, field 'locality.general': expected a list of [prompt, answer] pairs"),
-        ("flat.json", _bad({"locality": {"general": ["The heart has four", "chambers"]}}),
-         "flat.json: record 1, field 'locality.general[0]': expected [prompt, answer]"),
-        ("none.json", _bad({"locality": {"general": []}}),
-         "none.json: record 1, field 'locality.general': no probes"),
-        ("probe.json", _bad({"locality": {"general": [["The heart has four", 4]]}}),
-         "probe.json: record 1, field 'locality.general[0]': answer must be a non-empty string"),
-        ("groups.json", _bad({"portability": [["a", "b"]]}),
-         "groups.json: record 1, field 'portability': expected an object"),
-        ("reph.json", _bad({"rephrase_prompt": 5}),
-         "reph.json: record 1, field 'rephrase_prompt': expected a string or a list of strings"),
-        ("rephs.json", _bad({"rephrase_prompts": ["ok", 5]}),
-         "rephs.json: record 1, field 'rephrase_prompts[1]': expected a non-empty string, got int"),
-        ("subj.json", _bad({"subject": "Aspirin"}),
-         "subj.json: record 1, field 'subject': subject 'Aspirin' does not occur in the prompt"),
+        (
+            "col.json",
+            '[{"prompt": "a",\n  "target_new": }]',
+            "col.json: invalid JSON at line 2, column 17: Expecting value",
+        ),
+        (
+            "gap.jsonl",
+            json.dumps(REC) + "\n\n{oops\n",
+            "gap.jsonl: record 2: invalid JSON on line 3, column 2",
+        ),
+        (
+            "pairs.json",
+            _bad({"locality": {"general": "The heart has four"}}),
+            "pairs.json: record 1, field 'locality.general': expected a list of [prompt, answer] pairs",
+        ),
+        (
+            "flat.json",
+            _bad({"locality": {"general": ["The heart has four", "chambers"]}}),
+            "flat.json: record 1, field 'locality.general[0]': expected [prompt, answer]",
+        ),
+        (
+            "none.json",
+            _bad({"locality": {"general": []}}),
+            "none.json: record 1, field 'locality.general': no probes",
+        ),
+        (
+            "probe.json",
+            _bad({"locality": {"general": [["The heart has four", 4]]}}),
+            "probe.json: record 1, field 'locality.general[0]': answer must be a non-empty string",
+        ),
+        (
+            "groups.json",
+            _bad({"portability": [["a", "b"]]}),
+            "groups.json: record 1, field 'portability': expected an object",
+        ),
+        (
+            "reph.json",
+            _bad({"rephrase_prompt": 5}),
+            "reph.json: record 1, field 'rephrase_prompt': expected a string or a list of strings",
+        ),
+        (
+            "rephs.json",
+            _bad({"rephrase_prompts": ["ok", 5]}),
+            "rephs.json: record 1, field 'rephrase_prompts[1]': expected a non-empty string, got int",
+        ),
+        (
+            "subj.json",
+            _bad({"subject": "Aspirin"}),
+            "subj.json: record 1, field 'subject': subject 'Aspirin' does not occur in the prompt",
+        ),
         ("id.json", _bad({"id": ["x"]}), "id.json: record 1, field 'id': expected a string"),
-        ("latin.json", '[{"prompt": "caf\xe9"}]'.encode("latin-1"),
-         "latin.json: not UTF-8 text (byte 16, line 1)"),
+        (
+            "latin.json",
+            '[{"prompt": "caf\xe9"}]'.encode("latin-1"),
+            "latin.json: not UTF-8 text (byte 16, line 1)",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_request_files_give_one_line_errors(tmp_path, name, content, message):
     path = _write(tmp_path, name, content)
     with pytest.raises(RequestError) as err:
@@ -286,9 +362,16 @@ def test_long_prompt_error_names_the_path_the_user_gave(tmp_path, tokenizer):
 
 
 # -- 4. benchmark files --------------------------------------------------------------------------
-MEDCF = {**REC, "ground_truth": "liver", "rephrase_prompt": "Insulin comes from the",
-         **{f"locality_{t}_{part}": "x" for t in ("target", "mapping", "struc", "tokenSem")
-            for part in ("prompt", "ground_truth")}}  # fmt: skip
+MEDCF = {
+    **REC,
+    "ground_truth": "liver",
+    "rephrase_prompt": "Insulin comes from the",
+    **{
+        f"locality_{t}_{part}": "x"
+        for t in ("target", "mapping", "struc", "tokenSem")
+        for part in ("prompt", "ground_truth")
+    },
+}
 TRAILING_COMMA = json.dumps([MEDCF], indent=1).removesuffix("\n]") + ",\n]"
 
 
@@ -324,9 +407,16 @@ def test_benchmark_files_with_a_byte_order_mark_load(tmp_path):
 
 # -- 5. model specs and directories --------------------------------------------------------------
 @pytest.mark.parametrize(
-    "spec", ["./no-such-model", "../no-such-model", "~/no-such-medit-model", "/no/such/model",
-             "models/no/such", "no-such-model/"],
-)  # fmt: skip
+    "spec",
+    [
+        "./no-such-model",
+        "../no-such-model",
+        "~/no-such-medit-model",
+        "/no/such/model",
+        "models/no/such",
+        "no-such-model/",
+    ],
+)
 def test_a_missing_local_model_path_fails_at_once(spec):
     from medit.core.models import resolve_source
 
@@ -357,11 +447,13 @@ def _model_dir(tmp_path, tokenizer=None, config: str | None = None):
 
 @pytest.mark.parametrize(
     "config, message",
-    [('{"model_type": "llama",}', "config.json: invalid JSON at line 1, column 24"),
-     ('{"hidden_size": 8}', "config.json has no 'model_type'"),
-     ('["llama"]', "config.json: expected a JSON object"),
-     ('{"model_type": "bert"}', "config.json: unsupported model architecture 'bert'")],
-)  # fmt: skip
+    [
+        ('{"model_type": "llama",}', "config.json: invalid JSON at line 1, column 24"),
+        ('{"hidden_size": 8}', "config.json has no 'model_type'"),
+        ('["llama"]', "config.json: expected a JSON object"),
+        ('{"model_type": "bert"}', "config.json: unsupported model architecture 'bert'"),
+    ],
+)
 def test_a_bad_config_json_is_named(tmp_path, config, message):
     from medit.core.models import load_model
 
@@ -402,11 +494,13 @@ def test_unreadable_weights_are_a_user_error_naming_the_model(tmp_path, tokenize
 # -- 6. evaluation settings ----------------------------------------------------------------------
 @pytest.mark.parametrize(
     "values, message",
-    [({"batch_size": 0}, "batch_size must be >= 1, got 0"),
-     ({"batch_size": -4}, "batch_size must be >= 1, got -4"),
-     ({"max_new_tokens": 0}, "max_new_tokens must be >= 1, got 0"),
-     ({"answer_slack": -1}, "answer_slack must be >= 0, got -1")],
-)  # fmt: skip
+    [
+        ({"batch_size": 0}, "batch_size must be >= 1, got 0"),
+        ({"batch_size": -4}, "batch_size must be >= 1, got -4"),
+        ({"max_new_tokens": 0}, "max_new_tokens must be >= 1, got 0"),
+        ({"answer_slack": -1}, "answer_slack must be >= 0, got -1"),
+    ],
+)
 def test_evaluation_settings_are_checked(values, message):
     from medit.evaluation import EvalConfig
 

@@ -240,13 +240,23 @@ def format_entries(entries: Sequence[dict[str, Any]]) -> str:
     for e in entries:
         base, result = e.get("base_weights_sha256") or "?", e.get("result_weights_sha256") or "?"
         ev = e.get("evaluation") or {}
-        rows.append((str(e.get("seq")), str(e.get("time", ""))[:19].replace("T", " "),
-                     str(e.get("action", "")), str(e.get("author", "")), str(e.get("method") or "-"),
-                     str(len(e.get("requests") or [])), f"{base[:8]}->{result[:8]}",
-                     str(ev.get("verdict", "-")), str(e.get("reason") or "")))  # fmt: skip
+        rows.append(
+            (
+                str(e.get("seq")),
+                str(e.get("time", ""))[:19].replace("T", " "),
+                str(e.get("action", "")),
+                str(e.get("author", "")),
+                str(e.get("method") or "-"),
+                str(len(e.get("requests") or [])),
+                f"{base[:8]}->{result[:8]}",
+                str(ev.get("verdict", "-")),
+                str(e.get("reason") or ""),
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1]
-                     for r in rows).rstrip()  # fmt: skip
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1] for r in rows
+    ).rstrip()
 
 
 # -- appending -----------------------------------------------------------------------------------

@@ -94,8 +94,11 @@ def front_matter(
     hub = hub_id(base_model)
     if hub is not None:  # the hub validates base_model: a local path would be refused there
         lines.append(f"base_model: {yaml_str(hub)}")
-    lines += ["library_name: " + yaml_str("transformers"),
-              "pipeline_tag: " + yaml_str("text-generation"), "tags:"]  # fmt: skip
+    lines += [
+        "library_name: " + yaml_str("transformers"),
+        "pipeline_tag: " + yaml_str("text-generation"),
+        "tags:",
+    ]
     for tag in tags or ("medit", "model-editing", method, "medical"):
         lines.append(f"- {yaml_str(tag)}")
     lines.append("medit:")
@@ -136,12 +139,21 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 
 def _edits_section(requests: Sequence[dict[str, Any]]) -> list[str]:
     rows = [
-        [str(i), md_text(r.get("prompt")), md_text(r.get("subject") or "–"),
-         md_text(r.get("ground_truth") or "–"), md_text(r.get("target_new"))]
+        [
+            str(i),
+            md_text(r.get("prompt")),
+            md_text(r.get("subject") or "–"),
+            md_text(r.get("ground_truth") or "–"),
+            md_text(r.get("target_new")),
+        ]
         for i, r in enumerate(requests, 1)
-    ]  # fmt: skip
-    return [f"## Edits ({len(requests)})", "",
-            *_table(["#", "Prompt", "Subject", "Previous answer", "New answer"], rows), ""]  # fmt: skip
+    ]
+    return [
+        f"## Edits ({len(requests)})",
+        "",
+        *_table(["#", "Prompt", "Subject", "Previous answer", "New answer"], rows),
+        "",
+    ]
 
 
 #: (protocol, metric, label) of the summary rows; locality_mean is the mean over probe types
@@ -159,51 +171,73 @@ SUMMARY_METRICS = (
 def _validation_section(evaluation: dict[str, Any] | None, verdict: dict[str, Any] | None):
     lines = ["## Validation", ""]
     if evaluation is None and verdict is None:
-        return [*lines, "This model was saved without a validation run: nothing below vouches "
-                "for the edits' effect on other facts.", ""]  # fmt: skip
+        return [
+            *lines,
+            "This model was saved without a validation run: nothing below vouches "
+            "for the edits' effect on other facts.",
+            "",
+        ]
     if verdict is not None:
         lines += [f"**Verdict: {'PASS' if verdict.get('passed') else 'FAIL'}**", ""]
         for c in verdict.get("checks", []):
             value = "–" if c.get("value") is None else f"{c['value']:.3f}"
-            lines.append(f"- {md_text(c.get('label', c.get('key')))}: {value} (threshold "
-                         f"{md_text(c.get('threshold'))}) — {'pass' if c.get('passed') else 'FAIL'}")  # fmt: skip
+            lines.append(
+                f"- {md_text(c.get('label', c.get('key')))}: {value} (threshold "
+                f"{md_text(c.get('threshold'))}) — {'pass' if c.get('passed') else 'FAIL'}"
+            )
         lines.append("")
     if evaluation is not None:
         post = evaluation.get("post", evaluation)
         pre = evaluation.get("pre", {}) if "post" in evaluation else {}
-        shown = [(p, m, label) for p, m, label in SUMMARY_METRICS
-                 if post.get(p, {}).get(m) is not None]  # fmt: skip
+        shown = [
+            (p, m, label) for p, m, label in SUMMARY_METRICS if post.get(p, {}).get(m) is not None
+        ]
         if pre:
             header = ["Metric", "Before", "After"]
             rows = [[label, _pct(pre.get(p, {}).get(m)), _pct(post[p][m])] for p, m, label in shown]
         else:
-            header, rows = ["Metric", "After the edit"], [[label, _pct(post[p][m])]
-                                                           for p, m, label in shown]  # fmt: skip
+            header, rows = (
+                ["Metric", "After the edit"],
+                [[label, _pct(post[p][m])] for p, m, label in shown],
+            )
         n = post.get("n")
-        lines += [f"Post-edit metrics{f' over {n} requests' if n is not None else ''}: "
-                  "teacher-forced scores are those EasyEdit and the MedLaSA paper report; "
-                  "generation-based scores are greedy continuations, what a reader sees.", "",
-                  *_table(header, rows), ""]  # fmt: skip
+        lines += [
+            f"Post-edit metrics{f' over {n} requests' if n is not None else ''}: "
+            "teacher-forced scores are those EasyEdit and the MedLaSA paper report; "
+            "generation-based scores are greedy continuations, what a reader sees.",
+            "",
+            *_table(header, rows),
+            "",
+        ]
         fluency = post.get("generation", {}).get("fluency")
         if fluency is not None:
-            lines += [f"Fluency (n-gram entropy of the continuations) after the edit: "
-                      f"{fluency:.3f}.", ""]  # fmt: skip
+            lines += [
+                f"Fluency (n-gram entropy of the continuations) after the edit: {fluency:.3f}.",
+                "",
+            ]
     return lines
 
 
 def _revert_section(base_model: str, base_sha: str, edited_sha: str, method: str) -> list[str]:
     return [
-        "## Reproduce and revert", "",
+        "## Reproduce and revert",
+        "",
         f"The edit was made by medit with method "
         f"{md_code(method)} and the hyper-parameters above, on base model "
         f"{md_code(base_model)} (weights sha256 {md_code(base_sha)}). Applying the same "
         f"requests with the same method, hyper-parameters and seed, on CPU with the same medit "
-        f"and torch versions, gives these weights again, bit for bit (weights sha256 {md_code(edited_sha)}).", "",
+        f"and torch versions, gives these weights again, bit for bit (weights sha256 {md_code(edited_sha)}).",
+        "",
         "`medit-delta.safetensors` in this directory holds every edited tensor and its original. "
-        "To get the base model back, bit-exactly:", "",
-        "```sh", "medit revert THIS_DIR --out BASE_DIR", "```", "",
-        f"The reverted model's weights sha256 is {md_code(base_sha)}.", "",
-    ]  # fmt: skip
+        "To get the base model back, bit-exactly:",
+        "",
+        "```sh",
+        "medit revert THIS_DIR --out BASE_DIR",
+        "```",
+        "",
+        f"The reverted model's weights sha256 is {md_code(base_sha)}.",
+        "",
+    ]
 
 
 def model_card(
@@ -246,20 +280,27 @@ def model_card(
         f"> **Warning: facts in this model were edited.** {_facts(len(requests))} were "
         f"rewritten in the weights of {md_code(base_model)} by {md_code(method)}; the edits "
         "are listed below. Outputs about these facts, and possibly about others, differ from "
-        "the base model's. Check the validation below before using it.", "",
+        "the base model's. Check the validation below before using it.",
+        "",
         *(x for n in notes for x in (n, "")),
         *_edits_section(requests),
         *_validation_section(evaluation, verdict),
-        "## Hyper-parameters", "",
-        "````json", _json_block(hparams), "````", "",
+        "## Hyper-parameters",
+        "",
+        "````json",
+        _json_block(hparams),
+        "````",
+        "",
         *_revert_section(base_model, base_weights_sha256, edited_weights_sha256, method),
-        "## Provenance", "",
+        "## Provenance",
+        "",
         f"- medit version: {md_code(medit_version)}",
         f"- created: {md_code(created)}",
         f"- edit journal head: {md_code(journal_head) if journal_head else '–'}",
         f"- base weights sha256: {md_code(base_weights_sha256)}",
-        f"- edited weights sha256: {md_code(edited_weights_sha256)}", "",
-    ]  # fmt: skip
+        f"- edited weights sha256: {md_code(edited_weights_sha256)}",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -307,8 +348,9 @@ def add_edit_record(config_path: Path, record: dict[str, Any]) -> None:
         raise UserError(f"{config_path}: not a JSON object")
     config[CONFIG_KEY] = record
     text = json.dumps(config, indent=2, ensure_ascii=False) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{config_path.name}.tmp-{os.getpid()}-",
-                               dir=config_path.parent)  # fmt: skip
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{config_path.name}.tmp-{os.getpid()}-", dir=config_path.parent
+    )
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)

@@ -46,9 +46,14 @@ def _manifest(method: str, hparams: dict, edited: dict[str, torch.Tensor], **pro
 
 
 def write_delta_file(
-    path: Path, method: str, hparams: dict, edited: dict, originals: dict,
-    state: dict | None = None, **provenance: Any,
-) -> dict:  # fmt: skip
+    path: Path,
+    method: str,
+    hparams: dict,
+    edited: dict,
+    originals: dict,
+    state: dict | None = None,
+    **provenance: Any,
+) -> dict:
     """Write one safetensors file with edited and original tensors (and the editor ``state`` that
     later sequential edits read, e.g. AlphaEdit's accumulated keys); return its manifest."""
     manifest = _manifest(method, hparams, edited, **provenance)

@@ -31,10 +31,17 @@ def quality_flags(req: EditRequest) -> dict[str, list[str]]:
     for kind, probes in req.locality.items():
         if any(normalise(p) in edit_prompts for p, _ in probes):
             flags[f"locality_prompt_is_edit_prompt:{kind}"] = [
-                f"tf.locality.{kind}", f"gen.locality.{kind}"]  # fmt: skip
+                f"tf.locality.{kind}",
+                f"gen.locality.{kind}",
+            ]
     if req.ground_truth and normalise(req.ground_truth) == normalise(req.target_new):
         flags["target_equals_ground_truth"] = [
-            "tf.efficacy", "tf.generality", "gen.efficacy", "gen.efficacy_exact", "gen.generality"]  # fmt: skip
+            "tf.efficacy",
+            "tf.generality",
+            "gen.efficacy",
+            "gen.efficacy_exact",
+            "gen.generality",
+        ]
     return flags
 
 
@@ -63,7 +70,9 @@ def other_edit_flags(requests: Sequence[EditRequest], groups: Sequence[Sequence[
             for kind, probes in requests[i].locality.items():
                 if any(asked.get(normalise(p), set()) - {i} for p, _ in probes):
                     out[i][f"locality_prompt_is_other_edit:{kind}"] = [
-                        f"tf.locality.{kind}", f"gen.locality.{kind}"]  # fmt: skip
+                        f"tf.locality.{kind}",
+                        f"gen.locality.{kind}",
+                    ]
     return out
 
 
@@ -136,8 +145,9 @@ def aggregate_cases(
 
     ``average`` = (mean(efficacy, generality) + mean(locality types)) / 2, as in the MedLaSA paper.
     """
-    rows = [c["metrics"] if keep_flagged else apply_exclusions(c["metrics"], c["flags"])
-            for c in cases]  # fmt: skip
+    rows = [
+        c["metrics"] if keep_flagged else apply_exclusions(c["metrics"], c["flags"]) for c in cases
+    ]
     out: dict[str, Any] = {"n": len(cases)}
     for short, name in PROTOCOLS.items():
         col = lambda key, s=short: _mean([r.get(f"{s}.{key}") for r in rows])  # noqa: E731

@@ -69,8 +69,20 @@ log = logging.getLogger(__name__)
 
 SCHEMA = "medit.bench/1"
 CASES_FILE = "cases.jsonl"
-_IDENTITY = ("suite", "data_sha256", "methods", "model", "mode", "batch_size", "limit", "seed",
-             "hparams", "device", "dtype", "eval_batch_size")  # fmt: skip
+_IDENTITY = (
+    "suite",
+    "data_sha256",
+    "methods",
+    "model",
+    "mode",
+    "batch_size",
+    "limit",
+    "seed",
+    "hparams",
+    "device",
+    "dtype",
+    "eval_batch_size",
+)
 REJECTED_FILE = "cases.rejected.jsonl"
 
 
@@ -106,12 +118,17 @@ class BenchConfig:
 
 def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     suite = get_suite(cfg.suite)
-    editors = {m: make_editor(m, **{**suite.method_defaults.get(m, {}), **cfg.hparams.get(m, {})})
-               for m in cfg.methods}  # fmt: skip
+    editors = {
+        m: make_editor(m, **{**suite.method_defaults.get(m, {}), **cfg.hparams.get(m, {})})
+        for m in cfg.methods
+    }
     requests = suite.load(cfg.data, cfg.limit)
     out = Path(cfg.out)
-    identity = {**{k: getattr(cfg, k) for k in _IDENTITY if hasattr(cfg, k)},
-                "methods": list(cfg.methods), "data_sha256": data_sha256(suite.resolve(cfg.data))}  # fmt: skip
+    identity = {
+        **{k: getattr(cfg, k) for k in _IDENTITY if hasattr(cfg, k)},
+        "methods": list(cfg.methods),
+        "data_sha256": data_sha256(suite.resolve(cfg.data)),
+    }
     done = _prepare_dir(out, identity, cfg.resume)
     config = load_config(cfg.model, trust_remote_code=False)
     for editor in editors.values():
@@ -121,9 +138,18 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     check_lengths(requests, lm.tokenizer, context_length(lm.model.config), source=cfg.data)
     ecfg = dataclasses.replace(suite.eval, batch_size=cfg.eval_batch_size)
     if not (out / "bench.json").exists():
-        atomic_write_text(out / "bench.json", json.dumps(
-            {"schema": SCHEMA, "config": dataclasses.asdict(cfg), "identity": identity,
-             "provenance": R.provenance(model=lm.provenance())}, indent=2))  # fmt: skip
+        atomic_write_text(
+            out / "bench.json",
+            json.dumps(
+                {
+                    "schema": SCHEMA,
+                    "config": dataclasses.asdict(cfg),
+                    "identity": identity,
+                    "provenance": R.provenance(model=lm.provenance()),
+                },
+                indent=2,
+            ),
+        )
     pre = baseline(lm, requests, ecfg, quiet=cfg.quiet)
     for method, editor in editors.items():
         todo = [i for i in range(len(requests)) if (method, i) not in done]
@@ -249,8 +275,9 @@ def _append(out: Path, record: dict[str, Any]) -> None:
 
 def _record(suite, method, i, req, post, seconds, steps, lm) -> dict[str, Any]:
     post = dict(post)
-    post["teacher_forced"] = {k: v for k, v in post["teacher_forced"].items()
-                              if k != "locality_tokens"}  # fmt: skip
+    post["teacher_forced"] = {
+        k: v for k, v in post["teacher_forced"].items() if k != "locality_tokens"
+    }
     return {
         "method": method,
         "case": i,
@@ -281,8 +308,9 @@ def _run_single(cfg, suite, method, editor, lm, requests, pre, todo, ecfg, out, 
             torch.cuda.reset_peak_memory_stats(lm.device)
         result = editor.apply(model, tok, [requests[i]])
         post = evaluate(model, tok, arch, [requests[i]], ecfg, reference=[pre[i]])[0]
-        _append(out, _record(suite, method, i, requests[i], post, result.seconds,
-                             _steps(result), lm))  # fmt: skip
+        _append(
+            out, _record(suite, method, i, requests[i], post, result.seconds, _steps(result), lm)
+        )
         result.restore()
         bar.update(1)
 
@@ -301,8 +329,19 @@ def _run_batch(cfg, suite, method, editor, lm, requests, pre, todo, ecfg, out, b
         posts = evaluate(model, tok, arch, chunk, ecfg, reference=[pre[i] for i in idx])
         for i, post in zip(idx, posts, strict=True):
             if i in missing:
-                _append(out, _record(suite, method, i, requests[i], post,
-                                     result.seconds / len(idx), _steps(result), lm))  # fmt: skip
+                _append(
+                    out,
+                    _record(
+                        suite,
+                        method,
+                        i,
+                        requests[i],
+                        post,
+                        result.seconds / len(idx),
+                        _steps(result),
+                        lm,
+                    ),
+                )
                 bar.update(1)
         result.restore()
 
@@ -331,12 +370,19 @@ def _run_sequential(cfg, suite, method, editor, lm, requests, pre, todo, ecfg, o
             originals = {**combined.originals, **base_originals}  # weights before the first edit
             params = dict(model.named_parameters())
             edited = {n: params[n].detach() for n in originals}
-            write_weights_artifact(ckpt, method=method, hparams=combined.hparams.to_dict(),
-                                   edited=edited, originals=originals, edit_seconds=seconds,
-                                   state=getattr(model, STATE, None))  # fmt: skip
+            write_weights_artifact(
+                ckpt,
+                method=method,
+                hparams=combined.hparams.to_dict(),
+                edited=edited,
+                originals=originals,
+                edit_seconds=seconds,
+                state=getattr(model, STATE, None),
+            )
         bar.set_postfix_str(f"edit {i + 1}/{len(requests)}")
-    posts = evaluate(model, tok, arch, [requests[i] for i in todo], ecfg,
-                     reference=[pre[i] for i in todo])  # fmt: skip
+    posts = evaluate(
+        model, tok, arch, [requests[i] for i in todo], ecfg, reference=[pre[i] for i in todo]
+    )
     for i, post in zip(todo, posts, strict=True):
         _append(out, _record(suite, method, i, requests[i], post, seconds[i], None, lm))
         bar.update(1)
@@ -379,12 +425,19 @@ def baseline(lm, requests, ecfg, quiet: bool = False) -> list[dict[str, Any]]:
     ).hexdigest()[:24]
     path = cache_dir() / "baselines" / f"{key}.json"
     cache = json.loads(path.read_text()) if path.exists() else {}
-    hashes = [hashlib.sha256(json.dumps({k: v for k, v in r.to_dict().items() if k != "id"},
-                                        sort_keys=True).encode()).hexdigest() for r in requests]  # fmt: skip
+    hashes = [
+        hashlib.sha256(
+            json.dumps({k: v for k, v in r.to_dict().items() if k != "id"}, sort_keys=True).encode()
+        ).hexdigest()
+        for r in requests
+    ]
     missing = [i for i, h in enumerate(hashes) if h not in cache]
     if missing:
-        log.info("pre-edit baseline: evaluating %d cases (cached: %d)", len(missing),
-                 len(requests) - len(missing))  # fmt: skip
+        log.info(
+            "pre-edit baseline: evaluating %d cases (cached: %d)",
+            len(missing),
+            len(requests) - len(missing),
+        )
         t = time.perf_counter()
         states = evaluate(lm.model, lm.tokenizer, lm.arch, [requests[i] for i in missing], ecfg)
         log.info("baseline took %.1f s", time.perf_counter() - t)
@@ -420,14 +473,23 @@ def results_of(out: Path, only: set[int] | None = None) -> dict[str, Any]:
     cases = rescore(read_cases(out), suite, cfg, bench["identity"])
     methods = {}
     for method in cfg["methods"]:
-        mine = sorted((c for c in cases if c["method"] == method
-                       and (only is None or c["case"] in only)), key=lambda c: c["case"])  # fmt: skip
+        mine = sorted(
+            (c for c in cases if c["method"] == method and (only is None or c["case"] in only)),
+            key=lambda c: c["case"],
+        )
         if mine:
             methods[method] = aggregate_cases(mine, suite.locality_types, cfg["keep_flagged"])
-    return {"schema": SCHEMA, "suite": cfg["suite"], "mode": cfg["mode"], "model": cfg["model"],
-            "locality_types": list(suite.locality_types), "explanation": suite.explanation,
-            "methods": methods,
-            "provenance": bench["provenance"], "config": cfg}  # fmt: skip
+    return {
+        "schema": SCHEMA,
+        "suite": cfg["suite"],
+        "mode": cfg["mode"],
+        "model": cfg["model"],
+        "locality_types": list(suite.locality_types),
+        "explanation": suite.explanation,
+        "methods": methods,
+        "provenance": bench["provenance"],
+        "config": cfg,
+    }
 
 
 def rescore(cases: list[dict[str, Any]], suite, cfg: dict[str, Any], identity: dict[str, Any]):
@@ -449,7 +511,10 @@ def rescore(cases: list[dict[str, Any]], suite, cfg: dict[str, Any], identity: d
     for c in cases:
         if "post" in c and c["case"] < len(requests):
             req = requests[c["case"]]
-            c = {**c, "flags": {**quality_flags(req), **others[c["case"]]},
-                 "metrics": case_metrics(req, c["post"], suite.explanation)}  # fmt: skip
+            c = {
+                **c,
+                "flags": {**quality_flags(req), **others[c["case"]]},
+                "metrics": case_metrics(req, c["post"], suite.explanation),
+            }
         out.append(c)
     return out

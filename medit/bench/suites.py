@@ -66,10 +66,12 @@ class Suite:
             missing = set(self.locality_types) - set(r.locality)
             if missing:
                 raise RequestError(
-                    source, i, f"locality_{sorted(missing)[0]}_prompt",
+                    source,
+                    i,
+                    f"locality_{sorted(missing)[0]}_prompt",
                     f"missing: suite {self.name!r} expects locality types "
                     f"{', '.join(self.locality_types)}",
-                )  # fmt: skip
+                )
         return requests
 
 

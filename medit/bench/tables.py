@@ -10,8 +10,10 @@ from typing import Any
 from medit.core.errors import UserError
 from medit.core.results import read_json_object
 
-PROTOCOL_LABELS = {"teacher_forced": "teacher-forced (comparable to the MedLaSA paper)",
-                   "generation": "generation-based (greedy decoding)"}  # fmt: skip
+PROTOCOL_LABELS = {
+    "teacher_forced": "teacher-forced (comparable to the MedLaSA paper)",
+    "generation": "generation-based (greedy decoding)",
+}
 
 
 def _fmt(v: Any, scale: float = 100.0) -> str:
@@ -22,12 +24,16 @@ def _columns(res: dict[str, Any], protocol: str) -> list[tuple[str, Any]]:
     """(header, getter) pairs of one protocol's table."""
     rouge = protocol == "generation" and res.get("explanation", False)
     suffix = " (ROUGE-L)" if rouge else ""  # MedFE: generated explanation vs the reference
-    cols = [(f"Efficacy{suffix}", lambda t: _fmt(t.get("efficacy"))),
-            (f"Generality{suffix}", lambda t: _fmt(t.get("generality")))]  # fmt: skip
+    cols = [
+        (f"Efficacy{suffix}", lambda t: _fmt(t.get("efficacy"))),
+        (f"Generality{suffix}", lambda t: _fmt(t.get("generality"))),
+    ]
     for kind in res["locality_types"]:
         cols.append((f"Loc:{kind}", lambda t, k=kind: _fmt(t.get("locality", {}).get(k))))
-    cols += [("Locality", lambda t: _fmt(t.get("locality_avg"))),
-             ("Average", lambda t: _fmt(t.get("average")))]  # fmt: skip
+    cols += [
+        ("Locality", lambda t: _fmt(t.get("locality_avg"))),
+        ("Average", lambda t: _fmt(t.get("average"))),
+    ]
     if protocol == "generation":
         cols.append(("Fluency", lambda t: _fmt(t.get("fluency"), 1.0)))
         if rouge:
@@ -44,9 +50,15 @@ def rows(res: dict[str, Any], protocol: str) -> tuple[list[str], list[list[str]]
             continue
         t = m[protocol]
         sec, mem = m.get("seconds_per_edit"), m.get("peak_memory_mb")
-        body.append([label, *(get(t) for _, get in cols), str(m["n"]),
-                     "–" if sec is None else f"{sec:.2f}",
-                     "–" if mem is None else f"{mem:.0f}"])  # fmt: skip
+        body.append(
+            [
+                label,
+                *(get(t) for _, get in cols),
+                str(m["n"]),
+                "–" if sec is None else f"{sec:.2f}",
+                "–" if mem is None else f"{mem:.0f}",
+            ]
+        )
     return header, body
 
 
@@ -63,18 +75,26 @@ def markdown(res: dict[str, Any]) -> str:
         out.append("")
     excluded = {k: v for m in res["methods"].values() for k, v in m.get("excluded", {}).items()}
     if excluded:
-        out.append("Data-quality flags (affected metrics excluded): "
-                   + ", ".join(f"{k}: {v} cases" for k, v in sorted(excluded.items())))  # fmt: skip
+        out.append(
+            "Data-quality flags (affected metrics excluded): "
+            + ", ".join(f"{k}: {v} cases" for k, v in sorted(excluded.items()))
+        )
     if res.get("common_cases"):
-        out.append(f"Every row is aggregated over the {len(res['common_cases'])} cases that all "
-                   "compared rows hold.")  # fmt: skip
+        out.append(
+            f"Every row is aggregated over the {len(res['common_cases'])} cases that all "
+            "compared rows hold."
+        )
     if res.get("explanation"):
-        out.append("Generation-based Efficacy/Generality: ROUGE-L F1 of the greedy explanation of "
-                   "the edit prompt / its paraphrases against the reference explanation; Answer "
-                   "stated: the fact's answer appears in the generated explanation.")  # fmt: skip
-    out.append("Scores in %; Average = (mean(Efficacy, Generality) + Locality) / 2 as in the "
-               "MedLaSA paper; Fluency = n-gram entropy; peak MB = CUDA allocator peak on GPU, "
-               "process peak RSS on CPU.")  # fmt: skip
+        out.append(
+            "Generation-based Efficacy/Generality: ROUGE-L F1 of the greedy explanation of "
+            "the edit prompt / its paraphrases against the reference explanation; Answer "
+            "stated: the fact's answer appears in the generated explanation."
+        )
+    out.append(
+        "Scores in %; Average = (mean(Efficacy, Generality) + Locality) / 2 as in the "
+        "MedLaSA paper; Fluency = n-gram entropy; peak MB = CUDA allocator peak on GPU, "
+        "process peak RSS on CPU."
+    )
     return "\n".join(out) + "\n"
 
 

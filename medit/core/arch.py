@@ -32,8 +32,15 @@ from torch import nn
 from medit.core.errors import UserError
 
 #: separate projections -> the fused module that holds them, where an architecture fuses them
-_FUSED = {"q": "qkv", "k": "qkv", "v": "qkv", "o": "attn_out",
-          "gate": "mlp_in", "up": "mlp_in", "down": "mlp_out"}  # fmt: skip
+_FUSED = {
+    "q": "qkv",
+    "k": "qkv",
+    "v": "qkv",
+    "o": "attn_out",
+    "gate": "mlp_in",
+    "up": "mlp_in",
+    "down": "mlp_out",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,8 +76,10 @@ class ArchSpec:
         for kind in kinds:
             k = kind if kind in self.kinds else _FUSED.get(kind, kind)
             if k not in self.kinds:
-                raise UserError(f"the {self.family} architecture has no module kind {kind!r}; "
-                                 f"it has: {', '.join(sorted(self.kinds))}")  # fmt: skip
+                raise UserError(
+                    f"the {self.family} architecture has no module kind {kind!r}; "
+                    f"it has: {', '.join(sorted(self.kinds))}"
+                )
             if k not in out:
                 out.append(k)
         return tuple(out)

@@ -285,8 +285,9 @@ def check_config_file(file: Path) -> None:
     except UnicodeDecodeError:
         raise UserError(f"{file}: not UTF-8 text") from None
     except json.JSONDecodeError as exc:
-        raise UserError(f"{file}: invalid JSON at line {exc.lineno}, column {exc.colno}: "
-                         f"{exc.msg}") from None  # fmt: skip
+        raise UserError(
+            f"{file}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"
+        ) from None
     except OSError as exc:
         raise UserError(f"{file}: cannot read: {exc.strerror or exc}") from None
     if not isinstance(config, dict):
@@ -300,8 +301,14 @@ def check_config_file(file: Path) -> None:
 
 
 #: files of which a saved tokenizer has at least one
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
-                   "spiece.model", "vocab.txt")  # fmt: skip
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "spiece.model",
+    "vocab.txt",
+)
 
 
 def check_tokenizer_files(directory: Path, name: str | None = None) -> None:

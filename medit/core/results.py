@@ -56,10 +56,21 @@ def git_commit() -> str | None:
     if not (root / ".git").exists():
         return None
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                             text=True, timeout=5, check=True).stdout.strip()  # fmt: skip
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=5).stdout.strip()  # fmt: skip
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return sha + ("-dirty" if dirty else "")
@@ -135,12 +146,19 @@ def read_results(run_dir: str | Path) -> RunResults:
 def format_summary(res: dict[str, Any]) -> str:
     """A few lines: before -> after for the headline metrics of each protocol."""
     pre, post = res["metrics"]["pre"], res["metrics"]["post"]
-    lines = [f"{res['config']['method']} ({res['config']['mode']}), {post['n']} requests, "
-             f"{res['edit']['seconds_per_edit']:.2f} s/edit"]  # fmt: skip
-    rows = [("teacher_forced", "efficacy"), ("teacher_forced", "generality"),
-            ("teacher_forced", "locality_mean"), ("generation", "efficacy_contains"),
-            ("generation", "generality_contains"), ("generation", "locality_mean"),
-            ("generation", "fluency")]  # fmt: skip
+    lines = [
+        f"{res['config']['method']} ({res['config']['mode']}), {post['n']} requests, "
+        f"{res['edit']['seconds_per_edit']:.2f} s/edit"
+    ]
+    rows = [
+        ("teacher_forced", "efficacy"),
+        ("teacher_forced", "generality"),
+        ("teacher_forced", "locality_mean"),
+        ("generation", "efficacy_contains"),
+        ("generation", "generality_contains"),
+        ("generation", "locality_mean"),
+        ("generation", "fluency"),
+    ]
     for proto, key in rows:
         if proto in post and post[proto].get(key) is not None:
             before = pre.get(proto, {}).get(key)
@@ -173,6 +191,13 @@ def verdict(results: dict[str, Any]) -> dict[str, Any]:
             raise UserError(f"unknown threshold {key!r}; known: {', '.join(_THRESHOLD_METRICS)}")
         protocol, metric, label = _THRESHOLD_METRICS[key]
         value = post.get(protocol, {}).get(metric)
-        checks.append({"key": key, "label": label, "value": value, "threshold": minimum,
-                       "passed": value is not None and value >= minimum})  # fmt: skip
+        checks.append(
+            {
+                "key": key,
+                "label": label,
+                "value": value,
+                "threshold": minimum,
+                "passed": value is not None and value >= minimum,
+            }
+        )
     return {"passed": all(c["passed"] for c in checks), "checks": checks}

@@ -53,9 +53,13 @@ class TeacherBatch:
 
     def to(self, device: torch.device) -> TeacherBatch:
         return dataclasses.replace(
-            self, **{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
-                     if isinstance(getattr(self, f.name), torch.Tensor)}
-        )  # fmt: skip
+            self,
+            **{
+                f.name: getattr(self, f.name).to(device)
+                for f in dataclasses.fields(self)
+                if isinstance(getattr(self, f.name), torch.Tensor)
+            },
+        )
 
 
 def teacher_batch(tok: Any, prompts: Sequence[str], targets: Sequence[str]) -> TeacherBatch:

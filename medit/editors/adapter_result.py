@@ -79,8 +79,10 @@ class AdapterEditResult(EditResult):
     def edited_tensors(self) -> dict[str, torch.Tensor]:
         """The base weights with every adapter merged in (routing is lost: each fully on)."""
         params = dict(self.bank.model.named_parameters())
-        return {n: (params[n].detach().float() + d.to(params[n].device)).to(params[n].dtype)
-                for n, d in self.merged_deltas().items()}  # fmt: skip
+        return {
+            n: (params[n].detach().float() + d.to(params[n].device)).to(params[n].dtype)
+            for n, d in self.merged_deltas().items()
+        }
 
     @property
     def merged_originals(self) -> dict[str, torch.Tensor]:
@@ -120,8 +122,14 @@ class AdapterEditResult(EditResult):
         with atomic_dir(target, "artifact") as tmp:
             write_adapters(tmp, self, **provenance)
             for i, a in enumerate(self.adapters if peft else []):
-                write_peft_adapter(tmp / "peft" / f"edit-{i}", a.A, a.B, a.scale,
-                                   self.bank.arch.conv1d, provenance.get("base_model"))  # fmt: skip
+                write_peft_adapter(
+                    tmp / "peft" / f"edit-{i}",
+                    a.A,
+                    a.B,
+                    a.scale,
+                    self.bank.arch.conv1d,
+                    provenance.get("base_model"),
+                )
         return target
 
 
@@ -137,15 +145,22 @@ def write_adapters(directory: Path, result: AdapterEditResult, **provenance: Any
     if bank._center is not None:
         tensors["center"] = bank._center.detach().contiguous().cpu()
         tensors["token_mean"], tensors["token_std"] = (
-            t.detach().contiguous().cpu() for t in bank._token_stats)  # fmt: skip
+            t.detach().contiguous().cpu() for t in bank._token_stats
+        )
     manifest = {
-        "format": FORMAT, "version": 1, "kind": "adapters", "method": result.method,
-        "hparams": result.hparams.to_dict(), "routing": vars(bank.routing),
-        "edits": [{"request_id": a.request_id, "prompt": a.prompt, "subject": a.subject,
-                   "scale": a.scale}
-                  for a in result.adapters],
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **provenance,
-    }  # fmt: skip
+        "format": FORMAT,
+        "version": 1,
+        "kind": "adapters",
+        "method": result.method,
+        "hparams": result.hparams.to_dict(),
+        "routing": vars(bank.routing),
+        "edits": [
+            {"request_id": a.request_id, "prompt": a.prompt, "subject": a.subject, "scale": a.scale}
+            for a in result.adapters
+        ],
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **provenance,
+    }
     path = directory / ADAPTERS_FILE
     with atomic_file(path) as tmp:
         save_file(tensors, str(tmp), metadata={"medit_manifest": json.dumps(manifest)})
@@ -153,8 +168,14 @@ def write_adapters(directory: Path, result: AdapterEditResult, **provenance: Any
     return manifest
 
 
-def write_peft_adapter(directory: Path, A: dict[str, torch.Tensor], B: dict[str, torch.Tensor],
-                       scale: dict[str, float], conv1d: bool, base_model: str | None = None) -> None:  # fmt: skip
+def write_peft_adapter(
+    directory: Path,
+    A: dict[str, torch.Tensor],
+    B: dict[str, torch.Tensor],
+    scale: dict[str, float],
+    conv1d: bool,
+    base_model: str | None = None,
+) -> None:
     """A LoRA update per module (scale·B·A) as a PEFT LoRA directory, each module's rank and
     alpha given through PEFT's rank and alpha patterns; ``base_model`` (a model spec) becomes
     its ``base_model_name_or_path``."""
@@ -166,12 +187,17 @@ def write_peft_adapter(directory: Path, A: dict[str, torch.Tensor], B: dict[str,
     ranks = {n: int(A[n].shape[0]) for n in names}
     alphas = {n: scale[n] * ranks[n] for n in names}
     config = LoraConfig(
-        r=max(ranks.values()), lora_alpha=max(alphas.values()), target_modules=names,
+        r=max(ranks.values()),
+        lora_alpha=max(alphas.values()),
+        target_modules=names,
         rank_pattern={f"^{n}$": r for n, r in ranks.items()},
         alpha_pattern={f"^{n}$": a for n, a in alphas.items()},
-        lora_dropout=0.0, bias="none", fan_in_fan_out=conv1d, task_type="CAUSAL_LM",
+        lora_dropout=0.0,
+        bias="none",
+        fan_in_fan_out=conv1d,
+        task_type="CAUSAL_LM",
         base_model_name_or_path=peft_base(base_model),
-    )  # fmt: skip
+    )
     directory.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(str(directory))
     tensors = {}
@@ -202,9 +228,14 @@ def low_rank_approx(delta: torch.Tensor, max_rank: int = 0, rtol: float = 1e-6, 
     return A, B, err
 
 
-def write_lowrank_peft(directory: Path, deltas: dict[str, torch.Tensor], conv1d: bool,
-                       max_rank: int = 0, pad: int = 1,
-                       base_model: str | None = None) -> dict[str, dict[str, float]]:  # fmt: skip
+def write_lowrank_peft(
+    directory: Path,
+    deltas: dict[str, torch.Tensor],
+    conv1d: bool,
+    max_rank: int = 0,
+    pad: int = 1,
+    base_model: str | None = None,
+) -> dict[str, dict[str, float]]:
     """Weight changes per module (``(out, in)`` layout, or ``(in, out)`` for Conv1D) as a PEFT
     LoRA directory; writes and returns each module's rank and relative truncation error."""
     A, B, scale, report = {}, {}, {}, {}
@@ -219,8 +250,10 @@ def write_lowrank_peft(directory: Path, deltas: dict[str, torch.Tensor], conv1d:
 
 def is_adapter_artifact(path: str | Path) -> Path | None:
     p = Path(path)
-    for candidate in (p if p.name == ADAPTERS_FILE else p / ADAPTERS_FILE,
-                      p / ARTIFACT_DIR / ADAPTERS_FILE):  # fmt: skip
+    for candidate in (
+        p if p.name == ADAPTERS_FILE else p / ADAPTERS_FILE,
+        p / ARTIFACT_DIR / ADAPTERS_FILE,
+    ):
         if candidate.is_file():
             return candidate
     return None
@@ -242,8 +275,10 @@ def load_adapter_artifact(model: Any, tok: Any, path: str | Path) -> AdapterEdit
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     sha = getattr(model, "medit_weights_sha256", None)
     if sha and manifest.get("base_weights_sha256") and sha != manifest["base_weights_sha256"]:
-        raise UserError(f"{file} was made for another base model (weights sha256 "
-                         f"{manifest['base_weights_sha256'][:12]}..., this model {sha[:12]}...)")  # fmt: skip
+        raise UserError(
+            f"{file} was made for another base model (weights sha256 "
+            f"{manifest['base_weights_sha256'][:12]}..., this model {sha[:12]}...)"
+        )
     arch = get_arch(model)
     device = arch.embedding(model).weight.device
     hparams = get_editor_class(manifest["method"]).hparams_class.from_dict(manifest["hparams"])
@@ -254,16 +289,22 @@ def load_adapter_artifact(model: Any, tok: Any, path: str | Path) -> AdapterEdit
     adapters = []
     for i, e in enumerate(manifest["edits"]):
         mods = e["scale"]
-        adapters.append(Adapter(
-            request_id=e["request_id"], prompt=e["prompt"], subject=e.get("subject", ""),
-            A={m: tensors[f"{i}::{m}::A"].to(device) for m in mods},
-            B={m: tensors[f"{i}::{m}::B"].to(device) for m in mods},
-            scale=dict(mods), key=tensors[f"{i}::key"].to(device) if f"{i}::key" in tensors else None,
-        ))  # fmt: skip
+        adapters.append(
+            Adapter(
+                request_id=e["request_id"],
+                prompt=e["prompt"],
+                subject=e.get("subject", ""),
+                A={m: tensors[f"{i}::{m}::A"].to(device) for m in mods},
+                B={m: tensors[f"{i}::{m}::B"].to(device) for m in mods},
+                scale=dict(mods),
+                key=tensors[f"{i}::key"].to(device) if f"{i}::key" in tensors else None,
+            )
+        )
     if bank.routing.mode == "oracle" and bank.oracle_scales is None:
         editor = get_editor_class(manifest["method"])()
         bank.oracle_scales = lambda p: editor._oracle_alphas(
-            model, tok, arch, p, hparams, [a.subject for a in bank.adapters])  # fmt: skip
+            model, tok, arch, p, hparams, [a.subject for a in bank.adapters]
+        )
     bank.add(*adapters)
     result = AdapterEditResult(manifest["method"], hparams, bank, adapters)
     result.manifest = manifest

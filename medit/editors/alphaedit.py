@@ -70,12 +70,17 @@ class AlphaEdit(MEMIT):
             P[layer], dims[layer] = null_space_projector(C[layer], hp.nullspace_threshold, key)
             if dims[layer] == 0:
                 smallest = torch.linalg.eigvalsh(C[layer]).min().item()
-                raise UserError(f"alphaedit: no eigenvalue of C at layer {layer} is below "
-                                 f"nullspace_threshold={hp.nullspace_threshold:g} (smallest: "
-                                 f"{smallest:.3g}); raise the threshold")  # fmt: skip
+                raise UserError(
+                    f"alphaedit: no eigenvalue of C at layer {layer} is below "
+                    f"nullspace_threshold={hp.nullspace_threshold:g} (smallest: "
+                    f"{smallest:.3g}); raise the threshold"
+                )
         state = getattr(model, STATE, None) or {}
-        return {"P": P, "state": state,
-                "diag": {"null_space_dims": [dims[layer] for layer in layers]}}  # fmt: skip
+        return {
+            "P": P,
+            "state": state,
+            "diag": {"null_space_dims": [dims[layer] for layer in layers]},
+        }
 
     @staticmethod
     def layer_update(K, resid, layer: int, ctx: dict, hp: AlphaEditHParams) -> torch.Tensor:

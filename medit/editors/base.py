@@ -117,14 +117,16 @@ class HParams:
     def _within(self, name: str, low: float, high: float, *, open_high: bool = False) -> None:
         value = getattr(self, name)
         if not (low <= value < high if open_high else low <= value <= high):
-            raise HParamError(name, f"must lie in [{low:g}, {high:g}{')' if open_high else ']'}, "
-                                    f"got {value!r}")  # fmt: skip
+            raise HParamError(
+                name, f"must lie in [{low:g}, {high:g}{')' if open_high else ']'}, got {value!r}"
+            )
 
     def _one_of(self, name: str, choices: Sequence[str]) -> None:
         value = getattr(self, name)
         if value not in choices:
-            raise HParamError(name, f"must be one of {', '.join(map(repr, choices))}, "
-                                    f"got {value!r}")  # fmt: skip
+            raise HParamError(
+                name, f"must be one of {', '.join(map(repr, choices))}, got {value!r}"
+            )
 
 
 def _values(value: Any) -> tuple:
@@ -138,8 +140,9 @@ def check_layers(name: str, layers: int | Sequence[int], n_layers: int | None) -
     bad = [x for x in (layers if several else [layers]) if n_layers and not 0 <= x < n_layers]
     if bad:
         what = f"layers {bad}" if several else f"layer {bad[0]}"
-        raise HParamError(name, f": {what} out of range: the model has {n_layers} layers "
-                                f"(0-{n_layers - 1})")  # fmt: skip
+        raise HParamError(
+            name, f": {what} out of range: the model has {n_layers} layers (0-{n_layers - 1})"
+        )
 
 
 def check_kinds(name: str, kinds: Sequence[str], arch: ArchSpec, *, fused: bool) -> tuple[str, ...]:
@@ -155,8 +158,11 @@ def check_kinds(name: str, kinds: Sequence[str], arch: ArchSpec, *, fused: bool)
     for kind in resolved:
         if kind in BLOCK_KINDS:
             usable = sorted(k for k in arch.kinds if k not in BLOCK_KINDS)
-            raise HParamError(name, f": {kind!r} is a whole block, not a projection with a "
-                                    f"weight; use one of {', '.join(usable)}")  # fmt: skip
+            raise HParamError(
+                name,
+                f": {kind!r} is a whole block, not a projection with a "
+                f"weight; use one of {', '.join(usable)}",
+            )
     return resolved
 
 
@@ -210,15 +216,20 @@ def convert(name: str, tp: Any, value: Any) -> Any:
         elif isinstance(value, (int, float)):
             items = [value]
         else:
-            raise HParamError(name, f"expects {_NAMES.get(element, ('', 'values'))[1]}, "
-                                    f"got {value!r}")  # fmt: skip
+            raise HParamError(
+                name, f"expects {_NAMES.get(element, ('', 'values'))[1]}, got {value!r}"
+            )
         return tuple(_scalar(name, element, x, plural=True) for x in items)
     return _scalar(name, tp, value)
 
 
 #: type -> (what one value is, what several are), for messages
-_NAMES = {int: ("an integer", "integers"), float: ("a number", "numbers"),
-          str: ("a string", "strings"), bool: ("true or false", "true or false values")}  # fmt: skip
+_NAMES = {
+    int: ("an integer", "integers"),
+    float: ("a number", "numbers"),
+    str: ("a string", "strings"),
+    bool: ("true or false", "true or false values"),
+}
 
 
 def _scalar(name: str, tp: Any, value: Any, plural: bool = False) -> Any:

@@ -126,14 +126,16 @@ class FineTune(Editor):
                 if losses[-1] < hp.early_stop_loss:
                     converged = True
                     break
-        result.diagnostics.append({
-            "requests": [r.id for r in requests],
-            "layers": list(layers),
-            "losses": losses,
-            "steps": len(losses),
-            "converged": converged,
-            "train_seconds": time.perf_counter() - t0,
-        })  # fmt: skip
+        result.diagnostics.append(
+            {
+                "requests": [r.id for r in requests],
+                "layers": list(layers),
+                "losses": losses,
+                "steps": len(losses),
+                "converged": converged,
+                "train_seconds": time.perf_counter() - t0,
+            }
+        )
         return result
 
     @staticmethod

@@ -81,8 +81,10 @@ class AdaLoRAHParams(LoRAHParams):
         self._at_least(0, "tinit", "tfinal", "orth_reg_weight")
         self._at_least(1, "delta_t")
         if self.tinit + self.tfinal >= self.steps:
-            raise HParamError("tinit", f": tinit + tfinal ({self.tinit + self.tfinal}) must be < "
-                                       f"steps ({self.steps})")  # fmt: skip
+            raise HParamError(
+                "tinit",
+                f": tinit + tfinal ({self.tinit + self.tfinal}) must be < steps ({self.steps})",
+            )
 
 
 class LoRAEditResult(EditResult):
@@ -99,8 +101,10 @@ class LoRAEditResult(EditResult):
             if isinstance(self.hparams, AdaLoRAHParams)
             else self.hparams.rank
         )
-        deltas = {n.removesuffix(".weight"): p.detach().float() - self.originals[n].float()
-                  for n, p in self._params.items()}  # fmt: skip
+        deltas = {
+            n.removesuffix(".weight"): p.detach().float() - self.originals[n].float()
+            for n, p in self._params.items()
+        }
         write_lowrank_peft(
             target / "peft", deltas, self.conv1d, rank, base_model=provenance.get("base_model")
         )
@@ -121,13 +125,26 @@ class _PeftEditor(Editor):
     def _config(self, modules: list[str], hp: LoRAHParams, conv1d: bool):
         from peft import AdaLoraConfig, LoraConfig
 
-        common = dict(target_modules=modules, lora_alpha=hp.alpha, lora_dropout=hp.dropout,
-                      fan_in_fan_out=conv1d, bias="none", task_type="CAUSAL_LM")  # fmt: skip
+        common = dict(
+            target_modules=modules,
+            lora_alpha=hp.alpha,
+            lora_dropout=hp.dropout,
+            fan_in_fan_out=conv1d,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
         if not self.adaptive:
             return LoraConfig(r=hp.rank, **common)
-        return AdaLoraConfig(init_r=hp.init_rank, target_r=hp.rank, tinit=hp.tinit,
-                             tfinal=hp.tfinal, deltaT=hp.delta_t, total_step=hp.steps,
-                             orth_reg_weight=hp.orth_reg_weight, **common)  # fmt: skip
+        return AdaLoraConfig(
+            init_r=hp.init_rank,
+            target_r=hp.rank,
+            tinit=hp.tinit,
+            tfinal=hp.tfinal,
+            deltaT=hp.delta_t,
+            total_step=hp.steps,
+            orth_reg_weight=hp.orth_reg_weight,
+            **common,
+        )
 
     def _apply(self, model: Any, tok: Any, requests: list[EditRequest], hp: LoRAHParams):
         from peft import AdaLoraModel, LoraModel
@@ -158,8 +175,10 @@ class _PeftEditor(Editor):
     def _train(self, tuner, model, tok, arch, requests, hp: LoRAHParams) -> dict[str, Any]:
         device = arch.embedding(model).weight.device
         chunks = [requests[i : i + hp.batch_size] for i in range(0, len(requests), hp.batch_size)]
-        batches = [teacher_batch(tok, [r.prompt for r in c], [r.target_new for r in c]).to(device)
-                   for c in chunks]  # fmt: skip
+        batches = [
+            teacher_batch(tok, [r.prompt for r in c], [r.target_new for r in c]).to(device)
+            for c in chunks
+        ]
         params = [p for n, p in model.named_parameters() if "lora_" in n]
         opt = torch.optim.Adam(params, lr=hp.lr)
         _lora_dropout(model, training=True)
@@ -182,8 +201,12 @@ class _PeftEditor(Editor):
                 if losses[-1] < hp.early_stop_loss:
                     break
         _lora_dropout(model, training=False)
-        return {"requests": [r.id for r in requests], "losses": losses, "steps": len(losses),
-                "train_seconds": time.perf_counter() - t0}  # fmt: skip
+        return {
+            "requests": [r.id for r in requests],
+            "losses": losses,
+            "steps": len(losses),
+            "train_seconds": time.perf_counter() - t0,
+        }
 
 
 def _lora_dropout(model, training: bool) -> None:

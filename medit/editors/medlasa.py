@@ -61,9 +61,13 @@ MLP_KINDS = ("gate", "up", "down", "mlp_in", "mlp_out")
 #: the paper's presets (Section 5.1 and its code): MedCF and MedFE
 PRESETS: dict[str, dict[str, Any]] = {
     "medcf": {"targets": ("q", "v", "up", "down"), "alpha0": 32.0, "r0": 24, "lr": 1e-5},
-    "medfe": {"targets": ("q", "k", "v", "o", "gate", "up", "down"), "alpha0": 16.0, "r0": 24,
-              "lr": 5e-5},
-}  # fmt: skip
+    "medfe": {
+        "targets": ("q", "k", "v", "o", "gate", "up", "down"),
+        "alpha0": 16.0,
+        "r0": 24,
+        "lr": 5e-5,
+    },
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,8 +98,11 @@ class MedLaSAHParams(HParams):
     gate_off_unmentioned: float = hp(0.8, "gate_off for inputs that do not mention the subject")
     trace_mode: str = hp("full", "causal tracing: 'full' (the paper) or 'fast' (attribution)")
     trace_answer: str = hp("ground_truth", "answer traced: 'ground_truth' (else the prediction)")
-    traces: str = hp("", "a `medit trace` run directory whose profiles are used for the prompts "
-                         "it traced (others are traced here)")  # fmt: skip
+    traces: str = hp(
+        "",
+        "a `medit trace` run directory whose profiles are used for the prompts "
+        "it traced (others are traced here)",
+    )
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = PRESETS
 
@@ -103,10 +110,12 @@ class MedLaSAHParams(HParams):
     def for_family(cls, family: str, *, owner: str | None = None, **overrides: Any) -> HParams:
         preset = overrides.get("preset", "medcf")
         if preset not in PRESETS:
-            raise HParamError("preset", f"must be one of {', '.join(map(repr, PRESETS))}, "
-                                        f"got {preset!r}", owner)  # fmt: skip
-        return cls.from_dict({**cls.FAMILY_DEFAULTS.get(family, {}), **PRESETS[preset],
-                              **overrides}, owner=owner)  # fmt: skip
+            raise HParamError(
+                "preset", f"must be one of {', '.join(map(repr, PRESETS))}, got {preset!r}", owner
+            )
+        return cls.from_dict(
+            {**cls.FAMILY_DEFAULTS.get(family, {}), **PRESETS[preset], **overrides}, owner=owner
+        )
 
     def __post_init__(self):
         self._one_of("preset", tuple(PRESETS))
@@ -125,8 +134,9 @@ class MedLaSAHParams(HParams):
             self._within(on, -1.0, 1.0)
             self._within(off, -1.0, 1.0)
             if not getattr(self, off) < getattr(self, on):
-                raise HParamError(off, f"must be < {on} ({getattr(self, on)}), "
-                                       f"got {getattr(self, off)}")  # fmt: skip
+                raise HParamError(
+                    off, f"must be < {on} ({getattr(self, on)}), got {getattr(self, off)}"
+                )
         self.routing_config()
 
     def check_arch(self, arch: ArchSpec, n_layers: int | None) -> None:
@@ -137,8 +147,14 @@ class MedLaSAHParams(HParams):
                 raise HParamError("targets", f": {exc}") from None
 
     def routing_config(self) -> RoutingConfig:
-        return RoutingConfig(self.routing, self.route_depth, self.gate_on, self.gate_off,
-                             self.gate_on_unmentioned, self.gate_off_unmentioned)  # fmt: skip
+        return RoutingConfig(
+            self.routing,
+            self.route_depth,
+            self.gate_on,
+            self.gate_off,
+            self.gate_on_unmentioned,
+            self.gate_off_unmentioned,
+        )
 
 
 # -- 2. scales -----------------------------------------------------------------------------------
@@ -170,12 +186,20 @@ def trace_kind(kind: str) -> str:
         return "attn"
     if kind in MLP_KINDS:
         return "mlp"
-    raise UserError(f"medlasa cannot scale module kind {kind!r}: use attention ({', '.join(ATTN_KINDS)}) "
-                     f"or MLP ({', '.join(MLP_KINDS)}) projections")  # fmt: skip
+    raise UserError(
+        f"medlasa cannot scale module kind {kind!r}: use attention ({', '.join(ATTN_KINDS)}) "
+        f"or MLP ({', '.join(MLP_KINDS)}) projections"
+    )
 
 
-def module_plan(arch: ArchSpec, n_layers: int, targets, scores: dict[str, list[float]],
-                rank_scores: dict[str, list[float]], hp: MedLaSAHParams) -> dict[str, tuple[float, int]]:  # fmt: skip
+def module_plan(
+    arch: ArchSpec,
+    n_layers: int,
+    targets,
+    scores: dict[str, list[float]],
+    rank_scores: dict[str, list[float]],
+    hp: MedLaSAHParams,
+) -> dict[str, tuple[float, int]]:
     """Module name -> (alpha, rank) for one edit."""
     plan = {}
     for kind in targets:
@@ -188,16 +212,27 @@ def module_plan(arch: ArchSpec, n_layers: int, targets, scores: dict[str, list[f
 
 
 # -- 3. training ---------------------------------------------------------------------------------
-def train_adapter(model: Any, tok: Any, arch: ArchSpec, req: EditRequest,
-                  plan: dict[str, tuple[float, int]], hp: MedLaSAHParams) -> tuple[Adapter, dict]:  # fmt: skip
+def train_adapter(
+    model: Any,
+    tok: Any,
+    arch: ArchSpec,
+    req: EditRequest,
+    plan: dict[str, tuple[float, int]],
+    hp: MedLaSAHParams,
+) -> tuple[Adapter, dict]:
     """One LoRA adapter trained on one request with fixed per-module scales alpha/r."""
     adapters, diag = train_adapters(model, tok, arch, [req], [plan], hp)
     return adapters[0], diag
 
 
-def train_adapters(model: Any, tok: Any, arch: ArchSpec, reqs: Sequence[EditRequest],
-                   plans: Sequence[dict[str, tuple[float, int]]], hp: MedLaSAHParams,
-                   ) -> tuple[list[Adapter], dict]:  # fmt: skip
+def train_adapters(
+    model: Any,
+    tok: Any,
+    arch: ArchSpec,
+    reqs: Sequence[EditRequest],
+    plans: Sequence[dict[str, tuple[float, int]]],
+    hp: MedLaSAHParams,
+) -> tuple[list[Adapter], dict]:
     """One LoRA adapter (A, B per module) trained on all ``reqs`` together. Request i's rows are
     scaled by its own alpha/r (``plans[i]``) and use only the first r_i of the module's rank
     dimensions (the maximum over the plans; the paper's per-knowledge rank as a mask). Returns
@@ -207,12 +242,16 @@ def train_adapters(model: Any, tok: Any, arch: ArchSpec, reqs: Sequence[EditRequ
     ranks = {name: max(p[name][1] for p in plans) for name in plans[0]}
     A, B, handles = {}, {}, []
     scales = [{n: alpha / r for n, (alpha, r) in p.items()} for p in plans]
-    coeff = {n: torch.tensor([s[n] for s in scales], device=ref.device).view(-1, 1, 1)
-             for n in ranks}  # fmt: skip
+    coeff = {
+        n: torch.tensor([s[n] for s in scales], device=ref.device).view(-1, 1, 1) for n in ranks
+    }
     # rank dimensions beyond r_i masked per row; only where some edit's rank is below the maximum
     own = {n: torch.tensor([p[n][1] for p in plans], device=ref.device) for n in ranks}
-    mask = {n: (torch.arange(r, device=ref.device) < own[n][:, None]).float()[:, None, :]
-            for n, r in ranks.items() if bool((own[n] < r).any())}  # fmt: skip
+    mask = {
+        n: (torch.arange(r, device=ref.device) < own[n][:, None]).float()[:, None, :]
+        for n, r in ranks.items()
+        if bool((own[n] < r).any())
+    }
     # the initialisation depends on the requests and the global seed only, not on how many
     # edits came before: a resumed sequential run trains exactly what an uninterrupted one does
     blob = f"{torch.initial_seed()}|" + "|".join(f"{q.prompt}|{q.target_new}" for q in reqs)
@@ -250,12 +289,23 @@ def train_adapters(model: Any, tok: Any, arch: ArchSpec, reqs: Sequence[EditRequ
             h.remove()
     A = {n: a.detach() for n, a in A.items()}
     B = {n: b.detach() for n, b in B.items()}
-    adapters = [Adapter(request_id=q.id, prompt=q.prompt, subject=q.subject or "",
-                        A={n: a[: p[n][1]] for n, a in A.items()},
-                        B={n: b[:, : p[n][1]] for n, b in B.items()}, scale=s)
-                for q, p, s in zip(reqs, plans, scales, strict=True)]  # fmt: skip
-    diag = {"requests": [q.id for q in reqs], "losses": losses, "steps": len(losses),
-            "train_seconds": time.perf_counter() - t0}  # fmt: skip
+    adapters = [
+        Adapter(
+            request_id=q.id,
+            prompt=q.prompt,
+            subject=q.subject or "",
+            A={n: a[: p[n][1]] for n, a in A.items()},
+            B={n: b[:, : p[n][1]] for n, b in B.items()},
+            scale=s,
+        )
+        for q, p, s in zip(reqs, plans, scales, strict=True)
+    ]
+    diag = {
+        "requests": [q.id for q in reqs],
+        "losses": losses,
+        "steps": len(losses),
+        "train_seconds": time.perf_counter() - t0,
+    }
     return adapters, diag
 
 
@@ -269,24 +319,40 @@ class MedLaSA(Editor):
     def _apply(self, model: Any, tok: Any, requests: list[EditRequest], hp: MedLaSAHParams):
         arch = get_arch(model)
         n_layers = arch.n_layers(model)
-        bank = AdapterBank.of(model, tok, arch, hp.routing_config(),
-                              oracle_scales=lambda p: self._oracle_alphas(
-                                  model, tok, arch, p, hp,
-                                  [(a.prompt, a.subject) for a in bank.adapters]))  # fmt: skip
+        bank = AdapterBank.of(
+            model,
+            tok,
+            arch,
+            hp.routing_config(),
+            oracle_scales=lambda p: self._oracle_alphas(
+                model, tok, arch, p, hp, [(a.prompt, a.subject) for a in bank.adapters]
+            ),
+        )
         was, bank.enabled = bank.enabled, False  # trace and train on the base model
         try:
             profiles = [self._scores(model, tok, arch, r, hp) for r in requests]
-            average = {k: torch.tensor([p[k] for p in profiles]).mean(0).tolist()
-                       for k in ("attn", "mlp")}  # fmt: skip
-            plans = [module_plan(arch, n_layers, arch.resolve_kinds(hp.targets), scores,
-                                 scores if hp.rank_mode == "knowledge" else average, hp)
-                     for scores in profiles]  # fmt: skip
+            average = {
+                k: torch.tensor([p[k] for p in profiles]).mean(0).tolist() for k in ("attn", "mlp")
+            }
+            plans = [
+                module_plan(
+                    arch,
+                    n_layers,
+                    arch.resolve_kinds(hp.targets),
+                    scores,
+                    scores if hp.rank_mode == "knowledge" else average,
+                    hp,
+                )
+                for scores in profiles
+            ]
             if hp.adapters == "shared":
                 adapters, diag = train_adapters(model, tok, arch, requests, plans, hp)
                 diags = [diag]
             else:
-                trained = [train_adapter(model, tok, arch, req, plan, hp)
-                           for req, plan in zip(requests, plans, strict=True)]  # fmt: skip
+                trained = [
+                    train_adapter(model, tok, arch, req, plan, hp)
+                    for req, plan in zip(requests, plans, strict=True)
+                ]
                 adapters, diags = [a for a, _ in trained], [d for _, d in trained]
             for adapter, scores, plan in zip(adapters, profiles, plans, strict=True):
                 adapter.info = {
@@ -313,8 +379,15 @@ class MedLaSA(Editor):
             profile = _profile(model, tok, arch, req.prompt, req.subject, answer, hp)
         return {k: normalise_profile(profile[k], hp.normalisation) for k in ("attn", "mlp")}
 
-    def _oracle_alphas(self, model, tok, arch, prompt: str, hp: MedLaSAHParams,
-                       edits: Sequence[tuple[str, str]] = ()) -> dict[str, float]:  # fmt: skip
+    def _oracle_alphas(
+        self,
+        model,
+        tok,
+        arch,
+        prompt: str,
+        hp: MedLaSAHParams,
+        edits: Sequence[tuple[str, str]] = (),
+    ) -> dict[str, float]:
         """The paper's inference scales: the prompt's own trace -> alpha per module. The subject
         corrupted is an edited subject the prompt mentions, else the one its template shares
         with an edit prompt (``edits``: (prompt, subject) pairs), else a detected one."""
@@ -346,8 +419,10 @@ def run_profiles(path: str, weights_sha256: str | None) -> dict[tuple, dict[str,
     doc = json.loads(file.read_text(encoding="utf-8"))
     sha = doc.get("provenance", {}).get("model", {}).get("weights_sha256")
     if weights_sha256 and sha and sha != weights_sha256:
-        raise UserError(f"traces={path} were made for other weights (sha256 {sha[:12]}..., "
-                         f"this model {weights_sha256[:12]}...)")  # fmt: skip
+        raise UserError(
+            f"traces={path} were made for other weights (sha256 {sha[:12]}..., "
+            f"this model {weights_sha256[:12]}...)"
+        )
     out = {}
     for item in doc.get("traces", []):
         profile = item.get("profile", {})
@@ -358,8 +433,9 @@ def run_profiles(path: str, weights_sha256: str | None) -> dict[tuple, dict[str,
     return out
 
 
-def _profile(model, tok, arch, prompt: str, subject: str | None, answer: str | None,
-             hp: MedLaSAHParams) -> dict[str, list[float]]:  # fmt: skip
+def _profile(
+    model, tok, arch, prompt: str, subject: str | None, answer: str | None, hp: MedLaSAHParams
+) -> dict[str, list[float]]:
     from medit.facts.subject import detect_subject
     from medit.tracing.trace import TraceConfig, cached_trace
 

@@ -76,8 +76,9 @@ class MEMIT(Editor):
         subjects = request_subjects(requests)
         templates = hp.templates(model, tok)
         z_layer = layers[-1]
-        delta, info = optimise_values(model, tok, arch, z_layer, requests, subjects, templates,
-                                      hp.values())  # fmt: skip
+        delta, info = optimise_values(
+            model, tok, arch, z_layer, requests, subjects, templates, hp.values()
+        )
         z = layer_outputs_at(model, tok, arch, z_layer, requests, subjects) + delta
         ctx = self._context(model, tok, arch, layers, hp, requests)
         residuals, keys = [], {}
@@ -93,9 +94,17 @@ class MEMIT(Editor):
         now = layer_outputs_at(model, tok, arch, z_layer, requests, subjects)
         residuals.append((z - now).norm(dim=-1).mean().item())  # after the last update
         self._after(model, result, keys, ctx)
-        result.diagnostics.append({"requests": [r.id for r in requests], "layers": list(layers),
-                                   "templates": len(templates), "steps": info["value_steps"],
-                                   "residual_norms": residuals, **info, **ctx.get("diag", {})})  # fmt: skip
+        result.diagnostics.append(
+            {
+                "requests": [r.id for r in requests],
+                "layers": list(layers),
+                "templates": len(templates),
+                "steps": info["value_steps"],
+                "residual_norms": residuals,
+                **info,
+                **ctx.get("diag", {}),
+            }
+        )
         return result
 
     def _result(self, model, hp, names, arch: ArchSpec) -> LocateEditResult:

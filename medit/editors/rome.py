@@ -92,8 +92,9 @@ class ROME(Editor):
         for req, subject in zip(requests, request_subjects(requests), strict=True):
             keys = template_keys(model, tok, arch, [layer], [req], [subject], templates)[layer][0]
             k_star, k_mean = keys[0], keys.mean(0)  # templates[0] is the bare prompt "{}"
-            delta, info = optimise_values(model, tok, arch, layer, [req], [subject], templates,
-                                          hp.values())  # fmt: skip
+            delta, info = optimise_values(
+                model, tok, arch, layer, [req], [subject], templates, hp.values()
+            )
             C = (
                 second_moments(model, tok, arch, [layer], hp, [req])[layer]
                 if hp.mom2_adjustment
@@ -103,9 +104,17 @@ class ROME(Editor):
             W = result._params[name]
             with torch.no_grad():
                 W.add_((update.T if arch.conv1d else update).to(W.device, W.dtype))
-            result.diagnostics.append({"requests": [req.id], "layer": layer, "subject": subject,
-                                       "templates": len(templates), "steps": info["value_steps"],
-                                       **info, "trace_profile": trace_profile})  # fmt: skip
+            result.diagnostics.append(
+                {
+                    "requests": [req.id],
+                    "layer": layer,
+                    "subject": subject,
+                    "templates": len(templates),
+                    "steps": info["value_steps"],
+                    **info,
+                    "trace_profile": trace_profile,
+                }
+            )
         return result
 
     @staticmethod
@@ -120,8 +129,12 @@ class ROME(Editor):
         return round(hp.layer_depth * (n - 1)), None
 
 
-def rank_one_update(k_star: torch.Tensor, delta: torch.Tensor, C: torch.Tensor | None,
-                    k_mean: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+def rank_one_update(
+    k_star: torch.Tensor,
+    delta: torch.Tensor,
+    C: torch.Tensor | None,
+    k_mean: torch.Tensor | None = None,
+) -> torch.Tensor:
     """ΔW (d_out, d_in) = Λ uᵀ with u = C⁻¹k̄ and Λ = δ / (uᵀ k*): so ΔW k* = δ (the prompt's
     own key is mapped to v* = W k* + δ exactly) and ΔW k = 0 for every k with uᵀk = 0. ``k_mean``
     (k̄, the key averaged over context prefixes) sets the direction; default k*. float64."""

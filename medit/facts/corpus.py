@@ -95,8 +95,9 @@ def generated_corpus(
                 log.info("corpus: generated %d/%d texts", len(texts), len(jobs))
     log.info("generated %d corpus texts in %.1f s", len(texts), time.perf_counter() - t0)
     if path is not None:
-        atomic_write_text(path, json.dumps({"settings": dataclasses.asdict(settings),
-                                            "texts": texts}))  # fmt: skip
+        atomic_write_text(
+            path, json.dumps({"settings": dataclasses.asdict(settings), "texts": texts})
+        )
     return Corpus("generated", tuple(texts))
 
 
@@ -108,9 +109,15 @@ def sample_continuations(
     device = next(model.parameters()).device
     enc = left_padded(tok, prompts, device)
     eos = [t for t in (tok.eos_token_id, tok.pad_token_id) if t is not None]
-    out = model.generate(**enc, do_sample=True, top_k=top_k, max_new_tokens=new_tokens,
-                         min_new_tokens=new_tokens, suppress_tokens=eos or None,
-                         pad_token_id=tok.pad_token_id)  # fmt: skip
+    out = model.generate(
+        **enc,
+        do_sample=True,
+        top_k=top_k,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        suppress_tokens=eos or None,
+        pad_token_id=tok.pad_token_id,
+    )
     new = tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     return [p + n for p, n in zip(prompts, new, strict=True)]
 
@@ -137,8 +144,10 @@ def _read_texts(path: Path) -> list[str]:
 
         ds = load_from_disk(str(path))
         if "text" not in ds.column_names:
-            raise UserError(f"corpus {path}: the dataset has no 'text' column "
-                             f"(columns: {', '.join(ds.column_names)})")  # fmt: skip
+            raise UserError(
+                f"corpus {path}: the dataset has no 'text' column "
+                f"(columns: {', '.join(ds.column_names)})"
+            )
         return [t for t in ds["text"] if isinstance(t, str) and t.strip()]
     raw = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":

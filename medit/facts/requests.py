@@ -111,8 +111,12 @@ def _jsonl_records(text: str, name: str) -> list[Any]:
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as exc:
-                raise RequestError(name, len(records) + 1, None, f"invalid JSON on line "
-                                   f"{lineno}, column {exc.colno}: {exc.msg}") from None  # fmt: skip
+                raise RequestError(
+                    name,
+                    len(records) + 1,
+                    None,
+                    f"invalid JSON on line {lineno}, column {exc.colno}: {exc.msg}",
+                ) from None
     return records
 
 
@@ -124,8 +128,12 @@ def parse_json_list(text: str, name: str) -> list[Any]:
         hint = (
             " (one JSON object per line? name the file .jsonl)" if exc.msg == "Extra data" else ""
         )
-        raise RequestError(name, None, None, f"invalid JSON at line {exc.lineno}, column "
-                           f"{exc.colno}: {exc.msg}{hint}") from None  # fmt: skip
+        raise RequestError(
+            name,
+            None,
+            None,
+            f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}{hint}",
+        ) from None
     if isinstance(data, dict) and isinstance(data.get("requests"), list):
         data = data["requests"]
     if not isinstance(data, list):
@@ -149,9 +157,16 @@ def parse_records(records: Sequence[Any], source: str) -> list[EditRequest]:
 
 _LOCALITY_FLAT = re.compile(r"^(locality|portability)_(.+)_prompt$")
 _KNOWN = {
-    "prompt", "target_new", "subject", "ground_truth", "rephrase_prompt", "rephrase_prompts",
-    "locality", "portability", "id",
-}  # fmt: skip
+    "prompt",
+    "target_new",
+    "subject",
+    "ground_truth",
+    "rephrase_prompt",
+    "rephrase_prompts",
+    "locality",
+    "portability",
+    "id",
+}
 
 
 def parse_record(rec: Any, source: str, index: int) -> EditRequest:
@@ -239,15 +254,18 @@ def _prompt_list(rec: dict, fail) -> list[str]:
 
 def _probe_groups(value: Any, kind: str, fail) -> dict[str, list[Probe]]:
     if not isinstance(value, dict):
-        raise fail(kind, f"expected an object {{name: [[prompt, answer], ...]}}, got "
-                   f"{type(value).__name__}")  # fmt: skip
+        raise fail(
+            kind,
+            f"expected an object {{name: [[prompt, answer], ...]}}, got {type(value).__name__}",
+        )
     groups: dict[str, list[Probe]] = {}
     for name, probes in value.items():
         if isinstance(probes, dict):  # EasyEdit style: {"prompt": .., "ground_truth": ..}
             probes = [probes]
         if not isinstance(probes, list):
-            raise fail(f"{kind}.{name}", f"expected a list of [prompt, answer] pairs, got "
-                                         f"{_kind(probes)}")  # fmt: skip
+            raise fail(
+                f"{kind}.{name}", f"expected a list of [prompt, answer] pairs, got {_kind(probes)}"
+            )
         if not probes:
             raise fail(f"{kind}.{name}", "no probes; give [prompt, answer] pairs or leave it out")
         groups[name] = [_probe(p, f"{kind}.{name}[{j}]", fail) for j, p in enumerate(probes)]
@@ -262,8 +280,11 @@ def _probe(item: Any, field: str, fail) -> Probe:
     else:
         got = f"a list of {len(item)}" if isinstance(item, (list, tuple)) else _kind(item)
         hint = " (a single pair goes inside a list too: [[prompt, answer]])"
-        raise fail(field, 'expected [prompt, answer] or {"prompt": .., "ground_truth": ..}, '
-                          f"got {got}{hint if isinstance(item, str) else ''}")  # fmt: skip
+        raise fail(
+            field,
+            'expected [prompt, answer] or {"prompt": .., "ground_truth": ..}, '
+            f"got {got}{hint if isinstance(item, str) else ''}",
+        )
     for part, value in (("prompt", prompt), ("answer", answer)):
         if not isinstance(value, str) or not value.strip():
             raise fail(field, f"{part} must be a non-empty string")

@@ -89,13 +89,21 @@ def _edit_rows(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for s in samples:
         pre, post = s["pre"], s["post"]
         pg, qg = pre.get("generation"), post.get("generation")
-        row = {"id": s["id"], "request": s["request"], "edit": s.get("edit") or {},
-               "prob_before": pre["teacher_forced"]["target_prob"],
-               "prob_after": post["teacher_forced"]["target_prob"],
-               "tf_before": pre["teacher_forced"], "tf_after": post["teacher_forced"]}  # fmt: skip
+        row = {
+            "id": s["id"],
+            "request": s["request"],
+            "edit": s.get("edit") or {},
+            "prob_before": pre["teacher_forced"]["target_prob"],
+            "prob_after": post["teacher_forced"]["target_prob"],
+            "tf_before": pre["teacher_forced"],
+            "tf_after": post["teacher_forced"],
+        }
         if qg is not None:
-            row["prompt"] = {"before": pg["prompt"]["text"], "after": qg["prompt"]["text"],
-                             "passed": qg["efficacy_contains"]}  # fmt: skip
+            row["prompt"] = {
+                "before": pg["prompt"]["text"],
+                "after": qg["prompt"]["text"],
+                "passed": qg["efficacy_contains"],
+            }
             row["rephrases"] = [
                 {
                     "prompt": a["prompt"],
@@ -106,10 +114,15 @@ def _edit_rows(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 for a, b in zip(qg["rephrases"], pg["rephrases"], strict=True)
             ]
             row["locality"] = [
-                {**a, "before": b["text"], "after": a["text"],
-                 "regressed": not a["unchanged"] or (a["answer_stated_before"] and not a["answer_stated"])}
+                {
+                    **a,
+                    "before": b["text"],
+                    "after": a["text"],
+                    "regressed": not a["unchanged"]
+                    or (a["answer_stated_before"] and not a["answer_stated"]),
+                }
                 for a, b in zip(qg["locality"], pg["locality"], strict=True)
-            ]  # fmt: skip
+            ]
             row["passed"] = qg["efficacy_contains"] and not any(
                 x["regressed"] for x in row["locality"]
             )
@@ -125,18 +138,36 @@ def _edit_charts(results: dict[str, Any], rows: list[dict[str, Any]]) -> dict[st
         "generality",
         *(f"loc:{k}" for k in post["teacher_forced"]["locality"]),
     ]
-    get_tf = lambda m: [m["teacher_forced"].get(g) if not g.startswith("loc:")  # noqa: E731
-                        else m["teacher_forced"].get("locality", {}).get(g[4:]) for g in tf_groups]  # fmt: skip
-    charts["teacher_forced"] = svg.bars(tf_groups, {"before": get_tf(pre), "after": get_tf(post)},
-                                        "teacher-forced token accuracy / locality agreement")  # fmt: skip
+
+    def get_tf(m):
+        return [
+            m["teacher_forced"].get(g)
+            if not g.startswith("loc:")
+            else m["teacher_forced"].get("locality", {}).get(g[4:])
+            for g in tf_groups
+        ]
+
+    charts["teacher_forced"] = svg.bars(
+        tf_groups,
+        {"before": get_tf(pre), "after": get_tf(post)},
+        "teacher-forced token accuracy / locality agreement",
+    )
     if "generation" in post:
         g = post["generation"]
         groups = ["efficacy", "generality", *(f"loc:{k}" for k in g["locality_unchanged"])]
-        values = lambda m: [m.get("efficacy_contains"), m.get("generality_contains"),  # noqa: E731
-                            *(m.get("locality_unchanged", {}).get(k[4:]) for k in groups[2:])]  # fmt: skip
-        charts["generation"] = svg.bars(groups, {"before": values(pre["generation"]),
-                                                 "after": values(g)},
-                                        "generation-based pass rates (greedy decoding)")  # fmt: skip
+
+        def values(m):
+            return [
+                m.get("efficacy_contains"),
+                m.get("generality_contains"),
+                *(m.get("locality_unchanged", {}).get(k[4:]) for k in groups[2:]),
+            ]
+
+        charts["generation"] = svg.bars(
+            groups,
+            {"before": values(pre["generation"]), "after": values(g)},
+            "generation-based pass rates (greedy decoding)",
+        )
     if rows and "prompt" in rows[0]:
         cols = [
             "efficacy",
@@ -147,17 +178,27 @@ def _edit_charts(results: dict[str, Any], rows: list[dict[str, Any]]) -> dict[st
         for r in rows:
             para = [p["passed"] for p in r["rephrases"]]
             para += [None] * (len(cols) - 1 - len(rows[0]["locality"]) - len(para))
-            cells.append([r["prompt"]["passed"], *para,
-                          *(not x["regressed"] for x in r["locality"])])  # fmt: skip
-        charts["grid"] = svg.pass_grid([str(i + 1) for i in range(len(rows))], cols, cells,
-                                       "per edit: green = pass, red = fail / regression")  # fmt: skip
+            cells.append(
+                [r["prompt"]["passed"], *para, *(not x["regressed"] for x in r["locality"])]
+            )
+        charts["grid"] = svg.pass_grid(
+            [str(i + 1) for i in range(len(rows))],
+            cols,
+            cells,
+            "per edit: green = pass, red = fail / regression",
+        )
     return charts
 
 
 def edit_context(results: dict[str, Any], samples: list[dict[str, Any]]) -> dict[str, Any]:
     rows = _edit_rows(samples)
-    return {"r": results, "verdict": verdict(results), "rows": rows,
-            "charts": _edit_charts(results, rows), "prov": results["provenance"]}  # fmt: skip
+    return {
+        "r": results,
+        "verdict": verdict(results),
+        "rows": rows,
+        "charts": _edit_charts(results, rows),
+        "prov": results["provenance"],
+    }
 
 
 # -- benchmark runs ------------------------------------------------------------------------------
@@ -173,8 +214,10 @@ def bench_context(results: dict[str, Any]) -> dict[str, Any]:
         methods = [m for m, v in results["methods"].items() if protocol in v]
         groups = ["efficacy", "generality", "locality_avg", "average"]
         out["charts"][label] = svg.bars(
-            groups, {m: [results["methods"][m][protocol].get(g) for g in groups] for m in methods},
-            label)  # fmt: skip
+            groups,
+            {m: [results["methods"][m][protocol].get(g) for g in groups] for m in methods},
+            label,
+        )
     return out
 
 
@@ -191,10 +234,12 @@ def trace_context(results: dict[str, Any]) -> dict[str, Any]:
     if profile:
         n_layers = len(next(iter(profile.values())))
         top = max((abs(v) for vals in profile.values() for v in vals), default=1.0) or 1.0
-        chart = svg.bars([str(i) for i in range(n_layers)],
-                         {k: [v / top for v in vals] for k, vals in profile.items()},
-                         "association profile over subject tokens (indirect effect, scaled)",
-                         width=max(560, 24 * n_layers))  # fmt: skip
+        chart = svg.bars(
+            [str(i) for i in range(n_layers)],
+            {k: [v / top for v in vals] for k, vals in profile.items()},
+            "association profile over subject tokens (indirect effect, scaled)",
+            width=max(560, 24 * n_layers),
+        )
     return {"r": results, "items": items, "profile_chart": chart}
 
 
@@ -222,22 +267,36 @@ def markdown(kind: str, results: dict[str, Any], samples: list[dict[str, Any]]) 
         lines = ["# medit causal traces", ""]
         for t in results["traces"]:
             peaks = ", ".join(f"{k} {v}" for k, v in t["peak_layers"].items())
-            lines.append(f"- {t['prompt']} → {t['answer_token']!r}: p {t['clean_prob']:.3f} clean, "
-                         f"{t['corrupted_prob']:.3f} corrupted; peak layers {peaks}")  # fmt: skip
+            lines.append(
+                f"- {t['prompt']} → {t['answer_token']!r}: p {t['clean_prob']:.3f} clean, "
+                f"{t['corrupted_prob']:.3f} corrupted; peak layers {peaks}"
+            )
         return "\n".join(lines) + "\n"
     v = verdict(results)
     cfg = results["config"]
-    lines = [f"# medit edit report — {cfg['method']} ({cfg['mode']}) on {cfg['model']}", "",
-             f"**Verdict: {'PASS' if v['passed'] else 'FAIL'}**", ""]  # fmt: skip
+    lines = [
+        f"# medit edit report — {cfg['method']} ({cfg['mode']}) on {cfg['model']}",
+        "",
+        f"**Verdict: {'PASS' if v['passed'] else 'FAIL'}**",
+        "",
+    ]
     for c in v["checks"]:
         value = "–" if c["value"] is None else f"{c['value']:.3f}"
-        lines.append(f"- {c['label']}: {value} (threshold {c['threshold']}) — "
-                     f"{'pass' if c['passed'] else 'FAIL'}")  # fmt: skip
+        lines.append(
+            f"- {c['label']}: {value} (threshold {c['threshold']}) — "
+            f"{'pass' if c['passed'] else 'FAIL'}"
+        )
     from medit.core.results import format_summary
 
-    lines += ["", "```", format_summary(results), "```", "",
-              f"{len(samples)} edits; weights sha256 "
-              f"{results['provenance']['model']['weights_sha256'][:16]}…"]  # fmt: skip
+    lines += [
+        "",
+        "```",
+        format_summary(results),
+        "```",
+        "",
+        f"{len(samples)} edits; weights sha256 "
+        f"{results['provenance']['model']['weights_sha256'][:16]}…",
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -63,9 +63,16 @@ def run_trace(cfg: TraceRunConfig) -> dict[str, Any]:
     lm = load_model(cfg.model, cfg.device, cfg.dtype)
     traces = trace_requests(lm, requests, cfg.trace, cfg.answer, cfg.use_cache, cfg.quiet)
     config = {**dataclasses.asdict(cfg), "trace": dataclasses.asdict(cfg.trace)}
-    items = [{"id": r.id, "svg": f"trace-{i:03d}.svg", "profile": t.profile(),
-              "peak_layers": t.peak_layers(), **t.to_dict()}
-             for i, (r, t) in enumerate(zip(requests, traces, strict=True))]  # fmt: skip
+    items = [
+        {
+            "id": r.id,
+            "svg": f"trace-{i:03d}.svg",
+            "profile": t.profile(),
+            "peak_layers": t.peak_layers(),
+            **t.to_dict(),
+        }
+        for i, (r, t) in enumerate(zip(requests, traces, strict=True))
+    ]
     doc = {
         "schema": RUN_SCHEMA,
         "kind": "trace",

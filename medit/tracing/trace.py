@@ -97,10 +97,16 @@ class TraceConfig:
 
     def settings(self, noise: float) -> dict[str, Any]:
         """What determines a trace's numbers (the batch budget does not)."""
-        return {"kinds": list(self.kinds), "samples": self.samples, "noise": noise,
-                "window": self.window, "seed": self.seed, "mode": self.mode,
-                **({"subject_only": True} if self.subject_only else {}),
-                **({"last_subject_only": True} if self.last_subject_only else {})}  # fmt: skip
+        return {
+            "kinds": list(self.kinds),
+            "samples": self.samples,
+            "noise": noise,
+            "window": self.window,
+            "seed": self.seed,
+            "mode": self.mode,
+            **({"subject_only": True} if self.subject_only else {}),
+            **({"last_subject_only": True} if self.last_subject_only else {}),
+        }
 
 
 @dataclasses.dataclass
@@ -238,8 +244,10 @@ def _collect_states(model, arch, ids, span, draws, kinds) -> _States:
     def keep_input(store, _m, args, kwargs):
         store.append(first_tensor_arg(args, kwargs))
 
-    pre = [(arch.module(model, i), functools.partial(keep_input, entering[i]), None)
-           for i in range(n_layers)]  # fmt: skip
+    pre = [
+        (arch.module(model, i), functools.partial(keep_input, entering[i]), None)
+        for i in range(n_layers)
+    ]
     outs, edits = _recorders(arch, model, kinds, n_layers)
     cache = DynamicCache(config=model.config)
     with hooked(pre), edited_outputs([_corrupt(arch, model, span, draws), *edits]):
@@ -297,8 +305,11 @@ def _run_cells(
     edits = _restoring_edits(model, arch, states, cells, token, width)
     with frozen_prefix(model, arch, start, hidden), edited_outputs(edits):
         base = arch.base_model(model)
-        out = base(input_ids=states.ids[token:].expand(n, -1), use_cache=cache is not None,
-                   **cache_kwargs(base, cache))  # fmt: skip
+        out = base(
+            input_ids=states.ids[token:].expand(n, -1),
+            use_cache=cache is not None,
+            **cache_kwargs(base, cache),
+        )
     probs = torch.softmax(arch.head(model, out.last_hidden_state[:, -1]).float(), dim=-1)
     return probs[:, answer].view(len(cells), -1).mean(1)
 
@@ -521,8 +532,11 @@ def cached_trace(
     weights_sha256: str | None = None,
 ) -> Trace:
     """:func:`trace`, cached under ``cache_dir()/traces`` when the weights' hash is given."""
-    noise = noise or config.noise or noise_level(model, tok, arch, [(prompt, subject)],
-                                                 config.noise_scale)  # fmt: skip
+    noise = (
+        noise
+        or config.noise
+        or noise_level(model, tok, arch, [(prompt, subject)], config.noise_scale)
+    )
     if weights_sha256 is None:
         return trace(model, tok, arch, prompt, subject, answer, config, noise)
     key = trace_key(weights_sha256, prompt, subject, answer, config.settings(noise))

@@ -21,6 +21,7 @@ a key-value memory: its input at the subject's last token is the *key* k, its ou
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -100,9 +101,14 @@ def subject_last(tok: Any, template: str, req: EditRequest, subject: str) -> tup
 # -- keys ----------------------------------------------------------------------------------------
 @torch.no_grad()
 def module_inputs(
-    model: Any, tok: Any, arch: ArchSpec, layers: Sequence[int], texts: Sequence[str],
-    positions: Sequence[int], batch_size: int = 32,
-) -> dict[int, torch.Tensor]:  # fmt: skip
+    model: Any,
+    tok: Any,
+    arch: ArchSpec,
+    layers: Sequence[int],
+    texts: Sequence[str],
+    positions: Sequence[int],
+    batch_size: int = 32,
+) -> dict[int, torch.Tensor]:
     """Input of each layer's ``mlp_out`` at ``positions[i]`` of ``texts[i]`` -> {layer: (N, d_in)}
     (float32). The forward stops after the last layer asked for."""
     layers = sorted(layers)
@@ -115,29 +121,44 @@ def module_inputs(
         pos = torch.tensor(positions[i : i + batch_size], device=device)
         rows = torch.arange(len(pos), device=device)
         ids, mask = enc.input_ids.to(device), enc.attention_mask.to(device)
-        got = capture_inputs(modules, lambda: base(input_ids=ids, attention_mask=mask,  # noqa: B023
-                                                   use_cache=False))  # fmt: skip
+        got = capture_inputs(
+            modules,
+            functools.partial(base, input_ids=ids, attention_mask=mask, use_cache=False),
+        )
         for layer, x in zip(layers, got, strict=True):
             out[layer].append(x[rows, pos].float())
     return {layer: torch.cat(v) for layer, v in out.items()}
 
 
 def template_keys(
-    model: Any, tok: Any, arch: ArchSpec, layers: Sequence[int], requests: Sequence[EditRequest],
-    subjects: Sequence[str], templates: Sequence[str],
-) -> dict[int, torch.Tensor]:  # fmt: skip
+    model: Any,
+    tok: Any,
+    arch: ArchSpec,
+    layers: Sequence[int],
+    requests: Sequence[EditRequest],
+    subjects: Sequence[str],
+    templates: Sequence[str],
+) -> dict[int, torch.Tensor]:
     """Each request's key at the subject's last token in each templated prompt
     -> {layer: (N, T, d_in)}."""
-    pairs = [subject_last(tok, t, r, s) for r, s in zip(requests, subjects, strict=True)
-             for t in templates]  # fmt: skip
+    pairs = [
+        subject_last(tok, t, r, s)
+        for r, s in zip(requests, subjects, strict=True)
+        for t in templates
+    ]
     keys = module_inputs(model, tok, arch, layers, [p[0] for p in pairs], [p[1] for p in pairs])
     return {layer: k.view(len(requests), len(templates), -1) for layer, k in keys.items()}
 
 
 def request_keys(
-    model: Any, tok: Any, arch: ArchSpec, layers: Sequence[int], requests: Sequence[EditRequest],
-    subjects: Sequence[str], templates: Sequence[str],
-) -> dict[int, torch.Tensor]:  # fmt: skip
+    model: Any,
+    tok: Any,
+    arch: ArchSpec,
+    layers: Sequence[int],
+    requests: Sequence[EditRequest],
+    subjects: Sequence[str],
+    templates: Sequence[str],
+) -> dict[int, torch.Tensor]:
     """k* of each request at each layer: the key at the subject's last token averaged over the
     templates (ROME eq. 3) -> {layer: (N, d_in)}."""
     keys = template_keys(model, tok, arch, layers, requests, subjects, templates)
@@ -187,9 +208,15 @@ class ValueSettings:
 
 
 def optimise_values(
-    model: Any, tok: Any, arch: ArchSpec, layer: int, requests: Sequence[EditRequest],
-    subjects: Sequence[str], templates: Sequence[str], vs: ValueSettings,
-) -> tuple[torch.Tensor, dict[str, Any]]:  # fmt: skip
+    model: Any,
+    tok: Any,
+    arch: ArchSpec,
+    layer: int,
+    requests: Sequence[EditRequest],
+    subjects: Sequence[str],
+    templates: Sequence[str],
+    vs: ValueSettings,
+) -> tuple[torch.Tensor, dict[str, Any]]:
     """δ (N, d) for each request, added to the output of decoder ``layer`` at the subject's last
     token of every templated prompt and of its KL prompt. Requests are optimised together, each
     with its own δ, clamp and early stop (their losses are independent)."""
@@ -220,8 +247,9 @@ def optimise_values(
     kl_init, history = None, []
     with torch.enable_grad(), _trainable(model, []):  # δ is the only leaf that takes gradients
         for _step in range(vs.steps):
-            hidden = entering.index_put((rows, pos), delta[owner_t].to(entering.dtype),
-                                        accumulate=True)  # fmt: skip
+            hidden = entering.index_put(
+                (rows, pos), delta[owner_t].to(entering.dtype), accumulate=True
+            )
             final = _run_from(model, arch, layer + 1, n_layers, hidden, batch)
             logp = torch.log_softmax(arch.head(model, final[batch.rows, batch.cols]).float(), -1)
             tok_nll = -logp.gather(1, batch.labels[:, None]).squeeze(1)
@@ -262,8 +290,9 @@ def _frozen_state(model, arch, layer, batch, plain_rows, pos, vs: ValueSettings)
     """(output of ``layer`` for the whole batch, v0 at each request's plain prompt)."""
     store: list[torch.Tensor] = []
     mlp = arch.module(model, layer, "mlp")
-    with edited_outputs([(arch.module(model, layer), lambda t: record(store, t)),
-                         (mlp, lambda t: record(store, t))]):  # fmt: skip
+    with edited_outputs(
+        [(arch.module(model, layer), lambda t: record(store, t)), (mlp, lambda t: record(store, t))]
+    ):
         arch.base_model(model)(
             input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
         )
@@ -285,9 +314,15 @@ def _run_from(model, arch: ArchSpec, start: int, n_layers: int, hidden, batch) -
 
 # -- second moments ------------------------------------------------------------------------------
 def covariance(
-    model: Any, tok: Any, arch: ArchSpec, layers: Sequence[int], corpus: Corpus,
-    max_length: int = 256, batch_size: int = 16, cache: bool = True,
-) -> dict[int, tuple[torch.Tensor, int]]:  # fmt: skip
+    model: Any,
+    tok: Any,
+    arch: ArchSpec,
+    layers: Sequence[int],
+    corpus: Corpus,
+    max_length: int = 256,
+    batch_size: int = 16,
+    cache: bool = True,
+) -> dict[int, tuple[torch.Tensor, int]]:
     """{layer: (Σ k kᵀ in float64 on the CPU, number of tokens)} over ``corpus``; cached by the
     weights' hash (``model.medit_weights_sha256``), layer and corpus hash where the hash is known."""
     sha = getattr(model, "medit_weights_sha256", None) if cache else None
@@ -302,8 +337,12 @@ def covariance(
     if todo:
         t0 = time.perf_counter()
         fresh = _accumulate(model, tok, arch, todo, corpus, max_length, batch_size)
-        log.info("second moments of layers %s over %d tokens in %.1f s", todo,
-                 next(iter(fresh.values()))[1], time.perf_counter() - t0)  # fmt: skip
+        log.info(
+            "second moments of layers %s over %d tokens in %.1f s",
+            todo,
+            next(iter(fresh.values()))[1],
+            time.perf_counter() - t0,
+        )
         for layer, value in fresh.items():
             out[layer] = value
             if sha:
@@ -312,8 +351,9 @@ def covariance(
 
 
 def _cov_key(sha, arch, layer, corpus: Corpus, max_length) -> str:
-    blob = json.dumps(["medit.mom2/1", sha, arch.weight_name(layer, "mlp_out"), corpus.sha256,
-                       max_length])  # fmt: skip
+    blob = json.dumps(
+        ["medit.mom2/1", sha, arch.weight_name(layer, "mlp_out"), corpus.sha256, max_length]
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
@@ -356,8 +396,10 @@ def _accumulate(model, tok, arch, layers, corpus: Corpus, max_length, batch_size
         for j, c in enumerate(part):
             ids[j, : len(c)], mask[j, : len(c)] = torch.tensor(c), 1
         ids, mask = ids.to(device), mask.to(device)
-        got = capture_inputs(modules, lambda: base(input_ids=ids, attention_mask=mask,  # noqa: B023
-                                                   use_cache=False))  # fmt: skip
+        got = capture_inputs(
+            modules,
+            functools.partial(base, input_ids=ids, attention_mask=mask, use_cache=False),
+        )
         real = mask.bool()
         count += int(real.sum())
         for layer, x in zip(sorted(layers), got, strict=True):

@@ -56,10 +56,11 @@ class RoutingConfig:
 
     def __post_init__(self):
         if self.mode not in ROUTING_MODES:
-            raise UserError(f"routing must be one of {', '.join(ROUTING_MODES)}, "
-                             f"not {self.mode!r}")  # fmt: skip
-        for off, on in ((self.gate_off, self.gate_on),
-                        (self.gate_off_unmentioned, self.gate_on_unmentioned)):  # fmt: skip
+            raise UserError(f"routing must be one of {', '.join(ROUTING_MODES)}, not {self.mode!r}")
+        for off, on in (
+            (self.gate_off, self.gate_on),
+            (self.gate_off_unmentioned, self.gate_on_unmentioned),
+        ):
             if not -1.0 <= off < on <= 1.0:
                 raise UserError("need -1 <= gate_off < gate_on <= 1 (both pairs)")
         if not 0.0 <= self.route_depth <= 1.0:
@@ -89,8 +90,14 @@ class AdapterBank:
     """Adapters installed on a model, routed per batch row. One bank per model, at
     ``model.medit_router`` while it holds adapters."""
 
-    def __init__(self, model: Any, tok: Any, arch: ArchSpec, routing: RoutingConfig,
-                 oracle_scales: Callable[[str], dict[str, float]] | None = None):  # fmt: skip
+    def __init__(
+        self,
+        model: Any,
+        tok: Any,
+        arch: ArchSpec,
+        routing: RoutingConfig,
+        oracle_scales: Callable[[str], dict[str, float]] | None = None,
+    ):
         self.model, self.tok, self.arch, self.routing = model, tok, arch, routing
         self.oracle_scales = oracle_scales  #: prompt -> module -> alpha (oracle mode)
         self.adapters: list[Adapter] = []
@@ -110,8 +117,10 @@ class AdapterBank:
         if bank is None:
             bank = cls(model, tok, arch, routing, **kw)
         elif bank.routing != routing:
-            raise UserError(f"the model already carries adapters routed with {bank.routing}; "
-                             f"cannot add adapters routed with {routing}")  # fmt: skip
+            raise UserError(
+                f"the model already carries adapters routed with {bank.routing}; "
+                f"cannot add adapters routed with {routing}"
+            )
         return bank
 
     def add(self, *adapters: Adapter) -> None:
@@ -189,10 +198,17 @@ class AdapterBank:
         was, self.enabled = self.enabled, False
         try:
             for i in range(0, len(prompts), batch_size):
-                enc = self.tok(list(prompts[i : i + batch_size]), return_tensors="pt",
-                               padding=True).to(device)  # fmt: skip
-                hidden = capture_input(self.arch.module(self.model, layer), lambda e=enc: base(
-                    input_ids=e["input_ids"], attention_mask=e["attention_mask"], use_cache=False))  # fmt: skip
+                enc = self.tok(
+                    list(prompts[i : i + batch_size]), return_tensors="pt", padding=True
+                ).to(device)
+                hidden = capture_input(
+                    self.arch.module(self.model, layer),
+                    lambda e=enc: base(
+                        input_ids=e["input_ids"],
+                        attention_mask=e["attention_mask"],
+                        use_cache=False,
+                    ),
+                )
                 for h, m in zip(hidden.float(), enc["attention_mask"].bool(), strict=True):
                     h = h[m]
                     out.append(h[1:] if len(h) > 1 else h)
@@ -222,9 +238,14 @@ class AdapterBank:
         own = [self.oracle_scales(p) for p in prompts] if mode == "oracle" else []  # type: ignore[misc]
         for name in self._stacks:
             if mode == "oracle":  # the prompt's own alpha over the chosen adapter's rank
-                c = torch.tensor([s.get(name, 0.0) / self.adapters[e].A[name].shape[0]
-                                  if name in self.adapters[e].A else 0.0
-                                  for s, e in zip(own, which.tolist(), strict=True)])  # fmt: skip
+                c = torch.tensor(
+                    [
+                        s.get(name, 0.0) / self.adapters[e].A[name].shape[0]
+                        if name in self.adapters[e].A
+                        else 0.0
+                        for s, e in zip(own, which.tolist(), strict=True)
+                    ]
+                )
             else:
                 c = torch.tensor([self.adapters[e].scale.get(name, 0.0) for e in which.tolist()])
             coeff[name] = (gate * c).to(device)
@@ -240,8 +261,11 @@ class AdapterBank:
         keys = torch.stack([a.key for a in self.adapters]).cpu()
         reps = self.represent(prompts).cpu()
         k = min(self.routing.candidates, len(self.adapters))
-        dist, idx = NearestNeighbors(n_neighbors=k, metric="cosine").fit(keys.numpy()).kneighbors(
-            reps.numpy())  # fmt: skip
+        dist, idx = (
+            NearestNeighbors(n_neighbors=k, metric="cosine")
+            .fit(keys.numpy())
+            .kneighbors(reps.numpy())
+        )
         r = self.routing
         which, gate = torch.zeros(len(prompts), dtype=torch.long), torch.zeros(len(prompts))
         for row, prompt in enumerate(prompts):
@@ -250,8 +274,11 @@ class AdapterBank:
             for d, e in zip(dist[row], idx[row], strict=True):
                 subject = self.adapters[e].subject
                 mentioned = not subject or normalise(subject) in text
-                off, on = (r.gate_off, r.gate_on) if mentioned else (
-                    r.gate_off_unmentioned, r.gate_on_unmentioned)  # fmt: skip
+                off, on = (
+                    (r.gate_off, r.gate_on)
+                    if mentioned
+                    else (r.gate_off_unmentioned, r.gate_on_unmentioned)
+                )
                 g = min(max((1.0 - float(d) - off) / (on - off), 0.0), 1.0)
                 if g > gate[row]:
                     which[row], gate[row] = int(e), g
@@ -274,15 +301,26 @@ class AdapterBank:
             return None
         ids = kwargs.get("input_ids", args[0] if args else None)
         past = passed_cache(kwargs)
-        if (past is not None and past.get_seq_length() > 0 and self._state is not None
-                and ids is not None and self._state[0].shape[0] == ids.shape[0]):  # fmt: skip
+        if (
+            past is not None
+            and past.get_seq_length() > 0
+            and self._state is not None
+            and ids is not None
+            and self._state[0].shape[0] == ids.shape[0]
+        ):
             return None  # decoding: keep the routing of the sequence's prefill
         # a new sequence (or a cache this bank did not see filled: route by the tokens given)
         if ids is None:
             raise UserError("medlasa routing needs input_ids (got only inputs_embeds)")
         mask = kwargs.get("attention_mask")
-        rows = ids.tolist() if mask is None else [
-            [t for t, m in zip(r, mr, strict=True) if m] for r, mr in zip(ids.tolist(), mask.tolist(), strict=True)]  # fmt: skip
+        rows = (
+            ids.tolist()
+            if mask is None
+            else [
+                [t for t, m in zip(r, mr, strict=True) if m]
+                for r, mr in zip(ids.tolist(), mask.tolist(), strict=True)
+            ]
+        )
         self._state = self._coefficients(self.tok.batch_decode(rows, skip_special_tokens=True))
         return None
 
@@ -313,8 +351,9 @@ class AdapterBank:
         return hook
 
 
-def lora_init(r: int, n_in: int, n_out: int, device, dtype,
-              generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def lora_init(
+    r: int, n_in: int, n_out: int, device, dtype, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """LoRA's initialisation (as in peft): A Kaiming-uniform (a = sqrt 5), B zero."""
     A = torch.empty(r, n_in, dtype=dtype)
     torch.nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
