@@ -1,6 +1,7 @@
 # medit — the two set-up commands of the README:
 #   make demo   creates .venv, installs medit, corrects the built-in facts in the default model
 #   make test   creates .venv if needed, runs the whole test suite
+# make lint: ruff, then lint-imports (layers, no import cycles: [tool.importlinter] in pyproject.toml).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.medit-installed
@@ -26,6 +27,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check medit tests benchmarks
 	$(VENV)/bin/ruff format --check medit tests benchmarks
+	$(VENV)/bin/lint-imports
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_ft.py

@@ -30,8 +30,8 @@ from medit.core.hooks import frozen_prefix  # noqa: E402
 from medit.core.models import builtin_gguf_path, load_model  # noqa: E402
 from medit.core.results import peak_memory_mb  # noqa: E402
 from medit.core.text import teacher_batch  # noqa: E402
-from medit.editors.base import make_editor  # noqa: E402
 from medit.editors.ft import _entering_hidden  # noqa: E402
+from medit.editors.registry import make_editor  # noqa: E402
 from medit.facts.requests import load_requests  # noqa: E402
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from medit import journal  # noqa: E402
+from medit.artifacts import journal  # noqa: E402
 
 
 def _entry(i: int, n_requests: int) -> dict:

@@ -30,9 +30,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from medit.core.models import DEFAULT_MODEL, load_model  # noqa: E402
-from medit.editors.base import make_editor  # noqa: E402
 from medit.editors.locate import keys as _keys  # noqa: E402
 from medit.editors.locate.common import base_corpus  # noqa: E402
+from medit.editors.registry import make_editor  # noqa: E402
 from medit.facts.corpus import Corpus  # noqa: E402
 from medit.facts.requests import load_requests  # noqa: E402
 from medit.tracing.trace import request_subjects  # noqa: E402

@@ -24,8 +24,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from medit.core.models import DEFAULT_MODEL, load_model  # noqa: E402
-from medit.editors.base import make_editor  # noqa: E402
+from medit.editors import medlasa as M  # noqa: E402
 from medit.editors.medlasa import train_adapter  # noqa: E402
+from medit.editors.patching.bank import bank_of  # noqa: E402
+from medit.editors.registry import make_editor  # noqa: E402
 from medit.evaluation import EvalConfig, evaluate  # noqa: E402
 from medit.facts.requests import load_requests  # noqa: E402
 
@@ -60,10 +62,8 @@ def main() -> None:
     editor = make_editor("medlasa", lr=args.lr)
     results, rows = [], []
     for req in reqs:
-        from medit.editors import medlasa as M
-
         hp = editor.hparams_for(lm.model)
-        bank = getattr(lm.model, "medit_router", None)
+        bank = bank_of(lm.model)
         if bank is not None:
             bank.enabled = False  # trace and time the base model, as the editor does
         t = time.perf_counter()

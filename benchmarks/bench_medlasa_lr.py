@@ -25,8 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from medit.core.models import DEFAULT_MODEL, load_model  # noqa: E402
-from medit.editors.base import make_editor  # noqa: E402
-from medit.editors.patching.routing import ROUTER  # noqa: E402
+from medit.editors.patching.bank import bank_of  # noqa: E402
+from medit.editors.registry import make_editor  # noqa: E402
 from medit.evaluation import EvalConfig, aggregate, evaluate  # noqa: E402
 from medit.facts.requests import load_requests  # noqa: E402
 
@@ -41,16 +41,16 @@ def sweep(lm, reqs, lr: float, preset: str, reference) -> dict:
         result = editor.apply(lm.model, lm.tokenizer, [req])
         seconds.append(result.seconds)
         losses.append(result.diagnostics[0]["losses"][-1])
-        bank = getattr(lm.model, ROUTER)
+        router = bank_of(lm.model).router
         routed += evaluate(lm.model, lm.tokenizer, lm.arch, [req], cfg, reference[i : i + 1])
-        nearest = bank.routing
-        bank.routing = dataclasses.replace(nearest, mode="always")
+        nearest = router.routing
+        router.routing = dataclasses.replace(nearest, mode="always")
         try:
             everywhere += evaluate(
                 lm.model, lm.tokenizer, lm.arch, [req], cfg, reference[i : i + 1]
             )
         finally:
-            bank.routing = nearest
+            router.routing = nearest
         result.restore()
         print(f"  lr {lr:g}: {i + 1}/{len(reqs)} final loss {losses[-1]:.3f}", flush=True)
     a, b = aggregate(routed), aggregate(everywhere)

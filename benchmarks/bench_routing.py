@@ -24,7 +24,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from medit.core.models import DEFAULT_MODEL, load_model  # noqa: E402
-from medit.editors.patching.adapters import Adapter, AdapterBank, RoutingConfig  # noqa: E402
+from medit.editors.patching.adapters import Adapter  # noqa: E402
+from medit.editors.patching.bank import PatchBank  # noqa: E402
+from medit.editors.patching.routing import RoutingConfig, SequenceRouter  # noqa: E402
 from medit.facts.requests import load_requests  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -39,10 +41,12 @@ def main() -> None:
     args = ap.parse_args()
     reqs = load_requests(args.data)[: args.n]
     lm = load_model(args.model)
-    bank = AdapterBank(lm.model, lm.tokenizer, lm.arch, RoutingConfig())
+    patches = PatchBank(lm.model, lm.arch)
+    bank = SequenceRouter(patches, lm.tokenizer, RoutingConfig())
+    patches.router = bank
     t = time.perf_counter()
-    keys = bank.represent([r.prompt for r in reqs])
-    bank.adapters = [
+    keys = bank.represent(bank._encode([r.prompt for r in reqs]))
+    patches.patches = [
         Adapter(r.id, r.prompt, {}, {}, {}, key=k, subject=r.subject or "")
         for r, k in zip(reqs, keys, strict=True)
     ]
@@ -57,8 +61,9 @@ def main() -> None:
         if not inputs:
             continue
         n_inputs += len(inputs)
-        which, gate = bank._nearest([p for _, p in inputs])
-        reps = bank.represent([p for _, p in inputs])
+        rows = bank._encode([p for _, p in inputs])
+        which, gate = bank._nearest(rows, [p for _, p in inputs])
+        reps = bank.represent(rows)
         for (group, _), w, g, rep in zip(inputs, which.tolist(), gate.tolist(), reps, strict=True):
             own = w == i  # routed to its own case's edit
             groups.setdefault(group, []).append((g, own))

@@ -23,13 +23,14 @@ from medit.artifacts.weights import (
     apply_artifact,
     find_artifact,
     read_artifact,
-    read_state,
     write_model_dir,
 )
 from medit.core.errors import UserError
 from medit.core.fs import atomic_dir, atomic_write_text, check_disjoint, check_out, file_sha256
 from medit.core.models import LoadedModel, load_model, state_dict_sha256
-from medit.editors.adapter_result import is_adapter_artifact, load_adapter_artifact
+from medit.core.results import read_json_object
+from medit.editors.load import load_edit
+from medit.editors.patching.adapters import is_adapter_artifact, read_adapters
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,13 +58,7 @@ def _artifact_manifest(source: str) -> tuple[dict[str, Any], Path]:
     """The manifest of a run directory's or artifact's edit, read before any model loads."""
     adapter = is_adapter_artifact(source)
     if adapter is not None:
-        from medit.artifacts.weights import open_safetensors
-
-        with open_safetensors(adapter) as f:
-            meta = f.metadata() or {}
-        if "medit_manifest" not in meta:
-            raise UserError(f"{adapter} is not a medit edit artifact (no manifest)")
-        return json.loads(meta["medit_manifest"]), adapter
+        return read_adapters(adapter)[0], adapter
     file = find_artifact(source)
     return read_artifact(file)[0], file
 
@@ -81,37 +76,17 @@ def apply_edit(cfg: ApplyConfig) -> dict[str, Any]:
             "refusing to apply it to another model"
         )
     with atomic_dir(cfg.out, "model") as tmp:
-        if manifest.get("kind") == "adapters":
-            result = load_adapter_artifact(lm.model, lm.tokenizer, file)
-            with result.merged_into_model():
-                edited_sha = state_dict_sha256(lm.model)
-            savedmodel.write_edited(
-                tmp,
-                lm,
-                result,
-                method=manifest["method"],
-                hparams=manifest["hparams"],
-                edited_sha=edited_sha,
-            )
-        else:
-            apply_artifact(lm.model, file)
+        result = load_edit(lm.model, lm.tokenizer, file)
+        with result.merged():
             edited_sha = state_dict_sha256(lm.model)
-            _, edited, originals = read_artifact(file)
-            write_model_dir(
-                lm.model,
-                lm.tokenizer,
-                tmp,
-                delta=dict(
-                    method=manifest["method"],
-                    hparams=manifest["hparams"],
-                    edited=edited,
-                    originals=originals,
-                    state=read_state(file) or None,
-                    base_model=lm.spec,
-                    base_weights_sha256=lm.weights_sha256,
-                    edited_weights_sha256=edited_sha,
-                ),
-            )
+        savedmodel.write_edited(
+            tmp,
+            lm,
+            result,
+            method=manifest["method"],
+            hparams=manifest["hparams"],
+            edited_sha=edited_sha,
+        )
         requests = _manifest_requests(cfg.source, manifest)
         artifacts = {f"edit:{file.name}": file_sha256(file)}
         artifacts |= savedmodel.hashes(tmp, ".", "model:", weights_only=True)
@@ -204,8 +179,6 @@ def _run_results(source: str) -> dict[str, Any] | None:
     path = Path(source) / "results.json"
     if not path.is_file():
         return None
-    from medit.core.results import read_json_object
-
     return read_json_object(path)
 
 

@@ -306,8 +306,8 @@ def generate(model, artifact, prompts, prompts_file, max_new_tokens, device, dty
     all_prompts = list(prompts) + (read_prompts(prompts_file) if prompts_file else [])
     if not all_prompts:
         raise UserError("give --prompt TEXT or --prompts FILE")
-    from medit.artifacts.weights import load_edit
     from medit.core.models import load_model
+    from medit.editors.load import load_edit
     from medit.evaluation import generate as greedy
 
     lm = load_model(model, device, dtype)
@@ -792,24 +792,31 @@ def models():
 
 @main.command()
 @click.argument("name", required=False)
+@click.option("--model", default=None, help="Also say which defaults apply to this model.")
 @_user_errors
-def methods(name):
-    """Editors and their hyper-parameters (with per-family defaults)."""
-    from medit.editors.base import METHODS, get_editor_class
+def methods(name, model):
+    """Editors, their hyper-parameters, presets and per-family / per-size defaults."""
+    from medit.editors.registry import METHODS, get_editor_class
 
     for method in [name] if name else list(METHODS):
         cls = get_editor_class(method)
-        caps = cls.capabilities
-        modes = (
-            ["single"]
-            + (["batch"] if caps.batch else [])
-            + (["sequential"] if caps.sequential else [])
-        )
+        modes = ["single", *(["batch"] if cls.capabilities.batch else []), "sequential"]
         click.echo(f"{method}: {cls.summary}  [modes: {', '.join(modes)}]")
         for field, default, help_text in cls.hparams_class.describe():
             click.echo(f"    {field:18s} {default!r:14s} {help_text}")
-        for family, values in cls.hparams_class.FAMILY_DEFAULTS.items():
-            click.echo(f"    defaults for {family}: {values}")
+        for preset in cls.hparams_class.PRESETS:
+            click.echo(f"    preset {preset}: {cls.hparams_class.PRESETS[preset]}")
+        for row in cls.hparams_class.DEFAULTS:
+            click.echo(f"    defaults for {row.describe()}")
+        if model:
+            from medit.core.arch import get_arch, parameter_count
+            from medit.core.models import load_config
+
+            config = load_config(model)
+            n = parameter_count(config)
+            rows = cls.hparams_class.defaults_for(get_arch(config).family, n)
+            applied = "; ".join(r.describe() for r in rows) or "the field defaults only"
+            click.echo(f"    for {model} (~{n / 1e6:.0f}M parameters): {applied}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -27,9 +27,8 @@ from tqdm.auto import tqdm
 
 from medit.core.arch import ArchSpec, get_arch
 from medit.core.errors import UserError
-from medit.core.forward import cache_kwargs, logits_at
-from medit.core.text import encode_pair, left_padded, normalise, teacher_batch
-from medit.editors.patching.routing import prompts_for_rows, select_rows
+from medit.core.forward import cache_kwargs, prefix_logits
+from medit.core.text import encode_pair, left_padded, normalise, prefix_batch
 from medit.facts.requests import EditRequest
 
 
@@ -80,16 +79,17 @@ def score_targets(
     bar: Any = None,
 ) -> list[TargetScore]:
     """Teacher-forced scores of (prompt, target) pairs, batched; logits only at target rows.
+    Each prompt is presented as generation presents it (a prefill, then the target on its KV
+    cache), so input-routed edits route on the prompt alone.
     ``bar``: a tqdm progress bar advanced by one per pair."""
     device = next(model.parameters()).device
     _grow(bar, len(pairs))
     lengths = [len(p) + len(t) for p, t in pairs]  # characters: a cheap proxy for tokens
     results: list[TargetScore | None] = [None] * len(pairs)
     for idx in _length_order(lengths, batch_size):
-        batch = teacher_batch(tok, [pairs[i][0] for i in idx], [pairs[i][1] for i in idx])
+        batch = prefix_batch(tok, [pairs[i][0] for i in idx], [pairs[i][1] for i in idx])
         batch = batch.to(device)
-        with prompts_for_rows(model, [pairs[i][0] for i in idx]):
-            logits = logits_at(model, arch, batch)
+        logits = prefix_logits(model, arch, batch)  # (N, V)
         logp = torch.log_softmax(logits.float(), dim=-1)
         label_lp = logp.gather(1, batch.labels[:, None]).squeeze(1).cpu()
         argmax = logp.argmax(-1).cpu()
@@ -117,10 +117,7 @@ def generate_ids(
     out: list[list[int] | None] = [None] * len(prompts)
     for idx in _length_order([len(p) for p in prompts], batch_size):
         enc = left_padded(tok, [prompts[i] for i in idx], device)
-        with prompts_for_rows(model, [prompts[i] for i in idx]):
-            rows = _greedy(
-                model, arch, enc["input_ids"], enc["attention_mask"], max_new_tokens, stop
-            )
+        rows = _greedy(model, arch, enc["input_ids"], enc["attention_mask"], max_new_tokens, stop)
         for i, row in zip(idx, rows, strict=True):
             out[i] = row
     return out  # type: ignore[return-value]
@@ -156,8 +153,7 @@ def _greedy(model, arch: ArchSpec, ids, mask, max_new_tokens: int, stop) -> list
             break
         if keep.numel() < alive.numel():
             alive, nxt, mask, step_pos = alive[keep], nxt[keep], mask[keep], step_pos[keep]
-            cache.reorder_cache(keep)
-            select_rows(model, keep)
+            cache.reorder_cache(keep)  # routing state follows the cache's rows
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         step_ids, step_pos = nxt[:, None], step_pos[:, -1:] + 1
     return rows

@@ -22,7 +22,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import random
 import time
 from pathlib import Path
 from typing import Any
@@ -35,13 +34,13 @@ from medit.core import results as R
 from medit.core.errors import UserError
 from medit.core.fs import atomic_dir, atomic_write_text, check_disjoint, check_out
 from medit.core.models import DEFAULT_MODEL, load_config, load_model, state_dict_sha256
-from medit.editors.base import EditResult, make_editor
+from medit.editors.registry import make_editor
+from medit.editors.results import EditResult
 from medit.evaluation import EvalConfig, aggregate, evaluate
 from medit.facts.requests import check_lengths, context_length, load_requests
+from medit.loop import MODES, Plan, run_edits, set_seed
 
 log = logging.getLogger(__name__)
-
-MODES = ("single", "batch", "sequential")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,17 +77,6 @@ class RunConfig:
             )
         if self.limit is not None and self.limit < 1:
             raise UserError("--limit must be >= 1")
-
-
-def set_seed(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-    try:
-        import numpy as np
-
-        np.random.seed(seed)
-    except ImportError:
-        pass
 
 
 def check_paths(cfg: RunConfig) -> tuple[Path, Path]:
@@ -169,15 +157,12 @@ def _bar(cfg: RunConfig, desc: str) -> str | None:
     return None if cfg.quiet else desc
 
 
-def _edited_sha256(model: Any, combined: Any) -> str | None:
-    """The hash of the edited weights: for adapter edits, of the weights with the adapters merged
-    in (what ``--save-model`` and ``medit apply`` write); the base weights are untouched."""
+def _edited_sha256(model: Any, combined: EditResult | None) -> str | None:
+    """The hash of the edited weights (for a module edit, with its patches merged in: what
+    ``--save-model`` and ``medit apply`` write)."""
     if combined is None:
         return None
-    merged = getattr(combined, "merged_into_model", None)
-    if merged is None:
-        return state_dict_sha256(model)
-    with merged():
+    with combined.merged():
         return state_dict_sha256(model)
 
 
@@ -226,30 +211,16 @@ def _save_model(cfg, directory, combined, res, lm, edited_sha) -> None:
 
 def _run_mode(cfg, editor, lm, requests, pre, bar):
     """Apply the edits in the configured mode; return (post states, edit results, combined)."""
-    model, tok, arch = lm.model, lm.tokenizer, lm.arch
-    if cfg.mode == "single":
-        post, edits = [], []
-        for i, req in enumerate(requests):
-            result = editor.apply(model, tok, [req])
-            post += evaluate(model, tok, arch, [req], cfg.eval, reference=[pre[i]])
-            result.restore()
-            edits.append(result)
-            bar.update(1)
-        return post, edits, None
-    if cfg.mode == "batch":
-        combined = editor.apply(model, tok, requests)
-        bar.update(len(requests))
-        edits = [combined]
-    else:  # sequential: one after another, never restored in between
-        edits = []
-        for req in requests:
-            edits.append(editor.apply(model, tok, [req]))
-            bar.update(1)
-        combined = type(edits[0]).combine(edits)
-    post = evaluate(
-        model, tok, arch, requests, cfg.eval, reference=pre, progress=_bar(cfg, "evaluating after")
+    post: list[Any] = [None] * len(requests)
+
+    def on_case(i, state, _seconds, _result):
+        post[i] = state
+
+    plan = Plan(
+        cfg.mode, cfg.eval, keep=cfg.mode != "single", progress=_bar(cfg, "evaluating after")
     )
-    return post, edits, combined
+    outcome = run_edits(editor, lm, requests, pre, plan, on_case, bar)
+    return post, outcome.edits, outcome.combined
 
 
 def _per_request(edits: list[EditResult], n: int) -> list[dict[str, Any]]:

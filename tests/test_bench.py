@@ -13,7 +13,8 @@ from medit.bench.metrics import (
     quality_flags,
     rouge_l,
 )
-from medit.bench.runner import BenchConfig, read_cases, run_bench
+from medit.bench.runner import BenchConfig, run_bench
+from medit.bench.store import read_cases
 from medit.bench.suites import get_suite
 from medit.facts.requests import RequestError, parse_record
 from tests.conftest import need_data
@@ -177,7 +178,7 @@ def test_resume_after_a_crash_gives_the_same_aggregate(
     whole = run_bench(BenchConfig(out=str(tmp_path / "whole"), **common))
 
     crashed = tmp_path / "crashed"
-    real_append, calls = bench_runner._append, []
+    real_append, calls = bench_runner.append_case, []
 
     def crash_after_three(out, record):
         if len(calls) == 3:
@@ -187,10 +188,10 @@ def test_resume_after_a_crash_gives_the_same_aggregate(
         calls.append(record["case"])
         real_append(out, record)
 
-    monkeypatch.setattr(bench_runner, "_append", crash_after_three)
+    monkeypatch.setattr(bench_runner, "append_case", crash_after_three)
     with pytest.raises(KeyboardInterrupt):
         run_bench(BenchConfig(out=str(crashed), **common))
-    monkeypatch.setattr(bench_runner, "_append", real_append)
+    monkeypatch.setattr(bench_runner, "append_case", real_append)
     with pytest.raises(ValueError, match="pass --resume"):
         run_bench(BenchConfig(out=str(crashed), **common))
     resumed = run_bench(BenchConfig(out=str(crashed), resume=True, **common))
@@ -228,11 +229,11 @@ def test_sequential_crash_between_edits_resumes_from_the_last_checkpoint(
     whole = run_bench(BenchConfig(out=str(tmp_path / "whole"), **common))
     real_apply, calls = Editor.apply, []
 
-    def counting_apply(self, model, tok, requests):
+    def counting_apply(self, model, tok, requests, prior=None):
         calls.append(requests[0].id)
         if len(calls) == 4 and crash:
             raise KeyboardInterrupt
-        return real_apply(self, model, tok, requests)
+        return real_apply(self, model, tok, requests, prior)
 
     monkeypatch.setattr(Editor, "apply", counting_apply)
     crash = True

@@ -15,11 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from medit.artifacts.weights import STATE
-from medit.editors.adapter_result import AdapterEditResult
-from medit.editors.base import METHODS
 from medit.editors.locate import common as locate
 from medit.editors.locate import keys as _keys
+from medit.editors.registry import METHODS
 from medit.runner import set_seed
 from tests.conftest import _tiny
 from tests.test_editors import _make, _reqs
@@ -67,12 +65,12 @@ def _edit(method, arch, tok, seed, cache: Path, monkeypatch) -> dict:
     assert not torch.equal(logits, before), "the edit left the outputs unchanged"
     out = {
         "weights": {k: v.detach().clone() for k, v in model.state_dict().items()},
-        "edited": {k: v.detach().clone() for k, v in result.edited_tensors().items()},
-        "state": dict(getattr(model, STATE, None) or {}),
+        "edited": {k: v.detach().clone() for k, v in result.merged_weights()[0].items()},
+        "state": dict(result.editor_state),
         "logits": logits,
         "cache": _cache_files(cache),
     }
-    if isinstance(result, AdapterEditResult):
+    if result.kind == "modules":
         out["adapters"] = [
             {
                 **{f"A:{m}": a.A[m] for m in a.A},
@@ -80,7 +78,7 @@ def _edit(method, arch, tok, seed, cache: Path, monkeypatch) -> dict:
                 "key": a.key,
                 "scale": a.scale,
             }
-            for a in result.adapters
+            for a in result.patches
         ]
     return out
 

@@ -7,9 +7,8 @@ import pytest
 import torch
 
 from medit.core.arch import get_arch
-from medit.editors.adapter_result import AdapterEditResult
-from medit.editors.base import METHODS, get_editor_class, make_editor
-from medit.editors.patching.routing import ROUTER
+from medit.editors.patching.bank import bank_of
+from medit.editors.registry import METHODS, get_editor_class, make_editor
 from medit.evaluation import score_targets
 from medit.facts.requests import parse_record
 
@@ -90,15 +89,15 @@ class TestEditorContract:
         logits = model(**ids).logits
         result = _make(method).apply(model, tok, REQS[:1])
         changed = [k for k, v in model.state_dict().items() if not torch.equal(v, original[k])]
-        if isinstance(result, AdapterEditResult):  # adapters beside the weights, none written
-            assert not changed and hasattr(model, ROUTER)
+        if result.kind == "modules":  # patches beside the weights, none written
+            assert not changed and bank_of(model) is not None
         else:
             assert changed and set(changed) <= set(result.names)
         assert not torch.equal(model(**ids).logits, logits)
         result.restore()
         assert result.state == "restored"
         assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())
-        assert torch.equal(model(**ids).logits, logits) and not hasattr(model, ROUTER)
+        assert torch.equal(model(**ids).logits, logits) and bank_of(model) is None
         assert all(not p.requires_grad or p.grad is None for p in model.parameters())
         assert not any("lora" in n for n, _ in model.named_modules())  # no peft layer left
 
@@ -109,7 +108,7 @@ class TestEditorContract:
         for _ in range(2):
             torch.manual_seed(0)
             result = _make(method).apply(model, tok, REQS[:1])
-            edits.append({k: v.clone() for k, v in result.edited_tensors().items()})
+            edits.append({k: v.clone() for k, v in result.merged_weights()[0].items()})
             result.restore()
         assert all(torch.equal(edits[0][k], edits[1][k]) for k in edits[0])
         assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())
@@ -132,7 +131,8 @@ class TestEditorContract:
         logits = model(**ids).logits
         results = [_make(method).apply(model, tok, [r]) for r in REQS]
         combined = type(results[0]).combine(results)
-        assert all(torch.equal(combined.originals[k], original[k]) for k in combined.originals)
+        originals = combined.merged_weights()[1]
+        assert all(torch.equal(originals[k], original[k]) for k in originals)
         combined.restore()
         assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())
         assert torch.equal(model(**ids).logits, logits)
@@ -155,7 +155,7 @@ def test_ft_m_trains_the_first_target_token(tiny_llama):
 def test_ft_l_respects_its_norm_constraint(tiny_llama):
     model, tok = tiny_llama
     result = make_editor("ft-l", norm_constraint=1e-3, lr=1e-2).apply(model, tok, REQS)
-    for name, value in result.edited_tensors().items():
+    for name, value in result.merged_weights()[0].items():
         assert (value - result.originals[name]).abs().max() <= 1e-3 + 1e-7
 
 
@@ -171,9 +171,9 @@ def test_frozen_prefix_training_equals_full_forward_training(tiny, monkeypatch):
 
     model, tok = tiny
     fast = make_editor("ft-m", steps=5).apply(model, tok, REQS)
-    fast_w = {k: v.clone() for k, v in fast.edited_tensors().items()}
+    fast_w = {k: v.clone() for k, v in fast.merged_weights()[0].items()}
     fast.restore()
     monkeypatch.setattr(ft, "frozen_prefix", lambda *a, **k: contextlib.nullcontext())
     slow = make_editor("ft-m", steps=5).apply(model, tok, REQS)
-    for k, v in slow.edited_tensors().items():
+    for k, v in slow.merged_weights()[0].items():
         assert torch.allclose(v, fast_w[k], atol=1e-6), k

@@ -9,7 +9,7 @@ from medit.artifacts.weights import apply_artifact, save_edited_model
 from medit.cli import main
 from medit.core.models import load_model
 from medit.core.results import read_results
-from medit.editors.base import make_editor
+from medit.editors.registry import make_editor
 from tests.test_editors import REQS
 
 
@@ -39,7 +39,7 @@ def test_saved_model_loads_with_transformers(tiny_model_dir, tmp_path):
         lm.tokenizer,
         tmp_path / "edited",
         delta=dict(
-            method="ft-m", hparams={}, edited=result.edited_tensors(), originals=result.originals
+            method="ft-m", hparams={}, edited=result.merged_weights()[0], originals=result.originals
         ),
     )
     assert (out / "medit-delta.safetensors").is_file() and any(out.glob("*.safetensors"))

@@ -28,7 +28,7 @@ _CHILD = """
 import os, signal, sys
 from pathlib import Path
 import safetensors.torch as st
-import medit.artifacts.weights, medit.editors.adapter_result
+import medit.artifacts.weights, medit.editors.patching.adapters
 real, calls = st.save_file, []
 
 def dying(tensors, filename, metadata=None):
@@ -41,7 +41,7 @@ def dying(tensors, filename, metadata=None):
     real(tensors, filename, metadata=metadata)
 
 medit.artifacts.weights.save_file = dying
-medit.editors.adapter_result.save_file = dying
+medit.editors.patching.adapters.save_file = dying
 import transformers.modeling_utils as mu
 real_save_pretrained = mu.PreTrainedModel.save_pretrained
 

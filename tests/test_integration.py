@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from medit.core.models import builtin_gguf_path, load_model, state_dict_sha256
-from medit.editors.base import make_editor
+from medit.editors.registry import make_editor
 from medit.evaluation import EvalConfig, evaluate, generate, states_answer
 from medit.facts.requests import load_requests
 
@@ -62,7 +62,7 @@ def test_rome_raises_the_target_on_the_default_model_and_restores_exactly(smollm
     after = score_targets(model, tok, arch, [(req.prompt, req.target_new)])[0].logprob
     assert after > before + 3.0, (before, after)
     name = result.names[0]
-    delta = (result.edited_tensors()[name] - result.originals[name]).double()
+    delta = (result.merged_weights()[0][name] - result.originals[name]).double()
     assert torch.linalg.matrix_rank(delta, rtol=1e-5) == 1
     result.restore()
     assert state_dict_sha256(model) == base_hash

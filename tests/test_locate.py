@@ -7,14 +7,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from medit.artifacts.weights import STATE, apply_artifact
+from medit.artifacts.peft import low_rank_approx
 from medit.cli import main
 from medit.core.arch import get_arch
-from medit.editors.adapter_result import low_rank_approx
-from medit.editors.base import make_editor
+from medit.editors.load import load_edit
 from medit.editors.locate import keys as _keys
 from medit.editors.locate.common import second_moments
 from medit.editors.locate.keys import covariance, optimise_values, template_keys
+from medit.editors.registry import make_editor
 from medit.editors.rome import rank_one_update
 from medit.evaluation import score_targets
 from medit.facts.corpus import Corpus, file_corpus
@@ -111,11 +111,17 @@ def test_alphaedit_leaves_the_preserved_keys_outputs_unchanged(tiny_llama, tmp_p
         assert (dW @ K0[layer].T).norm() < 1e-4 * dW.norm() * K0[layer].norm()
     dims = result.diagnostics[0]["null_space_dims"]
     assert all(0 < d < 128 for d in dims)
-    # sequential: the keys of this edit are accumulated on the model; restore takes them back
-    state = getattr(model, STATE)
+    # sequential: the keys of this edit travel with the result (not on the model) ...
+    state = result.editor_state
     assert set(state) == {f"alphaedit.KKt.{layer}" for layer in (0, 1, 2)}
-    result.restore()
-    assert not hasattr(model, STATE)
+    assert not hasattr(model, "medit_state")
+    # ... and the next edit of the sequence builds on them: its state holds both edits' keys
+    second = editor.apply(model, tok, REQS[1:2], prior=result)
+    for name, kk in second.editor_state.items():
+        assert torch.linalg.matrix_norm(kk) > torch.linalg.matrix_norm(state[name])
+    combined = type(result).combine([result, second])
+    assert all(torch.equal(combined.editor_state[k], v) for k, v in second.editor_state.items())
+    combined.restore()
 
 
 def _corpus_keys(model, tok, arch, layer, corpus: Corpus) -> torch.Tensor:
@@ -131,14 +137,14 @@ def _corpus_keys(model, tok, arch, layer, corpus: Corpus) -> torch.Tensor:
 def test_alphaedit_state_travels_with_the_artifact(tiny_llama, tmp_path):
     model, tok = tiny_llama
     result = make_editor("alphaedit", L2=1e-4, **STRONG).apply(model, tok, REQS[:1])
-    state = {k: v.clone() for k, v in getattr(model, STATE).items()}
+    state = {k: v.clone() for k, v in result.editor_state.items()}
+    assert state
     result.export(tmp_path)
     result.restore()
-    assert not hasattr(model, STATE)
-    apply_artifact(model, tmp_path)
-    assert all(torch.equal(getattr(model, STATE)[k], v) for k, v in state.items())
-    apply_artifact(model, tmp_path, revert=True)
-    assert not hasattr(model, STATE)
+    loaded = load_edit(model, tok, tmp_path)
+    assert set(loaded.editor_state) == set(state)
+    assert all(torch.equal(loaded.editor_state[k], v) for k, v in state.items())
+    loaded.restore()
 
 
 @pytest.mark.parametrize("method", ["rome", "memit", "alphaedit"])

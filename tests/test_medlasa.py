@@ -6,15 +6,15 @@ import pytest
 import torch
 
 from medit.core.arch import get_arch
-from medit.editors.base import make_editor
+from medit.editors.load import load_edit
 from medit.editors.medlasa import (
     layer_alphas,
     layer_ranks,
     module_plan,
     normalise_profile,
 )
-from medit.editors.patching.adapters import AdapterBank
-from medit.editors.patching.routing import ROUTER, prompts_for_rows
+from medit.editors.patching.bank import bank_of
+from medit.editors.registry import make_editor
 from medit.evaluation import score_targets
 from medit.facts.requests import parse_record
 
@@ -68,16 +68,15 @@ def _edit(model, tok, reqs=REQS, **hp):
 
 def _logits(model, tok, prompts):
     enc = tok(prompts, return_tensors="pt", padding=True)
-    with prompts_for_rows(model, prompts):
-        return model(**enc).logits, enc["attention_mask"].bool()
+    return model(**enc).logits, enc["attention_mask"].bool()
 
 
 def test_per_row_routing_in_a_batch_equals_each_row_alone(tiny_llama):
     model, tok = tiny_llama
     _edit(model, tok)
-    bank = getattr(model, ROUTER)
+    bank = bank_of(model).router
     prompts = [REQS[1].prompt, FAR, REQS[0].prompt]
-    which, coeff = bank._coefficients(prompts)
+    which, coeff = bank.route_prompts(prompts)
     assert which[0] == 1 and which[2] == 0  # each edit prompt routes to its own adapter
     batched, mask = _logits(model, tok, prompts)
     for i, p in enumerate(prompts):
@@ -101,8 +100,8 @@ def test_an_input_far_from_every_edit_sees_the_base_model(tiny_llama):
         gate_on_unmentioned=0.9999,
         gate_off_unmentioned=0.999,
     )
-    bank = getattr(model, ROUTER)
-    _, coeff = bank._coefficients([FAR, REQS[0].prompt])
+    bank = bank_of(model).router
+    _, coeff = bank.route_prompts([FAR, REQS[0].prompt])
     assert all(c[0] == 0 for c in coeff.values()) and all(c[1] > 0 for c in coeff.values())
     edited, _ = _logits(model, tok, [FAR])
     assert torch.equal(edited, base)
@@ -120,14 +119,14 @@ def test_unrouted_callers_route_by_their_own_input(tiny_llama):
     direct = model(**enc).logits
     routed, _ = _logits(model, tok, [REQS[0].prompt])
     torch.testing.assert_close(direct, routed)
-    bank = getattr(model, ROUTER)
+    bank = bank_of(model).router
     calls = []
-    real = bank._coefficients
-    bank._coefficients = lambda prompts: calls.append(list(prompts)) or real(prompts)
+    real = bank._route
+    bank._route = lambda rows: calls.append(tok.batch_decode(rows)) or real(rows)
     try:
         out = model.generate(**enc, max_new_tokens=3, do_sample=False, pad_token_id=0)
     finally:
-        del bank._coefficients
+        del bank._route
     assert out.shape[1] == enc["input_ids"].shape[1] + 3
     # decoding steps keep the routing of the prompt (whatever the KV cache keyword is called)
     assert calls == [[REQS[0].prompt]]
@@ -136,18 +135,16 @@ def test_unrouted_callers_route_by_their_own_input(tiny_llama):
 def test_oracle_mode_scales_each_input_by_its_own_trace(tiny_llama):
     model, tok = tiny_llama
     _edit(model, tok, reqs=REQS[:1], routing="oracle")
-    bank: AdapterBank = getattr(model, ROUTER)
-    _, coeff = bank._coefficients([REQS[0].prompt, FAR])
+    bank = bank_of(model).router
+    _, coeff = bank.route_prompts([REQS[0].prompt, FAR])
     name = get_arch(model).layer_path(0, "q")
-    rank = bank.adapters[0].A[name].shape[0]
+    rank = bank_of(model).patches[0].A[name].shape[0]
     alphas = {float(c[0] * rank) for c in coeff.values()}
     assert alphas <= {16.0, 16.0 + 8.0, 24.0, 32.0} | {a for a in alphas if 16 <= a <= 32}
     assert all(c[1] > 0 for c in coeff.values())  # the oracle never switches an adapter off
 
 
 def test_shared_adapter_is_one_pair_scaled_and_masked_per_edit(tiny_llama, tmp_path):
-    from medit.editors.adapter_result import load_adapter_artifact
-
     model, tok = tiny_llama
     arch = get_arch(model)
     pairs = [(r.prompt, r.target_new) for r in REQS]
@@ -169,7 +166,7 @@ def test_shared_adapter_is_one_pair_scaled_and_masked_per_edit(tiny_llama, tmp_p
         rank_mode="knowledge",
         traces=str(tmp_path / "traces.json"),
     )
-    first, second = result.adapters
+    first, second = result.patches
     assert len(result.diagnostics) == 1  # one training run for the whole call
     ranks_differ = False
     for n in first.A:
@@ -187,7 +184,7 @@ def test_shared_adapter_is_one_pair_scaled_and_masked_per_edit(tiny_llama, tmp_p
     result.export(tmp_path / "run")  # views of shared tensors are saved as copies
     result.restore()
     assert [t.logprob for t in score_targets(model, tok, arch, pairs)] == before
-    loaded = load_adapter_artifact(model, tok, tmp_path / "run")
+    loaded = load_edit(model, tok, tmp_path / "run")
     again, _ = _logits(model, tok, [r.prompt for r in REQS])
     torch.testing.assert_close(again, edited)
     loaded.restore()

@@ -8,7 +8,7 @@ import json
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from medit.bench.runner import CASES_FILE, REJECTED_FILE, read_cases
+from medit.bench.store import CASES_FILE, REJECTED_FILE, read_cases
 from medit.facts.requests import RequestError, load_requests
 
 _settings = settings(

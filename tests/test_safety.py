@@ -223,7 +223,7 @@ def _case(i: int) -> bytes:
 
 
 def test_cases_repair_keeps_every_good_line_and_quarantines_the_bad(tmp_path, caplog):
-    from medit.bench.runner import REJECTED_FILE, read_cases
+    from medit.bench.store import REJECTED_FILE, read_cases
 
     (tmp_path / "cases.jsonl").write_bytes(
         _case(0) + b'{"method": "ft-m", "ca\n' + _case(2) + _case(3)

@@ -11,7 +11,8 @@ from typing import Literal
 
 import pytest
 
-from medit.editors.base import METHODS, HParams, get_editor_class, hp, make_editor
+from medit.editors.base import HParams, hp
+from medit.editors.registry import METHODS, get_editor_class, make_editor
 from medit.facts.requests import RequestError, check_lengths, load_requests, parse_record
 
 

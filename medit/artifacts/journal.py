@@ -30,6 +30,7 @@ from typing import Any
 from filelock import FileLock
 
 from medit.core.errors import UserError
+from medit.core.results import medit_version
 
 JOURNAL_FILE = "journal.jsonl"
 SCHEMA = "medit.journal/1"
@@ -81,8 +82,6 @@ def make_entry(
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The body of a journal entry (``seq``, ``prev`` and ``sha256`` are added by :func:`append`)."""
-    from medit.core.results import medit_version
-
     if action not in ACTIONS:
         raise ValueError(f"journal action must be one of {', '.join(ACTIONS)}, not {action!r}")
     entry = {

@@ -9,7 +9,6 @@ the workspace's edit journal.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 from medit.artifacts import journal
 from medit.artifacts.modelcard import add_edit_record, edit_record, model_card
 from medit.artifacts.weights import DELTA_FILE, write_model_dir
-from medit.core.fs import tree_sha256
+from medit.core.fs import atomic_write_text, tree_sha256
 from medit.core.results import medit_version, verdict
 from medit.facts.requests import EditRequest
 
@@ -100,13 +99,10 @@ def journal_edit(
 def write_edited(
     directory: Path, lm: Any, combined: Any, *, method: str, hparams: dict, edited_sha: str
 ) -> None:
-    """The edited model as an HF directory plus its delta file. Adapter edits are merged in
-    (each fully on: the per-input routing of MedLaSA lives only in the artifact)."""
-    merged = getattr(combined, "merged_into_model", None)
-    ctx = merged() if merged is not None else contextlib.nullcontext()
-    originals = combined.merged_originals if merged is not None else combined.originals
-    edited = combined.edited_tensors()  # before merging: inside, the weights already hold it
-    with ctx:
+    """The edited model as an HF directory plus its delta file. Module edits are merged in
+    (each patch fully on: the per-input routing of MedLaSA lives only in the artifact)."""
+    edited, originals = combined.merged_weights()
+    with combined.merged():
         write_model_dir(
             lm.model,
             lm.tokenizer,
@@ -116,6 +112,7 @@ def write_edited(
                 hparams=hparams,
                 edited=edited,
                 originals=originals,
+                state=combined.editor_state or None,
                 base_model=lm.spec,
                 base_weights_sha256=lm.weights_sha256,
                 edited_weights_sha256=edited_sha,
@@ -150,8 +147,6 @@ def write_card(
         medit_version=medit_version(),
         created=created,
     )
-    from medit.core.fs import atomic_write_text
-
     atomic_write_text(directory / "README.md", card)
     record = edit_record(
         method=method,

@@ -1,4 +1,4 @@
-"""Edit artifacts: save, apply to a base model, revert; and saving a whole edited model.
+"""Weights artifacts: write, read, apply to a base model, revert; and writing an edited model.
 
 A weights artifact is one safetensors file (``edit.safetensors``) holding, for every touched
 tensor, its edited value (``edited::NAME``) and its original value (``original::NAME``), with a
@@ -27,8 +27,6 @@ FORMAT = "medit.artifact"
 ARTIFACT_DIR = "artifact"
 ARTIFACT_FILE = "edit.safetensors"
 DELTA_FILE = "medit-delta.safetensors"
-#: attribute of an edited model holding editor state that later edits read (AlphaEdit's keys)
-STATE = "medit_state"
 
 
 # -- weights artifacts ---------------------------------------------------------------------------
@@ -164,22 +162,7 @@ def apply_artifact(model: torch.nn.Module, path: str | Path, revert: bool = Fals
             )
     for name, value in write.items():
         params[name].copy_(value.to(params[name].device))
-    state = read_state(path) if manifest.get("state") else {}
-    if revert and hasattr(model, STATE):
-        delattr(model, STATE)
-    elif state:
-        setattr(model, STATE, state)  # editor state later sequential edits read
     return manifest
-
-
-def load_edit(model: torch.nn.Module, tok: Any, path: str | Path) -> dict:
-    """Put any edit artifact onto its base model: weights are written in; adapter edits
-    (MedLaSA) are installed beside the weights with their routing. Returns the manifest."""
-    from medit.editors.adapter_result import is_adapter_artifact, load_adapter_artifact
-
-    if is_adapter_artifact(path) is not None:
-        return load_adapter_artifact(model, tok, path).manifest
-    return apply_artifact(model, path)
 
 
 def write_model_dir(model: Any, tok: Any, directory: str | Path, delta: dict | None) -> None:

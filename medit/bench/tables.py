@@ -7,6 +7,7 @@ import io
 from pathlib import Path
 from typing import Any
 
+from medit.bench.store import case_indices, results_of
 from medit.core.errors import UserError
 from medit.core.results import read_json_object
 
@@ -115,8 +116,6 @@ def compare(run_dirs: list[str | Path], common: bool = False) -> dict[str, Any]:
     """Merge several benchmark runs of one suite into one results dict (method labels get the
     run's mode when it differs between runs). ``common``: every row is re-aggregated over the
     cases that all rows hold, so partial runs compare like for like."""
-    from medit.bench.runner import case_indices, results_of
-
     runs = []
     for d in run_dirs:
         path = Path(d) / "results.json"

@@ -238,3 +238,23 @@ def get_module(model: nn.Module, path: str) -> nn.Module:
         return model.get_submodule(path)
     except AttributeError as exc:
         raise UserError(f"{type(model).__name__} has no module {path!r}") from exc
+
+
+def parameter_count(model_or_config: Any) -> int:
+    """Parameters of a model, counted; of a config, estimated from its shapes (embeddings,
+    attention and MLP weights of every layer, an untied head): within a few percent for
+    decoder-only transformers, enough to choose size-dependent defaults before weights load."""
+    if isinstance(model_or_config, nn.Module):
+        return sum(p.numel() for p in model_or_config.parameters())
+    config = model_or_config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    d = getattr(text, "hidden_size", None) or getattr(text, "n_embd", 0)
+    layers = getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer", 0)
+    vocab = getattr(text, "vocab_size", 0)
+    ff = getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None) or 4 * d
+    heads = getattr(text, "num_attention_heads", None) or getattr(text, "n_head", 1) or 1
+    kv = getattr(text, "num_key_value_heads", None) or heads
+    attn = 2 * d * d + 2 * d * (d * kv // heads)
+    mlp = (3 if getattr(text, "intermediate_size", None) else 2) * d * ff
+    tied = getattr(text, "tie_word_embeddings", True)
+    return int(layers * (attn + mlp) + vocab * d * (1 if tied else 2))

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from medit.core.arch import ArchSpec
-from medit.core.text import TeacherBatch
+from medit.core.text import PrefixBatch, TeacherBatch
 
 
 @functools.cache
@@ -40,6 +40,37 @@ def logits_at(model: Any, arch: ArchSpec, batch: TeacherBatch, at_prompt_end: bo
     if at_prompt_end:
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         return arch.head(model, hidden[rows, batch.prompt_last])
+    return arch.head(model, hidden[batch.rows, batch.cols])
+
+
+def prefix_logits(model: Any, arch: ArchSpec, batch: PrefixBatch) -> torch.Tensor:
+    """Vocabulary logits at the label positions of ``batch`` (N, V), in :func:`logits_at`'s
+    order, from two forwards as generation runs them: a prefill of the prompts on a fresh KV
+    cache, then the targets' tokens but the last on that cache. Input-routed edits thus see each
+    prompt as the first forward of its sequence. The output head runs on the label rows only."""
+    from transformers import DynamicCache
+
+    base = arch.base_model(model)
+    cache = DynamicCache(config=model.config)
+    mask = batch.prompt_mask
+    hidden = base(
+        input_ids=batch.prompt_ids,
+        attention_mask=mask,
+        position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+        use_cache=True,
+        **cache_kwargs(base, cache),
+    ).last_hidden_state[:, -1:]  # (batch, 1, d_model)
+    steps = batch.target_ids.shape[1]
+    if steps:  # some target has more than one token
+        offsets = torch.arange(steps, device=mask.device)
+        rest = base(
+            input_ids=batch.target_ids,
+            attention_mask=torch.cat([mask, batch.target_mask], dim=1),  # (batch, P + T - 1)
+            position_ids=batch.prompt_lengths[:, None] + offsets,  # (batch, T - 1)
+            use_cache=True,
+            **cache_kwargs(base, cache),
+        ).last_hidden_state  # (batch, T - 1, d_model)
+        hidden = torch.cat([hidden, rest], dim=1)  # (batch, T, d_model)
     return arch.head(model, hidden[batch.rows, batch.cols])
 
 

@@ -10,7 +10,7 @@ hidden state entering that layer being given (computed once, reused across optim
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -168,3 +168,22 @@ def record(store: list[torch.Tensor], tensor: torch.Tensor) -> torch.Tensor:
     """Append ``tensor`` to ``store`` and pass it on unchanged."""
     store.append(tensor)
     return tensor
+
+
+@contextlib.contextmanager
+def trainable_only(model: nn.Module, params: Iterable[torch.Tensor]) -> Iterator[None]:
+    """Only ``params`` require grad inside the block (an editor trains them and nothing else);
+    the previous flags come back on exit and the gradients are dropped."""
+    params = list(params)
+    flags = {p: p.requires_grad for p in model.parameters()}
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        yield
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+        for p in params:
+            p.grad = None

@@ -412,3 +412,8 @@ def load_config(spec: str, *, trust_remote_code: bool = False) -> Any:
         return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load the config of model {spec!r}: {exc}") from None
+
+
+def solve_device(t: torch.Tensor) -> torch.device:
+    """float64 solves run on CUDA where the model is, on the CPU otherwise (MPS has no float64)."""
+    return t.device if t.device.type == "cuda" else torch.device("cpu")

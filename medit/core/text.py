@@ -3,7 +3,8 @@
 A target is scored and trained exactly as the model would produce it after the prompt: with the
 leading space it has there ("...treated with" -> " metformin"), never as a bare word. Batches for
 teacher forcing are right-padded (positions of real tokens are unchanged by padding); generation
-batches are left-padded.
+batches are left-padded, and so are the prompts of evaluation's prefix batches, which present a
+prompt to the model as generation does (a prefill, then the target on its KV cache).
 """
 
 from __future__ import annotations
@@ -89,6 +90,80 @@ def teacher_batch(tok: Any, prompts: Sequence[str], targets: Sequence[str]) -> T
         labels=as_long(labels),
         owner=as_long(owner),
         prompt_last=as_long(last),
+        target_lengths=[len(t) for _, t in pairs],
+    )
+
+
+@dataclasses.dataclass
+class PrefixBatch:
+    """(prompt, target) pairs as generation presents them: left-padded prompts for a prefill,
+    then the targets' tokens but the last, right-padded, as a second forward on its KV cache.
+
+    The prefill's last position predicts a target's first token; target input ``k`` predicts
+    token ``k + 1``. Label ``i`` is predicted at ``rows[i], cols[i]`` of the prefill's last
+    hidden state followed by the second forward's hidden states (column 0: the prefill); labels
+    are ordered as :func:`teacher_batch` orders them.
+    """
+
+    prompt_ids: torch.Tensor  # (B, P), left-padded
+    prompt_mask: torch.Tensor  # (B, P)
+    prompt_lengths: torch.Tensor  # (B,)
+    target_ids: torch.Tensor  # (B, T - 1), right-padded; T = longest target
+    target_mask: torch.Tensor  # (B, T - 1)
+    rows: torch.Tensor  # (N,)
+    cols: torch.Tensor  # (N,)
+    labels: torch.Tensor  # (N,)
+    owner: torch.Tensor  # (N,)
+    target_lengths: list[int]
+
+    def to(self, device: torch.device) -> PrefixBatch:
+        return dataclasses.replace(
+            self,
+            **{
+                f.name: getattr(self, f.name).to(device)
+                for f in dataclasses.fields(self)
+                if isinstance(getattr(self, f.name), torch.Tensor)
+            },
+        )
+
+
+def prefix_batch(tok: Any, prompts: Sequence[str], targets: Sequence[str]) -> PrefixBatch:
+    """Build a prefill-then-targets batch of (prompt, target) pairs, tokenised as
+    :func:`encode_pair` does (so scores match :func:`teacher_batch`'s)."""
+    pairs = [encode_pair(tok, p, t) for p, t in zip(prompts, targets, strict=True)]
+    for prompt, (p, _) in zip(prompts, pairs, strict=True):
+        if not p:
+            raise UserError(
+                f"prompt {prompt!r} tokenises to nothing: no position predicts a target"
+            )
+    n, width = len(pairs), max(len(p) for p, _ in pairs)
+    more = max(len(t) for _, t in pairs) - 1
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    prompt_ids = torch.full((n, width), pad, dtype=torch.long)
+    prompt_mask = torch.zeros((n, width), dtype=torch.long)
+    target_ids = torch.full((n, more), pad, dtype=torch.long)
+    target_mask = torch.zeros((n, more), dtype=torch.long)
+    rows, cols, labels, owner = [], [], [], []
+    for i, (p, t) in enumerate(pairs):
+        prompt_ids[i, width - len(p) :] = torch.tensor(p)
+        prompt_mask[i, width - len(p) :] = 1
+        target_ids[i, : len(t) - 1] = torch.tensor(t[:-1], dtype=torch.long)
+        target_mask[i, : len(t) - 1] = 1
+        rows += [i] * len(t)
+        cols += range(len(t))
+        labels += t
+        owner += [i] * len(t)
+    as_long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
+    return PrefixBatch(
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        prompt_lengths=as_long([len(p) for p, _ in pairs]),
+        target_ids=target_ids,
+        target_mask=target_mask,
+        rows=as_long(rows),
+        cols=as_long(cols),
+        labels=as_long(labels),
+        owner=as_long(owner),
         target_lengths=[len(t) for _, t in pairs],
     )
 

@@ -8,7 +8,7 @@ is made to act only through P, so (W + ΔW) K0 = W K0:
     ΔW = R Kᵀ P (Kp Kpᵀ P + K Kᵀ P + α I)⁻¹        (AlphaEdit eq. 14, keys as columns)
 
 where Kp Kpᵀ accumulates the keys of earlier edits (sequential editing keeps them on the model,
-in ``model.medit_state``, and in edit artifacts) and α = ``L2``. P is computed once per corpus and
+in the result's ``editor_state``, passed to the next edit as ``prior``, and in edit artifacts) and α = ``L2``. P is computed once per corpus and
 layer and cached. Defaults: the paper's LLaMA3-8B preset for the update (α = 10, threshold 2e-2,
 five layers at 1/8 depth) and MEMIT's value optimisation (lr 0.5, 25 steps, weight decay 0.5,
 clamp 0.75): the paper's lr 0.1 left 2 of 3 MedCF values unconverged after 25 steps on the default
@@ -18,16 +18,15 @@ model, and sharing the value step makes the MEMIT/AlphaEdit comparison differ in
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import torch
 
-from medit.artifacts.weights import STATE
 from medit.core.errors import UserError
+from medit.core.models import solve_device
 from medit.editors.base import hp
-from medit.editors.locate.common import LocateEditResult, second_moments
+from medit.editors.locate.common import second_moments
 from medit.editors.locate.keys import null_space_projector
-from medit.editors.memit import MEMIT, MEMITHParams, _solve_device
+from medit.editors.memit import MEMIT, MEMITHParams
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,12 +49,7 @@ class AlphaEdit(MEMIT):
     hparams_class = AlphaEditHParams
     summary = "MEMIT's update projected on the null space of preserved keys (Fang et al. 2025)"
 
-    def _result(self, model, hp, names, arch) -> LocateEditResult:
-        result = super()._result(model, hp, names, arch)
-        result.has_state, result.state_before = True, getattr(model, STATE, None)
-        return result
-
-    def _context(self, model, tok, arch, layers, hp: AlphaEditHParams, requests) -> dict[str, Any]:
+    def _context(self, model, tok, arch, layers, hp: AlphaEditHParams, requests, prior) -> dict:
         # P from the preserved-knowledge corpus alone: it must not move between sequential edits
         C = second_moments(model, tok, arch, layers, hp, requests, include_requests=False)
         sha = getattr(model, "medit_weights_sha256", None)
@@ -75,7 +69,7 @@ class AlphaEdit(MEMIT):
                     f"nullspace_threshold={hp.nullspace_threshold:g} (smallest: "
                     f"{smallest:.3g}); raise the threshold"
                 )
-        state = getattr(model, STATE, None) or {}
+        state = dict(prior.editor_state) if prior is not None else {}  # earlier edits' keys
         return {
             "P": P,
             "state": state,
@@ -85,7 +79,7 @@ class AlphaEdit(MEMIT):
     @staticmethod
     def layer_update(K, resid, layer: int, ctx: dict, hp: AlphaEditHParams) -> torch.Tensor:
         """ΔW (d_out, d_in) = Xᵀ with (P (KᵀK + Kp) + α I) X = P Kᵀ resid (float64)."""
-        device = _solve_device(K)
+        device = solve_device(K)
         K64, R64 = K.to(device, torch.float64), resid.to(device, torch.float64)
         P = ctx["P"][layer].to(device)
         prior = ctx["state"].get(state_name(layer))
@@ -93,10 +87,11 @@ class AlphaEdit(MEMIT):
         A = P @ KK + hp.L2 * torch.eye(P.shape[0], dtype=torch.float64, device=device)
         return torch.linalg.solve(A, P @ K64.T @ R64).T.float().to(K.device)
 
-    def _after(self, model, result, keys, ctx) -> None:
-        state = dict(ctx["state"])  # a new dict: the result's state_before stays as it was
+    def _state_after(self, keys: dict[int, torch.Tensor], ctx: dict) -> dict[str, torch.Tensor]:
+        """Kp Kpᵀ + K Kᵀ per layer: the keys of every edit so far (float64, CPU)."""
+        state = dict(ctx["state"])
         for layer, K in keys.items():
             K64 = K.double().cpu()
             prior = state.get(state_name(layer))
             state[state_name(layer)] = K64.T @ K64 + (prior if prior is not None else 0)
-        setattr(model, STATE, state)
+        return state

@@ -1,9 +1,10 @@
-"""The Editor contract: hyper-parameters, results that can restore and export, and the registry.
+"""Editors and their hyper-parameters.
 
-An editor is a class with a ``name``, a frozen :class:`HParams` dataclass (every field documented,
-per-family defaults in one table keyed by ``ArchSpec.family``) and ``apply(model, tok, requests)``
-returning an :class:`EditResult`. The model is edited in place and *stays edited*; only
-``EditResult.restore()`` puts the original weights back, bit for bit.
+An editor is a class with a ``name``, a frozen :class:`HParams` dataclass (every field documented
+with ``hp(default, help, choices)``; per-architecture and per-size defaults in one table,
+``HParams.DEFAULTS``; named presets) and ``apply(model, tok, requests, prior)`` returning an
+:class:`~medit.editors.results.EditResult` (the contract, written once in
+:mod:`medit.editors.results`). The registry of methods is :mod:`medit.editors.registry`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import contextlib
 import dataclasses
 import difflib
 import functools
-import importlib
 import math
 import re
 import time
@@ -20,21 +20,23 @@ import types
 import typing
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any, ClassVar
 
-import torch
-
-from medit.core.arch import ArchSpec, get_arch
+from medit.core.arch import ArchSpec, get_arch, parameter_count
 from medit.core.errors import UserError
+from medit.editors.results import EditResult
 from medit.facts.requests import EditRequest
 
 
-def hp(default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse's vocabulary
-    """A hyper-parameter field with its help text."""
+def hp(default: Any, help: str, choices: Sequence[Any] | None = None) -> Any:  # noqa: A002
+    """A hyper-parameter field with its help text (argparse's vocabulary) and, for a field that
+    takes one of a few values, its ``choices`` (checked by :meth:`HParams.__post_init__`)."""
     if isinstance(default, (list, dict, set)):
         raise TypeError("use tuples for sequence defaults (hparams are frozen)")
-    return dataclasses.field(default=default, metadata={"help": help})
+    if choices is not None and default not in choices:
+        raise TypeError(f"default {default!r} is not among the choices {choices}")
+    meta = {"help": help, **({"choices": tuple(choices)} if choices is not None else {})}
+    return dataclasses.field(default=default, metadata=meta)
 
 
 class HParamError(UserError):
@@ -57,16 +59,76 @@ BLOCK_KINDS = ("mlp", "attn")
 
 
 @dataclasses.dataclass(frozen=True)
+class Defaults:
+    """One row of an editor's defaults table: ``values`` apply to models of ``family`` ("*":
+    any) with fewer than ``max_params`` parameters (None: any size); ``why`` says where the
+    values come from (a paper, a measurement), shown by ``medit methods``."""
+
+    values: dict[str, Any]
+    why: str
+    family: str = "*"
+    max_params: float | None = None
+
+    def applies(self, family: str, n_params: int | None) -> bool:
+        small = self.max_params is None or (n_params is not None and n_params < self.max_params)
+        return self.family in ("*", family) and small
+
+    def describe(self) -> str:
+        where = [] if self.family == "*" else [f"{self.family} models"]
+        if self.max_params is not None:
+            where.append(f"models under {self.max_params / 1e9:g}B parameters")
+        values = ", ".join(f"{k}={v}" for k, v in self.values.items())
+        return f"{' and '.join(where) or 'every model'}: {values} ({self.why})"
+
+
+@dataclasses.dataclass(frozen=True)
 class HParams:
     """Base of every editor's hyper-parameters."""
 
-    #: family -> field overrides; the one table of per-architecture defaults
-    FAMILY_DEFAULTS: ClassVar[dict[str, dict[str, Any]]] = {}
+    #: the one table of per-architecture and per-size defaults, applied in order over the field
+    #: defaults (and over a preset); the user's values win over all of them
+    DEFAULTS: ClassVar[tuple[Defaults, ...]] = ()
+    #: named sets of values (a paper's settings); a preset named in ``NO_DEFAULTS`` is taken as
+    #: it is, without the DEFAULTS table (the paper's values at any model size)
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
+    NO_DEFAULTS: ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices is not None and getattr(self, f.name) not in choices:
+                raise HParamError(
+                    f.name,
+                    f"must be one of {', '.join(map(repr, choices))}, got {getattr(self, f.name)!r}",
+                )
 
     @classmethod
-    def for_family(cls, family: str, *, owner: str | None = None, **overrides: Any) -> HParams:
-        """Defaults for an architecture family, then the user's overrides on top."""
-        return cls.from_dict({**cls.FAMILY_DEFAULTS.get(family, {}), **overrides}, owner=owner)
+    def for_model(
+        cls, family: str, n_params: int | None, *, owner: str | None = None, **overrides: Any
+    ) -> HParams:
+        """The values for a model of ``family`` with ``n_params`` parameters: the field
+        defaults, the preset (a field ``preset``), the DEFAULTS rows that apply, then the user's
+        ``overrides`` on top."""
+        preset = overrides.get("preset", getattr(cls, "preset", None))
+        values: dict[str, Any] = {}
+        if cls.PRESETS:
+            if preset not in cls.PRESETS:
+                raise HParamError(
+                    "preset",
+                    f"must be one of {', '.join(map(repr, cls.PRESETS))}, got {preset!r}",
+                    owner,
+                )
+            values |= cls.PRESETS[preset]
+        if preset not in cls.NO_DEFAULTS:
+            for row in cls.DEFAULTS:
+                if row.applies(family, n_params):
+                    values |= row.values
+        return cls.from_dict({**values, **overrides}, owner=owner)
+
+    @classmethod
+    def defaults_for(cls, family: str, n_params: int | None) -> list[Defaults]:
+        """The DEFAULTS rows that apply to a model."""
+        return [row for row in cls.DEFAULTS if row.applies(family, n_params)]
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], owner: str | None = None) -> HParams:
@@ -96,7 +158,13 @@ class HParams:
     @classmethod
     def describe(cls) -> list[tuple[str, Any, str]]:
         """(name, default, help) of every field, for ``medit methods``."""
-        return [(f.name, f.default, f.metadata.get("help", "")) for f in dataclasses.fields(cls)]
+        out = []
+        for f in dataclasses.fields(cls):
+            text = f.metadata.get("help", "")
+            if "choices" in f.metadata:
+                text += f" [{' | '.join(map(str, f.metadata['choices']))}]"
+            out.append((f.name, f.default, text))
+        return out
 
     def check_arch(self, arch: ArchSpec, n_layers: int | None) -> None:
         """Checks that need only the model's architecture and depth (``n_layers``; None where
@@ -119,13 +187,6 @@ class HParams:
         if not (low <= value < high if open_high else low <= value <= high):
             raise HParamError(
                 name, f"must lie in [{low:g}, {high:g}{')' if open_high else ']'}, got {value!r}"
-            )
-
-    def _one_of(self, name: str, choices: Sequence[str]) -> None:
-        value = getattr(self, name)
-        if value not in choices:
-            raise HParamError(
-                name, f"must be one of {', '.join(map(repr, choices))}, got {value!r}"
             )
 
 
@@ -271,91 +332,12 @@ def _as(tp: type, value: Any) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class Capabilities:
-    batch: bool  #: can apply many requests in one call
-    sequential: bool  #: successive apply() calls accumulate edits
-    needs_training: bool  #: needs a training phase before editing (MEND, SERAC)
-
-
-class EditResult:
-    """What an edit changed, how it went, and how to undo it.
-
-    ``originals`` holds copies of only the touched tensors, taken before the edit; ``restore()``
-    copies them back (bit-exact). ``state`` says whether the model is currently "edited" or
-    "restored".
-    """
-
-    def __init__(self, method: str, hparams: HParams, model: torch.nn.Module, names: Sequence[str]):
-        self.method = method
-        self.hparams = hparams
-        params = dict(model.named_parameters())
-        missing = [n for n in names if n not in params]
-        if missing:
-            raise ValueError(f"{type(model).__name__} has no parameter(s) {missing}")
-        self._params = {n: params[n] for n in names}
-        self.originals = {n: p.detach().clone() for n, p in self._params.items()}
-        self.diagnostics: list[dict[str, Any]] = []
-        self.state = "edited"
-        self.seconds = 0.0
-
-    @property
-    def names(self) -> list[str]:
-        return list(self._params)
-
-    @torch.no_grad()
-    def restore(self) -> None:
-        """Put the original weights back, bit for bit."""
-        for name, p in self._params.items():
-            p.copy_(self.originals[name])
-        self.state = "restored"
-
-    def edited_tensors(self) -> dict[str, torch.Tensor]:
-        """Current values of the touched tensors (the edit, for FT-style editors)."""
-        return {n: p.detach() for n, p in self._params.items()}
-
-    @torch.no_grad()
-    def update_norms(self) -> dict[str, dict[str, float]]:
-        """Frobenius norm of each tensor's change, absolute and relative to the original."""
-        out = {}
-        for n, p in self._params.items():
-            delta = (p.detach().float() - self.originals[n].float()).norm().item()
-            base = self.originals[n].float().norm().item()
-            out[n] = {"delta_norm": delta, "relative": delta / base if base else float("inf")}
-        return out
-
-    @classmethod
-    def combine(cls, results: Sequence[EditResult]) -> EditResult:
-        """One result for edits applied one after another (sequential editing): it touches the
-        union of their tensors, and its originals are the weights before the first edit."""
-        first = results[0]
-        combined = cls.__new__(cls)
-        combined.method, combined.hparams, combined.state = first.method, first.hparams, "edited"
-        combined._params, combined.originals, combined.diagnostics = {}, {}, []
-        combined.seconds = 0.0
-        for r in results:
-            for name, p in r._params.items():
-                if name not in combined._params:
-                    combined._params[name] = p
-                    combined.originals[name] = r.originals[name]
-            combined.diagnostics += r.diagnostics
-            combined.seconds += r.seconds
-        return combined
-
-    def export(self, directory: str | Path, **provenance: Any) -> Path:
-        """Write the edit artifact (see ``medit.artifacts.weights``) into ``directory``."""
-        from medit.artifacts.weights import write_weights_artifact
-
-        return write_weights_artifact(
-            directory,
-            method=self.method,
-            hparams=self.hparams.to_dict(),
-            edited=self.edited_tensors(),
-            originals=self.originals,
-            **provenance,
-        )
+    batch: bool  #: can apply many requests in one call (else single and sequential modes only)
 
 
 class Editor(ABC):
-    """Base class of every editing method."""
+    """Base class of every editing method; the contract a new editor fulfils is written once, in
+    :mod:`medit.editors.results`."""
 
     name: ClassVar[str]
     hparams_class: ClassVar[type[HParams]]
@@ -367,9 +349,10 @@ class Editor(ABC):
         self.overrides = overrides
 
     def hparams_for(self, model: Any) -> HParams:
-        """The hyper-parameters for a model's family (``model`` may also be its config)."""
-        return self.hparams_class.for_family(
-            get_arch(model).family, owner=self.name, **self.overrides
+        """The hyper-parameters for a model (``model`` may also be its config): its family's and
+        size's defaults, then the user's overrides."""
+        return self.hparams_class.for_model(
+            get_arch(model).family, parameter_count(model), owner=self.name, **self.overrides
         )
 
     def check_config(self, config: Any) -> None:
@@ -383,8 +366,12 @@ class Editor(ABC):
         except HParamError as exc:
             raise exc.of(self.name) from None
 
-    def apply(self, model: Any, tok: Any, requests: Sequence[EditRequest]) -> EditResult:
-        """Edit ``model`` in place so that each request's prompt continues with its target."""
+    def apply(
+        self, model: Any, tok: Any, requests: Sequence[EditRequest], prior: EditResult | None = None
+    ) -> EditResult:
+        """Edit ``model`` in place so that each request's prompt continues with its target.
+        ``prior``: the (combined) result of this editor's earlier edits of the model in a
+        sequence, whose ``editor_state`` the edit builds on."""
         if not requests:
             raise UserError("no requests to apply")
         if len(requests) > 1 and not self.capabilities.batch:
@@ -394,37 +381,24 @@ class Editor(ABC):
         hp, arch = self.hparams_for(model), get_arch(model)
         self._check_arch(hp, arch, arch.n_layers(model))
         start = time.perf_counter()
-        result = self._apply(model, tok, list(requests), hp)
+        result = self._apply(model, tok, list(requests), hp, prior)
         result.seconds = time.perf_counter() - start
         return result
 
     @abstractmethod
-    def _apply(self, model: Any, tok: Any, requests: list[EditRequest], hp: HParams) -> EditResult:
-        """The method itself, given resolved hyper-parameters."""
+    def _apply(
+        self,
+        model: Any,
+        tok: Any,
+        requests: list[EditRequest],
+        hp: HParams,
+        prior: EditResult | None,
+    ) -> EditResult:
+        """The method itself, given resolved hyper-parameters (see :mod:`medit.editors.results`)."""
 
-
-# -- registry ------------------------------------------------------------------------------------
-#: method name -> "module:Class", imported lazily so that ``medit --help`` stays fast
-METHODS: dict[str, str] = {
-    "ft-l": "medit.editors.ft:FTL",
-    "ft-m": "medit.editors.ft:FTM",
-    "lora": "medit.editors.lora:LoRA",
-    "adalora": "medit.editors.lora:AdaLoRA",
-    "medlasa": "medit.editors.medlasa:MedLaSA",
-    "rome": "medit.editors.rome:ROME",
-    "memit": "medit.editors.memit:MEMIT",
-    "alphaedit": "medit.editors.alphaedit:AlphaEdit",
-}
-
-
-def get_editor_class(name: str) -> type[Editor]:
-    if name not in METHODS:
-        close = difflib.get_close_matches(name, METHODS, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise UserError(f"unknown method {name!r}{hint} (available: {', '.join(METHODS)})")
-    module, cls = METHODS[name].split(":")
-    return getattr(importlib.import_module(module), cls)
-
-
-def make_editor(name: str, **overrides: Any) -> Editor:
-    return get_editor_class(name)(**overrides)
+    @classmethod
+    def load(cls, model: Any, tok: Any, manifest: dict, tensors: dict) -> EditResult:
+        """A module or memory edit back from its artifact (``manifest`` and ``tensors``) onto
+        ``model``. Weight edits need no loader of their own: :func:`medit.editors.load.load_edit`
+        writes them in."""
+        raise NotImplementedError(f"{cls.name} cannot load {manifest.get('kind')!r} artifacts")

@@ -17,7 +17,6 @@ Training stops early once the loss is below ``early_stop_loss``.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import time
 from typing import Any
@@ -27,17 +26,18 @@ import torch
 from medit.core.arch import ArchSpec, get_arch
 from medit.core.errors import UserError
 from medit.core.forward import logits_at, per_sequence_mean, target_nll
-from medit.core.hooks import capture_input, frozen_prefix
+from medit.core.hooks import capture_input, frozen_prefix, trainable_only
 from medit.core.text import TeacherBatch, teacher_batch
 from medit.editors.base import (
     Capabilities,
+    Defaults,
     Editor,
-    EditResult,
     HParams,
     check_kinds,
     check_layers,
     hp,
 )
+from medit.editors.results import WeightEdit
 from medit.facts.requests import EditRequest
 
 
@@ -46,7 +46,9 @@ class FTHParams(HParams):
     layers: tuple[int, ...] = hp((), "decoder layers to train; empty: the layer at `layer_depth`")
     layer_depth: float = hp(0.66, "relative depth of the default layer (0 first, 1 last)")
     module: str = hp("mlp_out", "module kind trained in each layer (see medit.core.arch)")
-    objective: str = hp("target_new", "'target_new' (FT-M) or 'prompt_last' (FT-L)")
+    objective: str = hp(
+        "target_new", "loss: FT-M's target tokens, or FT-L's", choices=("target_new", "prompt_last")
+    )
     steps: int = hp(25, "maximum optimisation steps (EasyEdit default)")
     lr: float = hp(5e-4, "Adam learning rate (EasyEdit default)")
     weight_decay: float = hp(0.0, "Adam weight decay")
@@ -54,15 +56,13 @@ class FTHParams(HParams):
     early_stop_loss: float = hp(1e-2, "stop once the mean target loss is below this")
     batch_size: int = hp(16, "requests per optimisation step in batch mode")
 
-    FAMILY_DEFAULTS = {
-        # EasyEdit's FT preset trains layer 21 of LLaMA-7B's 32 (depth 0.68); GPT-2 XL / GPT-J
-        # presets use the same relative depth in medit.
-        "llama": {"layer_depth": 0.66},
-        "gpt2": {"layer_depth": 0.66},
-    }
+    DEFAULTS = (
+        Defaults({"layer_depth": 0.66}, "EasyEdit's FT preset: layer 21 of LLaMA-7B's 32", "llama"),
+        Defaults({"layer_depth": 0.66}, "the same relative depth as for LLaMA", "gpt2"),
+    )
 
     def __post_init__(self):
-        self._one_of("objective", ("target_new", "prompt_last"))
+        super().__post_init__()
         self._at_least(1, "steps", "batch_size")
         self._at_least(0, "layers", "weight_decay", "norm_constraint")
         self._positive("lr")
@@ -89,15 +89,15 @@ class FTLHParams(FTHParams):
 class FineTune(Editor):
     """Shared implementation of FT-L and FT-M."""
 
-    capabilities = Capabilities(batch=True, sequential=True, needs_training=False)
+    capabilities = Capabilities(batch=True)
 
     def _apply(
-        self, model: Any, tok: Any, requests: list[EditRequest], hp: FTHParams
-    ) -> EditResult:
+        self, model: Any, tok: Any, requests: list[EditRequest], hp: FTHParams, prior=None
+    ) -> WeightEdit:
         arch = get_arch(model)
         layers = hp.resolve_layers(arch.n_layers(model))
         names = [arch.weight_name(layer, hp.module) for layer in layers]
-        result = EditResult(self.name, hp, model, names)
+        result = WeightEdit.before(self.name, hp, model, names, [r.id for r in requests])
         params = [result._params[n] for n in names]
         device = params[0].device
         chunks = [
@@ -106,7 +106,7 @@ class FineTune(Editor):
         ]
         start_layer = layers[0]
         entering = [_entering_hidden(model, arch, start_layer, b) for b in chunks]
-        with _trainable(model, params):
+        with trainable_only(model, params):
             opt = torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay)
             losses, t0, converged = [], time.perf_counter(), False
             for _ in range(hp.steps):
@@ -180,20 +180,3 @@ def _entering_hidden(model, arch, layer: int, batch: TeacherBatch) -> torch.Tens
 def _clamp(params, originals, eps: float) -> None:
     for p, orig in zip(params, originals, strict=True):
         p.copy_(torch.maximum(torch.minimum(p, orig + eps), orig - eps))
-
-
-@contextlib.contextmanager
-def _trainable(model, params):
-    """Only ``params`` require grad inside the block; previous flags come back on exit."""
-    flags = {p: p.requires_grad for p in model.parameters()}
-    try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for p in params:
-            p.requires_grad_(True)
-        yield
-    finally:
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
-        for p in params:
-            p.grad = None

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,13 +30,13 @@ from medit.core.text import teacher_batch
 from medit.editors.base import (
     Capabilities,
     Editor,
-    EditResult,
     HParamError,
     HParams,
     check_kinds,
     check_layers,
     hp,
 )
+from medit.editors.results import PeftExport, WeightEdit
 from medit.facts.requests import EditRequest
 
 
@@ -54,6 +53,7 @@ class LoRAHParams(HParams):
     batch_size: int = hp(16, "requests per optimisation step in batch mode")
 
     def __post_init__(self):
+        super().__post_init__()
         if not self.targets:
             raise HParamError("targets", ": give at least one module kind")
         self._at_least(1, "rank", "steps", "batch_size")
@@ -87,39 +87,8 @@ class AdaLoRAHParams(LoRAHParams):
             )
 
 
-class LoRAEditResult(EditResult):
-    """A merged LoRA edit; exports its update as a PEFT LoRA adapter too (``artifact/peft``)."""
-
-    conv1d = False
-
-    def export(self, directory: str | Path, **provenance: Any) -> Path:
-        from medit.editors.adapter_result import write_lowrank_peft
-
-        target = super().export(directory, **provenance)
-        rank = (
-            self.hparams.init_rank
-            if isinstance(self.hparams, AdaLoRAHParams)
-            else self.hparams.rank
-        )
-        deltas = {
-            n.removesuffix(".weight"): p.detach().float() - self.originals[n].float()
-            for n, p in self._params.items()
-        }
-        write_lowrank_peft(
-            target / "peft", deltas, self.conv1d, rank, base_model=provenance.get("base_model")
-        )
-        return target
-
-    @classmethod
-    def combine(cls, results):
-        out = super().combine(results)
-        out.__class__ = cls
-        out.conv1d = results[0].conv1d
-        return out
-
-
 class _PeftEditor(Editor):
-    capabilities = Capabilities(batch=True, sequential=True, needs_training=False)
+    capabilities = Capabilities(batch=True)
     adaptive = False
 
     def _config(self, modules: list[str], hp: LoRAHParams, conv1d: bool):
@@ -146,14 +115,19 @@ class _PeftEditor(Editor):
             **common,
         )
 
-    def _apply(self, model: Any, tok: Any, requests: list[EditRequest], hp: LoRAHParams):
+    def _apply(
+        self, model: Any, tok: Any, requests: list[EditRequest], hp: LoRAHParams, prior=None
+    ) -> WeightEdit:
         from peft import AdaLoraModel, LoraModel
 
         arch = get_arch(model)
         layers = hp.layers or tuple(range(arch.n_layers(model)))
         kinds = arch.resolve_kinds(hp.targets)
         modules = [arch.layer_path(layer, kind) for layer in layers for kind in kinds]
-        result = LoRAEditResult(self.name, hp, model, [f"{m}.weight" for m in modules])
+        rank = hp.init_rank if isinstance(hp, AdaLoRAHParams) else hp.rank
+        peft = PeftExport(conv1d=arch.conv1d, max_rank=rank)
+        names = [f"{m}.weight" for m in modules]
+        result = WeightEdit.before(self.name, hp, model, names, [r.id for r in requests], peft=peft)
         config = self._config(modules, hp, arch.conv1d)
         flags = {p: p.requires_grad for p in model.parameters()}
         tuner = (AdaLoraModel if self.adaptive else LoraModel)(model, config, "default")
@@ -168,7 +142,6 @@ class _PeftEditor(Editor):
             for p, flag in flags.items():
                 p.requires_grad_(flag)
             model.eval()
-        result.conv1d = arch.conv1d
         result.diagnostics.append(diag)
         return result
 

@@ -24,11 +24,13 @@ import torch
 
 from medit.core.arch import ArchSpec, get_arch
 from medit.core.errors import UserError
+from medit.core.models import solve_device
 from medit.editors.base import Capabilities, Editor, check_layers, hp
-from medit.editors.locate.common import KeyValueHParams, LocateEditResult, second_moments
+from medit.editors.locate.common import KeyValueHParams, second_moments
 from medit.editors.locate.keys import layer_outputs_at, optimise_values, request_keys
+from medit.editors.results import WeightEdit
 from medit.facts.requests import EditRequest
-from medit.tracing.trace import request_subjects
+from medit.facts.subject import request_subjects
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,14 +67,17 @@ class MEMITHParams(KeyValueHParams):
 class MEMIT(Editor):
     name = "memit"
     hparams_class = MEMITHParams
-    capabilities = Capabilities(batch=True, sequential=True, needs_training=False)
+    capabilities = Capabilities(batch=True)
     summary = "batch key-value updates spread over a range of MLP layers (Meng et al. 2023)"
 
-    def _apply(self, model: Any, tok: Any, requests: list[EditRequest], hp: MEMITHParams):
+    def _apply(
+        self, model: Any, tok: Any, requests: list[EditRequest], hp: MEMITHParams, prior=None
+    ) -> WeightEdit:
         arch = get_arch(model)
         layers = hp.resolve_layers(arch.n_layers(model))
         names = [arch.weight_name(layer, "mlp_out") for layer in layers]
-        result = self._result(model, hp, names, arch)
+        ids = [r.id for r in requests]
+        result = WeightEdit.before(self.name, hp, model, names, ids, peft=hp.peft(arch))
         subjects = request_subjects(requests)
         templates = hp.templates(model, tok)
         z_layer = layers[-1]
@@ -80,7 +85,7 @@ class MEMIT(Editor):
             model, tok, arch, z_layer, requests, subjects, templates, hp.values()
         )
         z = layer_outputs_at(model, tok, arch, z_layer, requests, subjects) + delta
-        ctx = self._context(model, tok, arch, layers, hp, requests)
+        ctx = self._context(model, tok, arch, layers, hp, requests, prior)
         residuals, keys = [], {}
         for i, (layer, name) in enumerate(zip(layers, names, strict=True)):
             K = request_keys(model, tok, arch, [layer], requests, subjects, templates)[layer]
@@ -93,7 +98,7 @@ class MEMIT(Editor):
             keys[layer] = K
         now = layer_outputs_at(model, tok, arch, z_layer, requests, subjects)
         residuals.append((z - now).norm(dim=-1).mean().item())  # after the last update
-        self._after(model, result, keys, ctx)
+        result.editor_state = self._state_after(keys, ctx)
         result.diagnostics.append(
             {
                 "requests": [r.id for r in requests],
@@ -107,21 +112,18 @@ class MEMIT(Editor):
         )
         return result
 
-    def _result(self, model, hp, names, arch: ArchSpec) -> LocateEditResult:
-        result = LocateEditResult(self.name, hp, model, names)
-        result.conv1d, result._model = arch.conv1d, model
-        return result
-
-    def _context(self, model, tok, arch, layers, hp: MEMITHParams, requests) -> dict[str, Any]:
+    def _context(self, model, tok, arch, layers, hp: MEMITHParams, requests, prior) -> dict:
+        """What every layer's update needs: C = E[k kᵀ] per layer."""
         return {"C": second_moments(model, tok, arch, layers, hp, requests)}
 
-    def _after(self, model, result, keys, ctx) -> None:
-        """Hook for state kept between sequential edits (AlphaEdit)."""
+    def _state_after(self, keys: dict[int, torch.Tensor], ctx: dict) -> dict[str, torch.Tensor]:
+        """The editor state later sequential edits read (none for MEMIT; AlphaEdit's keys)."""
+        return {}
 
     @staticmethod
     def layer_update(K, resid, layer: int, ctx: dict, hp: MEMITHParams) -> torch.Tensor:
         """ΔW (d_out, d_in) = residᵀ K (λC + KᵀK)⁻¹ for keys K (N, d_in), residuals (N, d_out)."""
-        device = _solve_device(K)
+        device = solve_device(K)
         K64, R64 = K.to(device, torch.float64), resid.to(device, torch.float64)
         A = mom2_weight(hp, K.shape[1]) * ctx["C"][layer].to(device) + K64.T @ K64
         return (R64.T @ torch.linalg.solve(A, K64.T).T).float().to(K.device)
@@ -132,8 +134,3 @@ def mom2_weight(hp: MEMITHParams, d_in: int) -> float:
     corpus against the new keys, and a key's Mahalanobis norm kᵀC⁻¹k grows with d_in, so a fixed
     λ = 15000 (tuned for d_in = 16384) leaves a 1536-wide MLP almost unedited."""
     return hp.mom2_update_weight if hp.mom2_update_weight > 0 else 15000.0 * d_in / 16384
-
-
-def _solve_device(t: torch.Tensor) -> torch.device:
-    """float64 solves run on CUDA where the model is, on the CPU otherwise (MPS has no float64)."""
-    return t.device if t.device.type == "cuda" else torch.device("cpu")

@@ -29,22 +29,24 @@ import torch
 
 from medit.core.arch import ArchSpec, get_arch
 from medit.core.errors import UserError
-from medit.editors.base import Capabilities, Editor, check_layers, hp
+from medit.editors.base import Capabilities, Defaults, Editor, check_layers, hp
 from medit.editors.locate.common import (
     KeyValueHParams,
-    LocateEditResult,
     second_moments,
     traced_layer,
 )
 from medit.editors.locate.keys import optimise_values, template_keys
+from medit.editors.results import WeightEdit
 from medit.facts.requests import EditRequest
-from medit.tracing.trace import request_subjects
+from medit.facts.subject import request_subjects
 
 
 @dataclasses.dataclass(frozen=True)
 class ROMEHParams(KeyValueHParams):
     layer: int = hp(-1, "layer edited; -1: chosen by `layer_selection`")
-    layer_selection: str = hp("trace", "'trace' (causal tracing of the model) or 'depth'")
+    layer_selection: str = hp(
+        "trace", "the layer by causal tracing of the model, or by depth", choices=("trace", "depth")
+    )
     layer_depth: float = hp(0.16, "relative depth of the layer with layer_selection='depth'")
     trace_prompts: int = hp(8, "built-in facts traced to choose the layer (cached per model)")
     mom2_adjustment: bool = hp(True, "use C⁻¹k* as the update direction (off: k*)")
@@ -55,16 +57,17 @@ class ROMEHParams(KeyValueHParams):
 
     value_anchor: ClassVar[str] = "mlp"  # ROME measures δ against the MLP output it replaces
 
-    FAMILY_DEFAULTS = {
-        # ROME edits layer 17 of GPT-2 XL's 48 and EasyEdit layer 5 of LLaMA-7B's 32: the depth
-        # used when tracing is not wanted
-        "gpt2": {"layer_depth": 0.35},
-        "llama": {"layer_depth": 0.16},
-    }
+    DEFAULTS = (
+        Defaults(
+            {"layer_depth": 0.35}, "ROME: layer 17 of GPT-2 XL's 48 (without tracing)", "gpt2"
+        ),
+        Defaults(
+            {"layer_depth": 0.16}, "EasyEdit: layer 5 of LLaMA-7B's 32 (without tracing)", "llama"
+        ),
+    )
 
     def __post_init__(self):
         super().__post_init__()
-        self._one_of("layer_selection", ("trace", "depth"))
         self._at_least(-1, "layer")
         self._at_least(1, "trace_prompts")
         self._within("layer_depth", 0.0, 1.0)
@@ -77,17 +80,19 @@ class ROMEHParams(KeyValueHParams):
 class ROME(Editor):
     name = "rome"
     hparams_class = ROMEHParams
-    capabilities = Capabilities(batch=True, sequential=True, needs_training=False)
+    capabilities = Capabilities(batch=True)
     summary = "rank-one update of one MLP projection at the traced layer (Meng et al. 2022)"
 
-    def _apply(self, model: Any, tok: Any, requests: list[EditRequest], hp: ROMEHParams):
+    def _apply(
+        self, model: Any, tok: Any, requests: list[EditRequest], hp: ROMEHParams, prior=None
+    ) -> WeightEdit:
         """Several requests are edited one after another, each a rank-one update on the weights
         the previous ones left (as ROME's own code applies a list of requests)."""
         arch = get_arch(model)
         layer, trace_profile = self._layer(model, tok, arch, hp)
         name = arch.weight_name(layer, "mlp_out")
-        result = LocateEditResult(self.name, hp, model, [name])
-        result.conv1d, result._model = arch.conv1d, model
+        ids = [r.id for r in requests]
+        result = WeightEdit.before(self.name, hp, model, [name], ids, peft=hp.peft(arch))
         templates = hp.templates(model, tok)
         for req, subject in zip(requests, request_subjects(requests), strict=True):
             keys = template_keys(model, tok, arch, [layer], [req], [subject], templates)[layer][0]

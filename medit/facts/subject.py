@@ -15,9 +15,12 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from medit.core.errors import UserError
+
+if TYPE_CHECKING:
+    from medit.facts.requests import EditRequest
 
 #: spaCy pipelines tried, in order, for the parser fallback (only where installed)
 PARSER_PIPELINES = ("en_core_web_sm", "en_core_web_md", "en_core_web_lg", "en_core_web_trf")
@@ -154,3 +157,14 @@ def parsed_subject(doc: Any) -> str | None:
 def _strip_determiner(chunk: Any) -> str:
     tokens = [t for t in chunk if t.dep_ != "det" and not t.is_stop] or list(chunk)
     return chunk.doc[tokens[0].i : tokens[-1].i + 1].text
+
+
+def request_subjects(requests: Sequence[EditRequest]) -> list[str]:
+    """Each request's subject, detected (see :mod:`medit.facts.subject`) where it names none."""
+    out = []
+    for req in requests:
+        try:
+            out.append(req.subject or detect_subject(req.prompt))
+        except ValueError as exc:
+            raise UserError(f"{req.id}: {exc}") from None
+    return out

@@ -13,10 +13,14 @@ from typing import Any
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 
+from medit.artifacts import journal
+from medit.artifacts.savedmodel import ENTRY_FILE
+from medit.bench import tables
 from medit.core.errors import UserError
 from medit.core.fs import atomic_write_text
-from medit.core.results import read_json_object, verdict
+from medit.core.results import format_summary, read_json_object, verdict
 from medit.report import svg
+from medit.tracing.heatmap import trace_svg
 
 
 def _env() -> Environment:
@@ -65,9 +69,6 @@ def load_run(run_dir: str | Path) -> tuple[str, dict[str, Any], list[dict[str, A
 def journal_status(run: Path, results: dict[str, Any]) -> dict[str, Any] | None:
     """The run's journal entry (its copy in the run directory) and, where the workspace journal
     is reachable, whether that journal is intact and holds the entry."""
-    from medit.artifacts import journal
-    from medit.artifacts.savedmodel import ENTRY_FILE
-
     if not (run / ENTRY_FILE).is_file():
         return None
     entry = read_json_object(run / ENTRY_FILE)
@@ -203,8 +204,6 @@ def edit_context(results: dict[str, Any], samples: list[dict[str, Any]]) -> dict
 
 # -- benchmark runs ------------------------------------------------------------------------------
 def bench_context(results: dict[str, Any]) -> dict[str, Any]:
-    from medit.bench import tables
-
     out = {"r": results, "tables": {}, "charts": {}}
     for protocol, label in tables.PROTOCOL_LABELS.items():
         header, body = tables.rows(results, protocol)
@@ -225,8 +224,6 @@ def bench_context(results: dict[str, Any]) -> dict[str, Any]:
 def trace_context(results: dict[str, Any]) -> dict[str, Any]:
     """Heatmaps (escaped SVG from medit.tracing.heatmap) and the set's association profile chart."""
     from markupsafe import Markup
-
-    from medit.tracing.heatmap import trace_svg
 
     items = [{**t, "svg": Markup(trace_svg(t))} for t in results["traces"]]
     profile = results.get("association_profile") or {}
@@ -260,8 +257,6 @@ def render(run_dir: str | Path, fmt: str = "html") -> str:
 
 def markdown(kind: str, results: dict[str, Any], samples: list[dict[str, Any]]) -> str:
     if kind == "bench":
-        from medit.bench import tables
-
         return tables.markdown(results)
     if kind == "trace":
         lines = ["# medit causal traces", ""]
@@ -286,8 +281,6 @@ def markdown(kind: str, results: dict[str, Any], samples: list[dict[str, Any]]) 
             f"- {c['label']}: {value} (threshold {c['threshold']}) — "
             f"{'pass' if c['passed'] else 'FAIL'}"
         )
-    from medit.core.results import format_summary
-
     lines += [
         "",
         "```",

@@ -14,12 +14,12 @@ from medit.core.errors import UserError
 from medit.core.fs import atomic_dir, atomic_write_text, check_out
 from medit.core.models import load_model
 from medit.facts.requests import EditRequest, load_requests
+from medit.facts.subject import request_subjects
 from medit.tracing.heatmap import trace_svg
 from medit.tracing.trace import (
     TraceConfig,
     association_profile,
     request_answer,
-    request_subjects,
     trace_requests,
 )
 

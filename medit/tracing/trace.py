@@ -60,7 +60,7 @@ from medit.core.hooks import (
 from medit.core.models import LoadedModel, cache_dir
 from medit.core.text import encode_pair
 from medit.facts.requests import EditRequest
-from medit.facts.subject import detect_subject, subject_tokens
+from medit.facts.subject import request_subjects, subject_tokens
 
 log = logging.getLogger(__name__)
 
@@ -483,17 +483,6 @@ def trace_key(
     """Cache key of a trace: sha256 over the weights' hash, the inputs and the settings."""
     blob = json.dumps([FORMAT, weights_sha256, prompt, subject, answer, settings], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def request_subjects(requests: Sequence[EditRequest]) -> list[str]:
-    """Each request's subject, detected (see :mod:`medit.facts.subject`) where it names none."""
-    out = []
-    for req in requests:
-        try:
-            out.append(req.subject or detect_subject(req.prompt))
-        except ValueError as exc:
-            raise UserError(f"{req.id}: {exc}") from None
-    return out
 
 
 def trace_requests(

@@ -1,23 +1,23 @@
-"""What ROME, MEMIT and AlphaEdit share beyond the math of ``_keys``: hyper-parameters of the
-key/value/covariance steps, the corpus behind C, ROME's layer choice by causal tracing, and the
-result type, whose artifact also holds the update as an exact low-rank PEFT LoRA adapter."""
+"""What ROME, MEMIT and AlphaEdit share beyond the math of ``keys``: hyper-parameters of the
+key/value/covariance steps and of the exported PEFT adapter, the corpus behind C, and ROME's
+layer choice by causal tracing."""
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
-from medit.artifacts.weights import STATE
 from medit.core.arch import ArchSpec
 from medit.core.text import continuation
-from medit.editors.base import EditResult, HParams, hp
+from medit.editors.base import HParams, hp
 from medit.editors.locate.keys import ValueSettings, context_templates, covariance
+from medit.editors.results import PeftExport
 from medit.facts.corpus import Corpus, GenerationSettings, file_corpus, generated_corpus
-from medit.facts.requests import EditRequest
+from medit.facts.requests import BUILTIN, EditRequest, load_requests
+from medit.tracing.trace import TraceConfig, cached_trace
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +44,7 @@ class KeyValueHParams(HParams):
     value_anchor: ClassVar[str] = "layer"
 
     def __post_init__(self):
+        super().__post_init__()
         self._at_least(
             1,
             "v_steps",
@@ -67,6 +68,12 @@ class KeyValueHParams(HParams):
             early_stop_loss=self.v_early_stop,
             anchor=self.value_anchor,
         )
+
+    def peft(self, arch: ArchSpec) -> PeftExport:
+        """How the weight edit is also exported as a PEFT LoRA adapter (``artifact/peft``): the
+        exact low-rank factorisation (SVD), zero-padded to ``peft_pad_rank`` for serving
+        engines, or truncated to ``peft_max_rank`` with the relative error recorded."""
+        return PeftExport(conv1d=arch.conv1d, max_rank=self.peft_max_rank, pad=self.peft_pad_rank)
 
     def templates(self, model: Any, tok: Any, seed: int = 0) -> list[str]:
         if not self.prefix_count:
@@ -124,9 +131,6 @@ _TRACED: dict[tuple, tuple[int, list[float]]] = {}
 
 
 def _traced_layer(model, tok, arch, n_prompts, sha):
-    from medit.facts.requests import BUILTIN, load_requests
-    from medit.tracing.trace import TraceConfig, cached_trace
-
     config = TraceConfig(kinds=("mlp",), last_subject_only=True)
     effects = []
     for req in load_requests(BUILTIN)[:n_prompts]:
@@ -134,56 +138,3 @@ def _traced_layer(model, tok, arch, n_prompts, sha):
         effects.append(t.effects("mlp")[t.subject_range[1] - 1])
     profile = torch.stack(effects).mean(0)
     return int(profile.argmax()), profile.tolist()
-
-
-# -- results -------------------------------------------------------------------------------------
-class LocateEditResult(EditResult):
-    """A weight edit of ``mlp_out`` projections; its artifact adds ``artifact/peft``: each
-    layer's update as an exact low-rank LoRA factorisation (SVD), zero-padded to
-    ``peft_pad_rank`` for serving engines, or truncated to ``peft_max_rank`` with the relative
-    error recorded in ``artifact/peft/medit_lowrank.json``."""
-
-    conv1d = False
-    state_before: dict[str, torch.Tensor] | None = None
-    has_state = False
-
-    def export(self, directory: str | Path, **provenance: Any) -> Path:
-        from medit.editors.adapter_result import write_lowrank_peft
-
-        if self.has_state:
-            provenance.setdefault("state", dict(getattr(self._model, STATE, {}) or {}))
-        target = super().export(directory, **provenance)
-        deltas = {
-            n.removesuffix(".weight"): p.detach().float() - self.originals[n].float()
-            for n, p in self._params.items()
-        }
-        write_lowrank_peft(
-            target / "peft",
-            deltas,
-            self.conv1d,
-            self.hparams.peft_max_rank,
-            self.hparams.peft_pad_rank,
-        )
-        return target
-
-    def restore(self) -> None:
-        super().restore()
-        if self.has_state:
-            if self.state_before is None:
-                if hasattr(self._model, STATE):
-                    delattr(self._model, STATE)
-            else:
-                setattr(self._model, STATE, self.state_before)
-
-    @classmethod
-    def combine(cls, results):
-        out = super().combine(results)
-        out.__class__ = type(results[0])
-        first = results[0]
-        out.conv1d, out.has_state, out.state_before = (
-            first.conv1d,
-            first.has_state,
-            first.state_before,
-        )
-        out._model = first._model
-        return out

@@ -36,10 +36,16 @@ from medit.core.arch import ArchSpec, get_module
 from medit.core.errors import UserError
 from medit.core.forward import per_sequence_mean
 from medit.core.fs import atomic_file, atomic_write_text
-from medit.core.hooks import capture_input, capture_inputs, edited_outputs, frozen_prefix, record
+from medit.core.hooks import (
+    capture_input,
+    capture_inputs,
+    edited_outputs,
+    frozen_prefix,
+    record,
+    trainable_only,
+)
 from medit.core.models import cache_dir
 from medit.core.text import teacher_batch
-from medit.editors.ft import _trainable
 from medit.facts.corpus import Corpus, sample_continuations
 from medit.facts.requests import EditRequest
 from medit.facts.subject import subject_tokens
@@ -245,7 +251,7 @@ def optimise_values(
     kl_rows = rows[n * t_count :]
     done = torch.zeros(n, dtype=torch.bool, device=device)
     kl_init, history = None, []
-    with torch.enable_grad(), _trainable(model, []):  # δ is the only leaf that takes gradients
+    with torch.enable_grad(), trainable_only(model, []):  # δ is the only leaf that takes gradients
         for _step in range(vs.steps):
             hidden = entering.index_put(
                 (rows, pos), delta[owner_t].to(entering.dtype), accumulate=True

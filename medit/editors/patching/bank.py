@@ -1,0 +1,204 @@
+"""The module-patch mechanism: side computations beside a model's modules, gated per batch row.
+
+A :class:`Patch` is one edit's change at one or more modules that the ArchSpec names (a
+projection, an MLP, a decoder layer). A :class:`PatchBank` (one per model) installs the patches
+of every module edit with a forward hook per patched module; the base weights are never written,
+so a module whose patches are all shut returns exactly the base model's output, and removing the
+last patch removes the hooks.
+
+Which patch acts on which row is decided from the activations of the same forward pass, so an
+edited model is an ordinary transformers model (``model.generate``, a user's own loop and medit's
+batched evaluation all route the same way):
+
+* **input-gated** patches (GRACE, T-Patcher, SCEN, WISE, the test patch) score the patched
+  module's own input: ``gate(module, x)`` gives (batch, pos) gates in [0, 1], 0 shut;
+* **sequence-routed** patches (MedLaSA) leave the choice to the bank's ``router`` (e.g.
+  :class:`~medit.editors.patching.routing.SequenceRouter`), which reads each new sequence's
+  tokens at the start of the model's forward and keeps its choice while the KV cache grows.
+
+Per module and row the open patch with the highest gate acts (``policy="max"``: a codebook, an
+expert, an adapter), or every open patch in turn (``policy="sum"``: extra FFN neurons).
+Patches of one class act on their rows together (``Patch.act``, batched over patches).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from typing import Any, ClassVar
+
+import torch
+
+from medit.core.arch import ArchSpec, get_module
+from medit.core.errors import UserError
+
+#: the model attribute holding its bank while it carries patches (private to this package)
+BANK = "_medit_patch_bank"
+
+
+class Patch(ABC):
+    """One edit's side computation. A subclass sets ``edit_id`` and ``modules`` and defines
+    ``act``; input-gated patches also define ``gate``."""
+
+    edit_id: str
+    #: names of the modules it patches
+    modules: Sequence[str]
+    #: "max": the open patch with the highest gate acts per row; "sum": every open patch acts
+    policy: ClassVar[str] = "max"
+    #: True: the bank's router chooses rows (sequence routing); False: ``gate`` does
+    routed: ClassVar[bool] = False
+
+    def gate(self, module: str, x: torch.Tensor) -> torch.Tensor:
+        """(batch, pos) gates in [0, 1] from the module's input ``x`` (batch, pos, d_in)."""
+        raise NotImplementedError(f"{type(self).__name__} is routed, not input-gated")
+
+    @classmethod
+    @abstractmethod
+    def act(
+        cls,
+        patches: Sequence[Patch],
+        module: str,
+        x: torch.Tensor,
+        out: torch.Tensor,
+        gate: torch.Tensor,
+    ) -> torch.Tensor:
+        """The patched output of rows where ``patches[i]`` acts on row i: ``x`` (n, pos, d_in),
+        ``out`` the base output (n, pos, d_out), ``gate`` (n, pos) or (n, 1), > 0 where open.
+        Positions whose gate is 0 must keep ``out`` exactly."""
+
+    def weight_deltas(self, arch: ArchSpec) -> dict[str, torch.Tensor]:
+        """The change of each weight that has the same effect fully on (for merging into a saved
+        model); patches that are not a weight change refuse."""
+        raise UserError(
+            f"a {type(self).__name__} patch is not a weight change: it cannot be merged into the "
+            "weights (--save-model); use the run's artifact (medit generate --artifact)"
+        )
+
+
+class PatchBank:
+    """The patches installed on one model, with a hook per patched module."""
+
+    def __init__(self, model: Any, arch: ArchSpec, router: Any = None):
+        self.model, self.arch, self.router = model, arch, router
+        self.patches: list[Patch] = []
+        self.enabled = True
+        self._handles: list[Any] = []
+        self._by_module: dict[str, list[int]] = {}
+
+    @classmethod
+    def of(cls, model: Any, arch: ArchSpec, make_router: Any = None) -> PatchBank:
+        """The model's bank (created when it has none); ``make_router(bank)`` builds a router
+        for a new bank. A bank routes one way: a second router of another kind is refused by it
+        (``router.compatible``)."""
+        bank = getattr(model, BANK, None)
+        if bank is None:
+            bank = cls(model, arch)
+            bank.router = make_router(bank) if make_router else None
+        elif make_router is not None:
+            bank.router.check_compatible(make_router(bank))
+        return bank
+
+    # -- membership ------------------------------------------------------------------------------
+    def add(self, *patches: Patch) -> None:
+        if self.router is not None:
+            self.router.adding(patches)
+        self.patches.extend(patches)
+        self._rebuild()
+
+    def remove(self, *patches: Patch) -> None:
+        gone = {id(p) for p in patches}
+        self.patches = [p for p in self.patches if id(p) not in gone]
+        self._rebuild()
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Inside the block every patch is shut: the model computes as its base."""
+        was, self.enabled = self.enabled, False
+        try:
+            yield
+        finally:
+            self.enabled = was
+
+    def _rebuild(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles, self._by_module = [], {}
+        if self.router is not None:
+            self.router.rebuilt()
+        if not self.patches:
+            if getattr(self.model, BANK, None) is self:
+                delattr(self.model, BANK)
+            return
+        setattr(self.model, BANK, self)
+        for i, p in enumerate(self.patches):
+            for m in p.modules:
+                self._by_module.setdefault(m, []).append(i)
+        for name in sorted(self._by_module):
+            module = get_module(self.model, name)
+            self._handles.append(module.register_forward_hook(self._hook(name)))
+        if self.router is not None:
+            base = self.arch.base_model(self.model)
+            self._handles.append(base.register_forward_pre_hook(self._route, with_kwargs=True))
+
+    def _route(self, _module, args, kwargs):
+        if self.enabled:
+            self.router.begin_forward(args, kwargs)
+
+    # -- the patched forward ---------------------------------------------------------------------
+    def _gates(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """(E_m, batch, pos or 1) gates of the module's patches for this forward."""
+        rows = []
+        for i in self._by_module[name]:
+            p = self.patches[i]
+            g = self.router.gate(i, name, x.shape[0]) if p.routed else p.gate(name, x)
+            rows.append(g if g.dim() == 2 else g[:, None])
+        width = max(g.shape[1] for g in rows)
+        return torch.stack([g.expand(-1, width) for g in rows]).to(x.device)
+
+    def _hook(self, name: str):
+        def hook(_module, args, output):
+            if not self.enabled:
+                return None
+            x = args[0]
+            gates = self._gates(name, x)  # (E_m, batch, pos or 1)
+            if not bool((gates > 0).any()):
+                return None  # every patch shut: the base output, untouched
+            own = self._by_module[name]
+            if self.patches[own[0]].policy == "sum":
+                for e in range(len(own)):
+                    output = self._act(name, x, output, [e] * x.shape[0], gates[e], own)
+                return output
+            best, which = gates.max(dim=0)  # (batch, pos or 1); a row keeps one patch
+            chosen = which[:, 0] if which.shape[1] == 1 else which.mode(dim=1).values
+            gate = torch.where(which == chosen[:, None], best, torch.zeros_like(best))
+            return self._act(name, x, output, chosen.tolist(), gate, own)
+
+        return hook
+
+    def _act(self, name, x, output, local: list[int], gate: torch.Tensor, own: list[int]):
+        """``output`` with patch ``own[local[b]]`` acting on row b where ``gate[b] > 0``."""
+        open_rows = (gate > 0).any(dim=1)
+        out = output
+        by_class: dict[type, list[int]] = {}
+        for b in open_rows.nonzero().squeeze(1).tolist():
+            by_class.setdefault(type(self.patches[own[local[b]]]), []).append(b)
+        for cls, rows in by_class.items():
+            idx = torch.tensor(rows, device=x.device)
+            patches = [self.patches[own[local[b]]] for b in rows]
+            every = len(rows) == x.shape[0]
+            xs, base = (x, out) if every else (x[idx], out[idx])
+            new = cls.act(patches, name, xs, base, gate[idx])
+            out = new if every else out.index_copy(0, idx, new)
+        return out
+
+    # -- artifacts -------------------------------------------------------------------------------
+    def export(self, directory: Any, result: Any, **kwargs: Any) -> Any:
+        """Write a module edit's artifact with the writer of its patches' class."""
+        cls = type(result.patches[0])
+        return cls.write_artifact(directory, result, self, **kwargs)
+
+
+def bank_of(model: Any) -> PatchBank | None:
+    """The patch bank a model carries, if any."""
+    return getattr(model, BANK, None)

@@ -1,0 +1,38 @@
+"""The registry of editing methods: name -> class, imported lazily (``medit --help`` stays fast).
+
+A new editor is one file under ``medit/editors/`` and one line here.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from typing import Any
+
+from medit.core.errors import UserError
+from medit.editors.base import Editor
+
+#: method name -> "module:Class"
+METHODS: dict[str, str] = {
+    "ft-l": "medit.editors.ft:FTL",
+    "ft-m": "medit.editors.ft:FTM",
+    "lora": "medit.editors.lora:LoRA",
+    "adalora": "medit.editors.lora:AdaLoRA",
+    "medlasa": "medit.editors.medlasa:MedLaSA",
+    "rome": "medit.editors.rome:ROME",
+    "memit": "medit.editors.memit:MEMIT",
+    "alphaedit": "medit.editors.alphaedit:AlphaEdit",
+}
+
+
+def get_editor_class(name: str) -> type[Editor]:
+    if name not in METHODS:
+        close = difflib.get_close_matches(name, METHODS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise UserError(f"unknown method {name!r}{hint} (available: {', '.join(METHODS)})")
+    module, cls = METHODS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def make_editor(name: str, **overrides: Any) -> Editor:
+    return get_editor_class(name)(**overrides)

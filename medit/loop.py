@@ -1,0 +1,158 @@
+"""The one run loop behind ``medit edit`` and ``medit bench``: single, batch and sequential.
+
+* ``single`` — each request is applied, evaluated and restored (independent edits);
+* ``batch`` — requests applied in groups of ``batch_size`` (all of them when None), each group
+  evaluated after its edit;
+* ``sequential`` — requests applied one after another without restoring, each edit folded
+  into one combined result (memory stays O(1) in the number of edits), then the requests
+  evaluated again (retention). With a checkpoint directory the sequence is recorded after every
+  edit and a rerun continues from the last recorded edit.
+
+``keep=True`` leaves the model edited at the end (``medit edit``'s batch and sequential modes:
+the returned ``combined`` result is then what the run saves); otherwise every edit is restored.
+The loop never looks at what kind of edit a result is: the contract
+(:mod:`medit.editors.results`) is all it uses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medit.editors.load import load_checkpoint
+from medit.editors.results import EditResult
+from medit.evaluation import evaluate
+
+log = logging.getLogger(__name__)
+
+MODES = ("single", "batch", "sequential")
+
+#: called as each case is evaluated: (request index, post state, seconds of its edit, result)
+OnCase = Callable[[int, dict[str, Any], float, EditResult], None]
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed)
+    except ImportError:
+        pass
+
+
+@dataclasses.dataclass
+class Plan:
+    """What one run of the loop does."""
+
+    mode: str  #: single | batch | sequential
+    eval: Any  #: the EvalConfig of the post-edit evaluation
+    todo: Sequence[int] | None = None  #: indices still to evaluate (None: all)
+    batch_size: int | None = None  #: batch mode: requests per edit (None: all in one)
+    keep: bool = False  #: leave the model edited at the end
+    checkpoint: Path | None = None  #: sequential mode: record progress here, resume from it
+    provenance: dict[str, Any] = dataclasses.field(default_factory=dict)  #: for checkpoints
+    progress: str | None = None  #: description of the final evaluation's progress bar
+
+
+@dataclasses.dataclass
+class Outcome:
+    edits: list[EditResult]  #: one per edit call (single, batch) or per request (sequential)
+    combined: EditResult | None  #: the model's edit at the end when ``keep`` (else None)
+    seconds: list[float]  #: per request
+
+
+def run_edits(editor, lm, requests, pre, plan: Plan, on_case: OnCase, bar=None) -> Outcome:
+    """Apply ``requests`` in ``plan.mode`` and evaluate them (``pre``: their pre-edit states);
+    ``on_case`` receives each evaluated case; ``bar`` advances per request edited."""
+    todo = list(range(len(requests))) if plan.todo is None else list(plan.todo)
+    if plan.mode == "single":
+        return _single(editor, lm, requests, pre, plan, todo, on_case, bar)
+    if plan.mode == "batch":
+        return _batch(editor, lm, requests, pre, plan, todo, on_case, bar)
+    return _sequential(editor, lm, requests, pre, plan, todo, on_case, bar)
+
+
+def _evaluate(lm, requests, idx, pre, ecfg, progress=None):
+    reqs, ref = [requests[i] for i in idx], [pre[i] for i in idx]
+    return evaluate(lm.model, lm.tokenizer, lm.arch, reqs, ecfg, reference=ref, progress=progress)
+
+
+def _reset_peak(lm) -> None:
+    if lm.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(lm.device)
+
+
+def _single(editor, lm, requests, pre, plan, todo, on_case, bar) -> Outcome:
+    edits, seconds = [], [0.0] * len(requests)
+    for i in todo:
+        _reset_peak(lm)
+        result = editor.apply(lm.model, lm.tokenizer, [requests[i]])
+        seconds[i] = result.seconds
+        on_case(i, _evaluate(lm, requests, [i], pre, plan.eval)[0], result.seconds, result)
+        result.restore()
+        edits.append(result)
+        _advance(bar, 1)
+    return Outcome(edits, None, seconds)
+
+
+def _batch(editor, lm, requests, pre, plan, todo, on_case, bar) -> Outcome:
+    """Fixed groups of ``batch_size``; a group with a case to do is edited whole (the edit is
+    deterministic for a seed) and only its cases still to do are reported."""
+    size = plan.batch_size or len(requests)
+    missing, edits, seconds, combined = set(todo), [], [0.0] * len(requests), None
+    for start in range(0, len(requests), size):
+        idx = list(range(start, min(start + size, len(requests))))
+        if not missing.intersection(idx):
+            continue
+        result = editor.apply(lm.model, lm.tokenizer, [requests[i] for i in idx])
+        edits.append(result)
+        _advance(bar, len(idx))
+        posts = _evaluate(lm, requests, idx, pre, plan.eval, plan.progress)
+        for i, post in zip(idx, posts, strict=True):
+            seconds[i] = result.seconds / len(idx)
+            if i in missing:
+                on_case(i, post, seconds[i], result)
+        if plan.keep:
+            combined = result if combined is None else type(result).combine([combined, result])
+        else:
+            result.restore()
+    return Outcome(edits, combined, seconds)
+
+
+def _sequential(editor, lm, requests, pre, plan, todo, on_case, bar) -> Outcome:
+    model, tok = lm.model, lm.tokenizer
+    combined, seconds = (None, [])
+    if plan.checkpoint is not None:
+        combined, seconds = load_checkpoint(model, tok, plan.checkpoint)
+        if seconds:
+            log.info("resumed %s after %d sequential edits", editor.name, len(seconds))
+    edits = []
+    for i in range(len(seconds), len(requests)):
+        last = editor.apply(model, tok, [requests[i]], prior=combined)
+        seconds.append(last.seconds)
+        edits.append(last)
+        combined = last if combined is None else type(last).combine([combined, last])
+        if plan.checkpoint is not None:
+            prov = {**plan.provenance, "edit_seconds": seconds}
+            combined.checkpoint(plan.checkpoint, last, i, **prov)
+        _advance(bar, 1)
+    posts = _evaluate(lm, requests, todo, pre, plan.eval, plan.progress)
+    for i, post in zip(todo, posts, strict=True):
+        on_case(i, post, seconds[i], combined)
+    if not plan.keep and combined is not None:
+        combined.restore()
+        combined = None
+    return Outcome(edits, combined, seconds)
+
+
+def _advance(bar, n: int) -> None:
+    if bar is not None:
+        bar.update(n)
