@@ -105,9 +105,23 @@ def test_cli_values_are_converted_to_the_declared_types(method, values, expected
 def test_every_default_passes_the_type_checks(method):
     cls = get_editor_class(method).hparams_class
     assert cls.from_dict(dataclasses.asdict(cls())) == cls()
-    for family in [*cls.FAMILY_DEFAULTS, "llama", "gpt2"]:
-        resolved = cls.for_family(family)
-        assert cls.from_dict(json.loads(json.dumps(resolved.to_dict()))) == resolved
+    families = {row.family for row in cls.DEFAULTS} - {"*"} | {"llama", "gpt2"}
+    for family in sorted(families):
+        for n_params in (None, 10**8, 10**10):  # every size row, and none
+            for preset in cls.PRESETS or [None]:
+                extra = {"preset": preset} if preset else {}
+                resolved = cls.for_model(family, n_params, **extra)
+                assert cls.from_dict(json.loads(json.dumps(resolved.to_dict()))) == resolved
+
+
+def test_size_rows_of_the_defaults_table_apply_by_parameter_count():
+    """MedLaSA's paper lr under-trains small models: under 1B parameters the table's lr
+    applies over the preset; the paper-* presets and big models keep the paper's value."""
+    cls = get_editor_class("medlasa").hparams_class
+    assert cls.for_model("llama", 135 * 10**6).lr == 1e-4
+    assert cls.for_model("llama", 7 * 10**9).lr == 1e-5
+    assert cls.for_model("llama", 135 * 10**6, preset="paper-medcf").lr == 1e-5
+    assert cls.for_model("llama", 135 * 10**6, lr=3e-5).lr == 3e-5  # the user's value wins
 
 
 @dataclasses.dataclass(frozen=True)
