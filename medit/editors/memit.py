@@ -2,7 +2,7 @@
 
 Many facts at once, spread over a range of MLP layers:
 
-1. ``compute_z`` — for each request, z = h + δ: the output of the range's last layer at the
+1. the target z (``locate.keys.optimise_values`` and ``layer_outputs_at``) — for each request, z = h + δ: the output of the range's last layer at the
    subject's last token, changed by δ so that the model states the target (``_keys``).
 2. For each layer l of the range, lowest first, with the updates of the layers below applied:
    K (N, d_in) the requests' keys at l (averaged over context prefixes), R = z − h_now the
