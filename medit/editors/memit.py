@@ -2,8 +2,9 @@
 
 Many facts at once, spread over a range of MLP layers:
 
-1. the target z (``locate.keys.optimise_values`` and ``layer_outputs_at``) — for each request, z = h + δ: the output of the range's last layer at the
-   subject's last token, changed by δ so that the model states the target (``_keys``).
+1. the target z (``locate.keys.optimise_values``, ``layer_outputs_at``) — per request z = h + δ:
+   the output of the range's last layer at the subject's last token, changed by δ so that the
+   model states the target.
 2. For each layer l of the range, lowest first, with the updates of the layers below applied:
    K (N, d_in) the requests' keys at l (averaged over context prefixes), R = z − h_now the
    residual still missing at the last layer, divided over the layers left: R_i = R / (L − i).
