@@ -259,3 +259,23 @@ def test_bench_resume_refuses_another_dtype_or_device_naming_it(tmp_path, tiny_m
     )
     with pytest.raises(ValueError, match="model device cuda, this run has cpu"):
         _check_resumed_model(tmp_path / "b", lm)
+
+
+def test_a_cut_short_checkpoint_is_dropped_only_when_medit_wrote_everything_in_it(
+    tmp_path, tiny_llama, caplog
+):
+    """Resuming drops edit checkpoints after the first incomplete one, but only those that hold
+    nothing but medit's own leftovers; a folder with a user's file in it is left in place."""
+    from medit.editors.load import load_checkpoint
+
+    model, tok = tiny_llama
+    edits = tmp_path / "ckpt" / "edits"
+    (edits / "000000" / ".artifact.tmp-123-abcd").mkdir(parents=True)  # interrupted write
+    (edits / "000001").mkdir()
+    (edits / "000001" / "notes.txt").write_text("mine")
+    (edits / "000002").mkdir()  # empty
+    combined, seconds = load_checkpoint(model, tok, tmp_path / "ckpt")
+    assert combined is None and seconds == []
+    assert not (edits / "000000").exists() and not (edits / "000002").exists()
+    assert (edits / "000001" / "notes.txt").read_text() == "mine"
+    assert "medit did not write" in caplog.text

@@ -401,4 +401,7 @@ class Editor(ABC):
         """A module or memory edit back from its artifact (``manifest`` and ``tensors``) onto
         ``model``. Weight edits need no loader of their own: :func:`medit.editors.load.load_edit`
         writes them in."""
-        raise NotImplementedError(f"{cls.name} cannot load {manifest.get('kind')!r} artifacts")
+        raise UserError(
+            f"a {manifest.get('kind')!r} artifact names method {cls.name!r}, which makes weight "
+            "edits: the artifact is damaged or was not written by medit"
+        )

@@ -8,6 +8,7 @@ to be exactly the model's tensors; any other kind is installed by its method's
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -21,9 +22,12 @@ from medit.artifacts.weights import (
     read_state,
 )
 from medit.core.errors import UserError
+from medit.core.fs import marker_kind
 from medit.editors.patching.adapters import is_adapter_artifact, read_adapters
 from medit.editors.registry import get_editor_class
 from medit.editors.results import EditResult, WeightEdit
+
+log = logging.getLogger(__name__)
 
 
 def load_edit(model: Any, tok: Any, path: str | Path) -> EditResult:
@@ -75,7 +79,7 @@ def load_checkpoint(model: Any, tok: Any, directory: Path) -> tuple[EditResult |
     for i, d in enumerate(edits):
         if d.name != f"{i:06d}" or not (d / ARTIFACT_DIR).exists():
             for rest in edits[i:]:
-                shutil.rmtree(rest, ignore_errors=True)
+                _remove_own_checkpoint(rest)
             break
         r = load_edit(model, tok, d)
         results.append(r)
@@ -83,3 +87,17 @@ def load_checkpoint(model: Any, tok: Any, directory: Path) -> tuple[EditResult |
     if not results:
         return None, []
     return type(results[0]).combine(results), seconds
+
+
+def _remove_own_checkpoint(directory: Path) -> None:
+    """Drop an edit checkpoint left behind the sequence's end, when it holds nothing but what
+    medit writes there: its artifact (marked by medit) or the leftovers of an interrupted atomic
+    write (``.artifact.tmp-*``). Anything else is left where it is, with a warning."""
+    if not directory.is_dir():
+        return
+    for entry in directory.iterdir():
+        own = entry.name == ARTIFACT_DIR and marker_kind(entry) == "artifact"
+        if not (own or (entry.name.startswith(f".{ARTIFACT_DIR}.") and ".tmp-" in entry.name)):
+            log.warning("%s holds %s, which medit did not write: left in place", directory, entry)
+            return
+    shutil.rmtree(directory)

@@ -68,7 +68,8 @@ class EditResult(ABC):
         self.hparams = hparams
         self.edit_ids = list(edit_ids)  #: request ids, in the order they were edited
         self.editor_state = dict(editor_state or {})  #: what later edits of the editor read
-        self.diagnostics: list[dict[str, Any]] = []  #: per call: losses, steps, seconds, ...
+        self.diagnostics: list[dict[str, Any]] = []  #: per call: losses, steps and seconds
+        self.manifest: dict[str, Any] | None = None  #: the artifact's, when loaded from one
         self.state = "edited"  #: "edited" or "restored"
         self.seconds = 0.0
 

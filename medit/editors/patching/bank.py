@@ -39,7 +39,9 @@ BANK = "_medit_patch_bank"
 
 class Patch(ABC):
     """One edit's side computation. A subclass sets ``edit_id`` and ``modules`` and defines
-    ``act``; input-gated patches also define ``gate``."""
+    ``act``; an input-gated patch (``routed = False``) also defines
+    ``gate(module, x) -> (batch, pos)`` gates in [0, 1] from the module's input ``x``
+    (batch, pos, d_in); a routed one leaves the choice of rows to the bank's router."""
 
     edit_id: str
     #: names of the modules it patches
@@ -48,10 +50,6 @@ class Patch(ABC):
     policy: ClassVar[str] = "max"
     #: True: the bank's router chooses rows (sequence routing); False: ``gate`` does
     routed: ClassVar[bool] = False
-
-    def gate(self, module: str, x: torch.Tensor) -> torch.Tensor:
-        """(batch, pos) gates in [0, 1] from the module's input ``x`` (batch, pos, d_in)."""
-        raise NotImplementedError(f"{type(self).__name__} is routed, not input-gated")
 
     @classmethod
     @abstractmethod
