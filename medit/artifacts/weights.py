@@ -19,9 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from medit.core.errors import UserError
-from medit.core.fs import atomic_dir, atomic_file, atomic_write_text, check_writable
-
-__all__ = ["atomic_dir", "atomic_write_text", "check_writable"]  # re-exported for callers
+from medit.core.fs import atomic_dir, atomic_file
 
 FORMAT = "medit.artifact"
 ARTIFACT_DIR = "artifact"
