@@ -29,9 +29,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from medit.core.cache import clear_memory  # noqa: E402
 from medit.core.models import DEFAULT_MODEL, load_model  # noqa: E402
 from medit.editors.locate import keys as _keys  # noqa: E402
 from medit.editors.locate.common import base_corpus  # noqa: E402
+from medit.editors.locate.covariance import covariance  # noqa: E402
+from medit.editors.locate.values import optimise_values  # noqa: E402
 from medit.editors.registry import make_editor  # noqa: E402
 from medit.facts.corpus import Corpus  # noqa: E402
 from medit.facts.requests import load_requests  # noqa: E402
@@ -45,7 +48,7 @@ def covariance_cost(lm, hp, layers) -> dict:
     corpus = base_corpus(lm.model, lm.tokenizer, hp)
     gen_s = time.perf_counter() - t
     t = time.perf_counter()
-    stats = _keys.covariance(lm.model, lm.tokenizer, lm.arch, layers, corpus, hp.cov_max_length)
+    stats = covariance(lm.model, lm.tokenizer, lm.arch, layers, corpus, hp.cov_max_length)
     acc_s = time.perf_counter() - t
     tokens = next(iter(stats.values()))[1]
     return {
@@ -59,7 +62,7 @@ def covariance_cost(lm, hp, layers) -> dict:
 
 
 def tokens_needed(lm, corpus: Corpus, layer: int, keys: torch.Tensor, hp) -> list[dict]:
-    full, n_full = _keys.covariance(
+    full, n_full = covariance(
         lm.model, lm.tokenizer, lm.arch, [layer], corpus, hp.cov_max_length, cache=False
     )[layer]
     C = full / n_full
@@ -67,7 +70,7 @@ def tokens_needed(lm, corpus: Corpus, layer: int, keys: torch.Tensor, hp) -> lis
     rows, texts = [], list(corpus.texts)
     for stride in (16, 8, 4, 2):  # every stride-th text: all seed prompts stay represented
         part = Corpus("part", tuple(texts[::stride]))
-        s, n = _keys.covariance(
+        s, n = covariance(
             lm.model, lm.tokenizer, lm.arch, [layer], part, hp.cov_max_length, cache=False
         )[layer]
         Cn = s / n
@@ -100,9 +103,7 @@ def per_step_seconds(lm, method_hp, layer, req, subject, templates) -> float:
     for steps in (1, 6):
         vs = dataclasses.replace(method_hp.values(), steps=steps, early_stop_loss=-1.0)
         t = time.perf_counter()
-        _keys.optimise_values(
-            lm.model, lm.tokenizer, lm.arch, layer, [req], [subject], templates, vs
-        )
+        optimise_values(lm.model, lm.tokenizer, lm.arch, layer, [req], [subject], templates, vs)
         times[steps] = time.perf_counter() - t
     return (times[6] - times[1]) / 5
 
@@ -179,7 +180,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as cold:  # a cold cache: generation and accumulation
         old = os.environ.get("MEDIT_CACHE")
         os.environ["MEDIT_CACHE"] = cold
-        _keys._MEMORY.clear()
+        clear_memory()
         try:
             report["covariance"], corpus = covariance_cost(lm, hp, layers)
         finally:
@@ -187,7 +188,7 @@ def main() -> None:
                 os.environ.pop("MEDIT_CACHE")
             else:
                 os.environ["MEDIT_CACHE"] = old
-            _keys._MEMORY.clear()
+            clear_memory()
     print(json.dumps(report["covariance"]), flush=True)
     keys = _keys.request_keys(
         lm.model,

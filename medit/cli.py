@@ -776,7 +776,8 @@ def journal_verify(workspace, head):
 @main.command()
 def models():
     """Builtin models and the models materialised in the cache."""
-    from medit.core.models import BUILTIN_MODELS, builtin_gguf_path, cache_dir, cached_models
+    from medit.core.cache import cache_dir
+    from medit.core.models import BUILTIN_MODELS, builtin_gguf_path, cached_models
 
     click.echo("builtin models:")
     for name, b in BUILTIN_MODELS.items():

@@ -84,10 +84,11 @@ def _tiny(kind: str, vocab: int, seed: int = 0):
             pad_token_id=0,
         )
         model = GPT2LMHeadModel(cfg)
+    from medit.core.cache import mark_base_weights
     from medit.core.models import state_dict_sha256
 
     # as load_model does: work on the base weights (traces, covariances, corpora) is cached
-    model.medit_weights_sha256 = state_dict_sha256(model)
+    mark_base_weights(model, state_dict_sha256(model))
     return model.eval()
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from medit.core.cache import base_weights_sha256
 from medit.editors import registry
 from medit.editors.load import load_edit
 from medit.editors.patching.bank import bank_of
@@ -49,7 +50,7 @@ def test_export_then_load_on_a_fresh_base_gives_identical_logits(
     model, tok = _tiny(kind, len(tokenizer)), tokenizer
     result = _make(method, **hp).apply(model, tok, _reqs(method))
     edited = _logits(model, tok)
-    result.export(tmp_path, base_weights_sha256=model.medit_weights_sha256)
+    result.export(tmp_path, base_weights_sha256=base_weights_sha256(model))
     fresh = _tiny(kind, len(tokenizer))
     base = _logits(fresh, tok)
     loaded = load_edit(fresh, tok, tmp_path)

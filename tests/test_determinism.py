@@ -15,8 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from medit.editors.locate import common as locate
-from medit.editors.locate import keys as _keys
+from medit.core.cache import clear_memory
 from medit.editors.registry import METHODS
 from medit.runner import set_seed
 from tests.conftest import _tiny
@@ -52,8 +51,7 @@ def _edit(method, arch, tok, seed, cache: Path, monkeypatch) -> dict:
     edit produced: every weight, the edited tensors, adapters, editor state, probe logits, and
     the cache files the run wrote."""
     monkeypatch.setenv("MEDIT_CACHE", str(cache))
-    monkeypatch.setattr(_keys, "_MEMORY", {})  # templates, covariances, projectors
-    monkeypatch.setattr(locate, "_TRACED", {})  # ROME's traced layer
+    clear_memory()  # templates, second moments, projectors, ROME's traced layer
     model = _tiny(arch, len(tok))
     probes = tok(PROBES, return_tensors="pt", padding=True)
     with torch.no_grad():

@@ -10,10 +10,14 @@ from click.testing import CliRunner
 from medit.artifacts.peft import low_rank_approx
 from medit.cli import main
 from medit.core.arch import get_arch
+from medit.core.cache import clear_memory, mark_base_weights
 from medit.editors.load import load_edit
+from medit.editors.locate import covariance as covariance_module
 from medit.editors.locate import keys as _keys
 from medit.editors.locate.common import second_moments
-from medit.editors.locate.keys import covariance, optimise_values, template_keys
+from medit.editors.locate.covariance import covariance
+from medit.editors.locate.keys import template_keys
+from medit.editors.locate.values import optimise_values
 from medit.editors.registry import make_editor
 from medit.editors.rome import rank_one_update
 from medit.evaluation import score_targets
@@ -182,17 +186,17 @@ def test_low_rank_cap_reports_its_error():
 def test_covariance_is_cached_by_weights_corpus_and_layer(tiny_llama, monkeypatch):
     model, tok = tiny_llama
     arch = get_arch(model)
-    model.medit_weights_sha256 = "test-weights"
+    mark_base_weights(model, "test-weights")
     corpus = Corpus("t", tuple(CORPUS))
     first = covariance(model, tok, arch, [0, 2], corpus)
     n_tokens = sum(len(tok(t).input_ids) for t in CORPUS)
     assert first[0][1] == n_tokens
-    _keys._MEMORY.clear()  # from disk, not from memory
+    clear_memory()  # from disk, not from memory
 
     def boom(*a, **k):
         raise AssertionError("recomputed")
 
-    monkeypatch.setattr(_keys, "_accumulate", boom)
+    monkeypatch.setattr(covariance_module, "_accumulate", boom)
     again = covariance(model, tok, arch, [0, 2], corpus)
     assert all(torch.equal(first[k][0], again[k][0]) for k in (0, 2))
     with pytest.raises(AssertionError, match="recomputed"):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from medit.core.arch import get_arch
+from medit.core.cache import base_weights_sha256
 from medit.editors.load import load_edit
 from medit.editors.medlasa import (
     layer_alphas,
@@ -151,7 +152,7 @@ def test_shared_adapter_is_one_pair_scaled_and_masked_per_edit(tiny_llama, tmp_p
     before = [t.logprob for t in score_targets(model, tok, arch, pairs)]
     profiles = ([0.0, 1.0, 0.5, 0.25], [1.0, 0.0, 0.0, 0.5])  # hand-made: the ranks differ
     doc = {
-        "provenance": {"model": {"weights_sha256": model.medit_weights_sha256}},
+        "provenance": {"model": {"weights_sha256": base_weights_sha256(model)}},
         "traces": [
             {"prompt": r.prompt, "subject": r.subject, "profile": {"mlp": p, "attn": p}}
             for r, p in zip(REQS, profiles, strict=True)
@@ -229,7 +230,7 @@ def test_scales_come_from_a_medit_trace_run_directory(tiny_llama, tmp_path):
     model, tok = tiny_llama
     mlp, attn = [0.0, 1.0, 0.5, 0.25], [1.0, 0.0, 0.0, 0.5]
     doc = {
-        "provenance": {"model": {"weights_sha256": model.medit_weights_sha256}},
+        "provenance": {"model": {"weights_sha256": base_weights_sha256(model)}},
         "traces": [
             {
                 "prompt": REQS[0].prompt,

@@ -29,8 +29,8 @@ from medit.bench.metrics import (
     quality_flags,
 )
 from medit.bench.suites import data_sha256, get_suite
-from medit.core.fs import append_line, atomic_write_bytes, atomic_write_text
-from medit.core.models import cache_dir
+from medit.core.cache import Cache
+from medit.core.fs import append_line, atomic_write_bytes
 from medit.core.results import read_json_object
 from medit.evaluation import evaluate
 
@@ -103,13 +103,14 @@ def append_case(out: Path, record: dict[str, Any]) -> None:
     append_line(out / CASES_FILE, json.dumps(record, ensure_ascii=False))
 
 
+#: pre-edit evaluation states: one entry per (weights, settings) holding every case seen
+BASELINES = Cache("baselines", version=1)
+
+
 def baseline(lm, requests, ecfg, quiet: bool = False) -> list[dict[str, Any]]:
     """Pre-edit states, computed once per (model weights, evaluation settings) and cached."""
-    key = hashlib.sha256(
-        json.dumps([lm.weights_sha256, dataclasses.asdict(ecfg)], sort_keys=True).encode()
-    ).hexdigest()[:24]
-    path = cache_dir() / "baselines" / f"{key}.json"
-    cache = json.loads(path.read_text()) if path.exists() else {}
+    key = BASELINES.key(lm.weights_sha256, dataclasses.asdict(ecfg))
+    cache = BASELINES.get(key) or {}
     hashes = [
         hashlib.sha256(
             json.dumps({k: v for k, v in r.to_dict().items() if k != "id"}, sort_keys=True).encode()
@@ -128,7 +129,7 @@ def baseline(lm, requests, ecfg, quiet: bool = False) -> list[dict[str, Any]]:
         log.info("baseline took %.1f s", time.perf_counter() - t)
         for i, state in zip(missing, states, strict=True):
             cache[hashes[i]] = state
-        atomic_write_text(path, json.dumps(cache))
+        BASELINES.put(key, cache)
     return [cache[h] for h in hashes]
 
 

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from medit.core.arch import ArchSpec, get_arch
+from medit.core.cache import Cache, mark_base_weights
 from medit.core.errors import UserError
 from medit.core.fs import file_sha256
 
@@ -84,14 +85,8 @@ class LoadedModel:
 
 
 # -- cache ---------------------------------------------------------------------------------------
-def cache_dir() -> Path:
-    """Root of medit's on-disk cache (``$MEDIT_CACHE`` or the user cache directory)."""
-    env = os.environ.get("MEDIT_CACHE")
-    if env:
-        return Path(env).expanduser()
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("medit"))
+#: safetensors copies of GGUF models, one directory per (file content, format version)
+MODELS = Cache("models", version=1, kind="dir")
 
 
 def builtin_gguf_path(name: str) -> Path:
@@ -120,8 +115,9 @@ def _builtin(name: str) -> BuiltinModel:
 
 
 def materialised_dir(gguf: Path, key: str) -> Path:
-    """The cache directory holding the safetensors copy of a GGUF model (may not exist yet)."""
-    return cache_dir() / "models" / f"{gguf.stem}-{key[:16]}"
+    """The cache directory holding the safetensors copy of a GGUF model (may not exist yet);
+    ``key`` identifies the file's content."""
+    return MODELS.path(MODELS.key(key), label=gguf.stem)
 
 
 def materialise_gguf(gguf: Path, key: str | None = None) -> Path:
@@ -164,7 +160,7 @@ def materialise_gguf(gguf: Path, key: str | None = None) -> Path:
 
 def cached_models() -> list[dict[str, str]]:
     """Models materialised in the cache: name, path and size."""
-    root = cache_dir() / "models"
+    root = MODELS.root
     out = []
     for d in sorted(root.glob("*")) if root.exists() else []:
         if (d / "config.json").exists():
@@ -381,8 +377,7 @@ def load_model(
     model.requires_grad_(False)  # inference by default; editors enable what they train
     prepare_tokenizer(tok)
     sha = state_dict_sha256(model)
-    # the loaded weights' hash, for caches of work on the base model (causal traces)
-    model.medit_weights_sha256 = sha
+    mark_base_weights(model, sha)  # keys the caches of work on the base model (traces, ...)
     return LoadedModel(
         model=model,
         tokenizer=tok,

@@ -21,11 +21,12 @@ import dataclasses
 
 import torch
 
+from medit.core.cache import base_weights_sha256
 from medit.core.errors import UserError
 from medit.core.models import solve_device
 from medit.editors.base import hp
 from medit.editors.locate.common import second_moments
-from medit.editors.locate.keys import null_space_projector
+from medit.editors.locate.covariance import null_space_projector
 from medit.editors.memit import MEMIT, MEMITHParams
 
 
@@ -52,15 +53,11 @@ class AlphaEdit(MEMIT):
     def _context(self, model, tok, arch, layers, hp: AlphaEditHParams, requests, prior) -> dict:
         # P from the preserved-knowledge corpus alone: it must not move between sequential edits
         C = second_moments(model, tok, arch, layers, hp, requests, include_requests=False)
-        sha = getattr(model, "medit_weights_sha256", None)
+        sha = base_weights_sha256(model)
         P, dims = {}, {}
         for layer in layers:
-            key = (
-                f"{sha}:{layer}:{hp.cov_corpus}:{hp.cov_samples_per_prompt}:"
-                f"{hp.cov_new_tokens}:{hp.cov_max_length}"
-                if sha
-                else None
-            )
+            corpus = [hp.cov_corpus, hp.cov_samples_per_prompt, hp.cov_new_tokens]
+            key = [sha, layer, *corpus, hp.cov_max_length] if sha else None
             P[layer], dims[layer] = null_space_projector(C[layer], hp.nullspace_threshold, key)
             if dims[layer] == 0:
                 smallest = torch.linalg.eigvalsh(C[layer]).min().item()

@@ -21,6 +21,7 @@ from medit.artifacts.weights import (
     read_artifact,
     read_state,
 )
+from medit.core.cache import base_weights_sha256
 from medit.core.errors import UserError
 from medit.core.fs import marker_kind
 from medit.editors.patching.adapters import is_adapter_artifact, read_adapters
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 def load_edit(model: Any, tok: Any, path: str | Path) -> EditResult:
     """Put an edit artifact (a run directory, an artifact directory or file) onto the base model
     it was made for; the result can restore, remove, combine and export as a fresh edit can."""
-    sha = getattr(model, "medit_weights_sha256", None)
+    sha = base_weights_sha256(model)
     adapters, patches = is_adapter_artifact(path), find_module_artifact(path)
     if adapters is not None or patches is not None:
         file = adapters or patches

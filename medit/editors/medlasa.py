@@ -37,6 +37,7 @@ from typing import Any, ClassVar
 import torch
 
 from medit.core.arch import ArchSpec, get_arch, get_module
+from medit.core.cache import base_weights_sha256
 from medit.core.errors import UserError
 from medit.core.forward import target_nll
 from medit.core.hooks import trainable_only
@@ -166,6 +167,46 @@ class MedLaSAHParams(HParams):
             self.gate_on_unmentioned,
             self.gate_off_unmentioned,
         )
+
+
+# -- 1. association profiles ---------------------------------------------------------------------
+def run_profiles(path: str, weights_sha256: str | None) -> dict[tuple, dict[str, list[float]]]:
+    """Association profiles of a ``medit trace`` run directory (or its traces.json), keyed by
+    (prompt, subject) and (prompt, None); refuses traces of other weights."""
+    file = Path(path) / TRACES_FILE if Path(path).is_dir() else Path(path)
+    if not file.is_file():
+        raise UserError(f"traces={path}: no {TRACES_FILE} there (write one with `medit trace`)")
+    doc = json.loads(file.read_text(encoding="utf-8"))
+    sha = doc.get("provenance", {}).get("model", {}).get("weights_sha256")
+    if weights_sha256 and sha and sha != weights_sha256:
+        raise UserError(
+            f"traces={path} were made for other weights (sha256 {sha[:12]}..., "
+            f"this model {weights_sha256[:12]}...)"
+        )
+    out = {}
+    for item in doc.get("traces", []):
+        profile = item.get("profile", {})
+        if not {"mlp", "attn"} <= set(profile):
+            continue  # medlasa needs both kinds
+        out[(item["prompt"], item["subject"])] = profile
+        out.setdefault((item["prompt"], None), profile)
+    return out
+
+
+def _profile(
+    model, tok, arch, prompt: str, subject: str | None, answer: str | None, hp: MedLaSAHParams
+) -> dict[str, list[float]]:
+    if not subject:
+        try:
+            subject = detect_subject(prompt)
+        except (ValueError, ImportError):  # no medical term found (or no spaCy)
+            subject = prompt.strip()  # the whole prompt is corrupted
+    # the profile reads the subject tokens only: the other cells are not run
+    config = TraceConfig(kinds=("mlp", "attn"), mode=hp.trace_mode, subject_only=True)
+    sha = base_weights_sha256(model)
+    with torch.no_grad():
+        t = cached_trace(model, tok, arch, prompt, subject, answer, config, None, sha)
+    return t.profile()
 
 
 # -- 2. scales -----------------------------------------------------------------------------------
@@ -406,7 +447,7 @@ class MedLaSA(Editor):
         answer = req.ground_truth if hp.trace_answer == "ground_truth" else None
         profile = None
         if hp.traces:  # a `medit trace` run (whatever answer it traced) wins where it has one
-            runs = run_profiles(hp.traces, getattr(model, "medit_weights_sha256", None))
+            runs = run_profiles(hp.traces, base_weights_sha256(model))
             profile = runs.get((req.prompt, req.subject)) or runs.get((req.prompt, None))
         if profile is None:
             profile = _profile(model, tok, arch, req.prompt, req.subject, answer, hp)
@@ -439,42 +480,3 @@ class MedLaSA(Editor):
             for layer, alpha in enumerate(alphas):
                 out[arch.layer_path(layer, kind)] = alpha
         return out
-
-
-def run_profiles(path: str, weights_sha256: str | None) -> dict[tuple, dict[str, list[float]]]:
-    """Association profiles of a ``medit trace`` run directory (or its traces.json), keyed by
-    (prompt, subject) and (prompt, None); refuses traces of other weights."""
-    file = Path(path) / TRACES_FILE if Path(path).is_dir() else Path(path)
-    if not file.is_file():
-        raise UserError(f"traces={path}: no {TRACES_FILE} there (write one with `medit trace`)")
-    doc = json.loads(file.read_text(encoding="utf-8"))
-    sha = doc.get("provenance", {}).get("model", {}).get("weights_sha256")
-    if weights_sha256 and sha and sha != weights_sha256:
-        raise UserError(
-            f"traces={path} were made for other weights (sha256 {sha[:12]}..., "
-            f"this model {weights_sha256[:12]}...)"
-        )
-    out = {}
-    for item in doc.get("traces", []):
-        profile = item.get("profile", {})
-        if not {"mlp", "attn"} <= set(profile):
-            continue  # medlasa needs both kinds
-        out[(item["prompt"], item["subject"])] = profile
-        out.setdefault((item["prompt"], None), profile)
-    return out
-
-
-def _profile(
-    model, tok, arch, prompt: str, subject: str | None, answer: str | None, hp: MedLaSAHParams
-) -> dict[str, list[float]]:
-    if not subject:
-        try:
-            subject = detect_subject(prompt)
-        except (ValueError, ImportError):  # no medical term found (or no spaCy)
-            subject = prompt.strip()  # the whole prompt is corrupted
-    # the profile reads the subject tokens only: the other cells are not run
-    config = TraceConfig(kinds=("mlp", "attn"), mode=hp.trace_mode, subject_only=True)
-    sha = getattr(model, "medit_weights_sha256", None)
-    with torch.no_grad():
-        t = cached_trace(model, tok, arch, prompt, subject, answer, config, None, sha)
-    return t.profile()

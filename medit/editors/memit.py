@@ -28,7 +28,8 @@ from medit.core.errors import UserError
 from medit.core.models import solve_device
 from medit.editors.base import Capabilities, Editor, check_layers, hp
 from medit.editors.locate.common import KeyValueHParams, second_moments
-from medit.editors.locate.keys import layer_outputs_at, optimise_values, request_keys
+from medit.editors.locate.keys import layer_outputs_at, request_keys
+from medit.editors.locate.values import optimise_values
 from medit.editors.results import WeightEdit
 from medit.facts.requests import EditRequest
 from medit.facts.subject import request_subjects

@@ -35,7 +35,8 @@ from medit.editors.locate.common import (
     second_moments,
     traced_layer,
 )
-from medit.editors.locate.keys import optimise_values, template_keys
+from medit.editors.locate.keys import template_keys
+from medit.editors.locate.values import optimise_values
 from medit.editors.results import WeightEdit
 from medit.facts.requests import EditRequest
 from medit.facts.subject import request_subjects

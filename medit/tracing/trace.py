@@ -34,8 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -45,9 +43,9 @@ import torch
 from tqdm.auto import tqdm
 
 from medit.core.arch import ArchSpec
+from medit.core.cache import Cache
 from medit.core.errors import UserError
 from medit.core.forward import cache_kwargs
-from medit.core.fs import atomic_write_text
 from medit.core.hooks import (
     add_rows,
     edited_outputs,
@@ -57,7 +55,7 @@ from medit.core.hooks import (
     put_rows,
     record,
 )
-from medit.core.models import LoadedModel, cache_dir
+from medit.core.models import LoadedModel
 from medit.core.text import encode_pair
 from medit.facts.requests import EditRequest
 from medit.facts.subject import request_subjects, subject_tokens
@@ -477,12 +475,8 @@ def request_answer(req: EditRequest, answer: str) -> str | None:
     return value
 
 
-def trace_key(
-    weights_sha256: str, prompt: str, subject: str, answer: str | None, settings: dict[str, Any]
-) -> str:
-    """Cache key of a trace: sha256 over the weights' hash, the inputs and the settings."""
-    blob = json.dumps([FORMAT, weights_sha256, prompt, subject, answer, settings], sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()
+#: traces of the base model, keyed by its weights' hash, the inputs and the settings
+TRACES = Cache("traces", version=1)
 
 
 def trace_requests(
@@ -494,7 +488,7 @@ def trace_requests(
     quiet: bool = False,
 ) -> list[Trace]:
     """Trace every request's prompt; the noise level is shared (from the whole set unless
-    ``config.noise`` fixes it). Traces are cached under ``cache_dir()/traces``."""
+    ``config.noise`` fixes it). Traces are cached in :data:`TRACES`."""
     answers = [request_answer(r, answer) for r in requests]
     subjects = request_subjects(requests)
     pairs = [(r.prompt, s) for r, s in zip(requests, subjects, strict=True)]
@@ -520,7 +514,7 @@ def cached_trace(
     noise: float | None = None,
     weights_sha256: str | None = None,
 ) -> Trace:
-    """:func:`trace`, cached under ``cache_dir()/traces`` when the weights' hash is given."""
+    """:func:`trace`, kept in :data:`TRACES` when the weights' hash is given."""
     noise = (
         noise
         or config.noise
@@ -528,10 +522,10 @@ def cached_trace(
     )
     if weights_sha256 is None:
         return trace(model, tok, arch, prompt, subject, answer, config, noise)
-    key = trace_key(weights_sha256, prompt, subject, answer, config.settings(noise))
-    path = cache_dir() / "traces" / f"{key}.json"
-    if path.is_file():
-        return Trace.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    key = TRACES.key(FORMAT, weights_sha256, prompt, subject, answer, config.settings(noise))
+    got = TRACES.get(key)
+    if got is not None:
+        return Trace.from_dict(got)
     out = trace(model, tok, arch, prompt, subject, answer, config, noise)
-    atomic_write_text(path, json.dumps(out.to_dict()))
+    TRACES.put(key, out.to_dict())
     return out

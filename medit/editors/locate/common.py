@@ -1,4 +1,5 @@
-"""What ROME, MEMIT and AlphaEdit share beyond the math of ``keys``: hyper-parameters of the
+"""What ROME, MEMIT and AlphaEdit share beyond the math of ``keys``, ``values``
+and ``covariance``: hyper-parameters of the
 key/value/covariance steps and of the exported PEFT adapter, the corpus behind C, and ROME's
 layer choice by causal tracing."""
 
@@ -11,9 +12,12 @@ from typing import Any, ClassVar
 import torch
 
 from medit.core.arch import ArchSpec
+from medit.core.cache import Cache, base_weights_sha256
 from medit.core.text import continuation
 from medit.editors.base import HParams, hp
-from medit.editors.locate.keys import ValueSettings, context_templates, covariance
+from medit.editors.locate.covariance import covariance
+from medit.editors.locate.keys import context_templates
+from medit.editors.locate.values import ValueSettings
 from medit.editors.results import PeftExport
 from medit.facts.corpus import Corpus, GenerationSettings, file_corpus, generated_corpus
 from medit.facts.requests import BUILTIN, EditRequest, load_requests
@@ -88,8 +92,7 @@ def base_corpus(model: Any, tok: Any, hp: KeyValueHParams) -> Corpus:
     settings = GenerationSettings(
         samples_per_prompt=hp.cov_samples_per_prompt, new_tokens=hp.cov_new_tokens
     )
-    sha = getattr(model, "medit_weights_sha256", None)
-    return generated_corpus(model, tok, settings, weights_sha256=sha)
+    return generated_corpus(model, tok, settings, weights_sha256=base_weights_sha256(model))
 
 
 def second_moments(
@@ -117,17 +120,15 @@ def traced_layer(model: Any, tok: Any, arch: ArchSpec, n_prompts: int) -> tuple[
     """The layer whose MLP carries the most indirect effect at the subject's last token, averaged
     over the first ``n_prompts`` built-in medical facts (ROME's choice, made per model; traces are
     cached by the weights' hash)."""
-    sha = getattr(model, "medit_weights_sha256", None)
-    key = (sha, n_prompts, arch.n_layers(model))
-    if sha and key in _TRACED:
-        return _TRACED[key]
-    out = _traced_layer(model, tok, arch, n_prompts, sha)
-    if sha:
-        _TRACED[key] = out
-    return out
+    sha = base_weights_sha256(model)
+    key = TRACED_LAYERS.key(sha, n_prompts, arch.n_layers(model)) if sha else None
+    return TRACED_LAYERS.get_or_compute(
+        key, lambda: _traced_layer(model, tok, arch, n_prompts, sha)
+    )
 
 
-_TRACED: dict[tuple, tuple[int, list[float]]] = {}
+#: ROME's traced layer per base model: in memory (its traces are on disk in ``TRACES``)
+TRACED_LAYERS = Cache("traced-layers", version=1, kind="memory")
 
 
 def _traced_layer(model, tok, arch, n_prompts, sha):
