@@ -1,5 +1,6 @@
 """The edit contract (medit.editors.results) over every registered editor and the test patch
-(tests/editors/codebook.py, one file plus one registry line): export -> load onto a fresh base
+(tests/editors/codebook.py) and the test memory (tests/editors/lookup.py), each one file plus
+one registry line: export -> load onto a fresh base
 gives identical logits (MedLaSA in every routing mode), restore and remove are bit-exact,
 sequential edits combine, and a plain ``model.generate`` decodes what medit's decoder does."""
 
@@ -8,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from medit.core.arch import get_arch
 from medit.core.cache import base_weights_sha256
 from medit.editors import registry
 from medit.editors.load import load_edit
@@ -20,14 +22,16 @@ CASES = [(m, {}) for m in registry.METHODS] + [
     ("medlasa", {"routing": "oracle"}),
     ("medlasa", {"routing": "always"}),
     ("codebook", {}),
+    ("lookup", {}),
 ]
 IDS = [m + "".join(f"-{v}" for v in hp.values()) for m, hp in CASES]
 PROBES = ["The hormone insulin is produced by the", "Aspirin is used to treat", "Water boils at"]
 
 
 @pytest.fixture(autouse=True)
-def _codebook_registered(monkeypatch):
+def _test_editors_registered(monkeypatch):
     monkeypatch.setitem(registry.METHODS, "codebook", "tests.editors.codebook:Codebook")
+    monkeypatch.setitem(registry.METHODS, "lookup", "tests.editors.lookup:Lookup")
 
 
 def _logits(model, tok, prompts=PROBES):
@@ -109,3 +113,22 @@ def test_the_test_patch_leaves_far_inputs_bit_identical_and_edits_its_prompt(tin
     assert lp[1] > lp[0] + 1.0
     result.restore()
     assert _equal(_logits(model, tok), base)
+
+
+def test_the_test_memory_answers_its_prompt_and_leaves_the_model_as_it_was(tiny_llama):
+    model, tok = tiny_llama
+    base = _logits(model, tok)
+    base_model, head = get_arch(model).base_model(model), model.get_output_embeddings()
+    hooks = (len(base_model._forward_pre_hooks), len(head._forward_hooks))
+    req = REQS[0]
+    result = _make("lookup").apply(model, tok, [req])
+    assert result.kind == "memory"
+    prompt_row = _logits(model, tok, [req.prompt])[0]
+    target = tok(" " + req.target_new, add_special_tokens=False).input_ids[0]
+    assert int(prompt_row[0, -1].argmax()) == target
+    assert _equal(_logits(model, tok), base)  # no probe starts with the stored prompt
+    with pytest.raises(ValueError, match="cannot be written into the weights"):
+        result.merged_weights()
+    result.restore()
+    after = (len(base_model._forward_pre_hooks), len(head._forward_hooks))
+    assert after == hooks and not hasattr(model, "_medit_test_memory")

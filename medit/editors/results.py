@@ -334,7 +334,8 @@ class ModuleEdit(EditResult):
 class MemoryEdit(EditResult):
     """Entries in an explicit memory consulted at inference. ``memory`` keeps its entries and
     defines ``add(*entries)``, ``remove(*entries)``, ``export(directory, result, **provenance)``
-    and ``model``; every entry has an ``edit_id``."""
+    and ``model``; every entry has an ``edit_id``. ``tests/editors/lookup.py`` is a small
+    memory editor written against this contract."""
 
     kind = "memory"
 
