@@ -126,9 +126,11 @@ def test_the_test_memory_answers_its_prompt_and_leaves_the_model_as_it_was(tiny_
     prompt_row = _logits(model, tok, [req.prompt])[0]
     target = tok(" " + req.target_new, add_special_tokens=False).input_ids[0]
     assert int(prompt_row[0, -1].argmax()) == target
-    assert _equal(_logits(model, tok), base)  # no probe starts with the stored prompt
+    assert PROBES[0] == req.prompt
+    assert _equal(_logits(model, tok)[1:], base[1:])  # other prompts: the base model, bit for bit
     with pytest.raises(ValueError, match="cannot be written into the weights"):
         result.merged_weights()
     result.restore()
     after = (len(base_model._forward_pre_hooks), len(head._forward_hooks))
     assert after == hooks and not hasattr(model, "_medit_test_memory")
+    assert _equal(_logits(model, tok), base)
