@@ -182,3 +182,12 @@ def left_padded(tok: Any, prompts: Sequence[str], device: torch.device) -> dict[
 def normalise(text: str) -> str:
     """Lower-case, collapse whitespace, strip surrounding punctuation: for answer matching."""
     return " ".join(text.lower().split()).strip(" .,;:!?\"'")
+
+
+def right_padded(tok, run):
+    """``run()`` with the tokenizer padding on the right (restored afterwards)."""
+    side, tok.padding_side = tok.padding_side, "right"
+    try:
+        return run()
+    finally:
+        tok.padding_side = side

@@ -24,6 +24,7 @@ import torch
 from medit.core.arch import ArchSpec
 from medit.core.cache import Cache, base_weights_sha256
 from medit.core.hooks import capture_input, capture_inputs, edited_outputs, record
+from medit.core.text import right_padded
 from medit.facts.corpus import sample_continuations
 from medit.facts.requests import EditRequest
 from medit.facts.subject import subject_tokens
@@ -139,15 +140,6 @@ def request_keys(
     templates (ROME eq. 3) -> {layer: (N, d_in)}."""
     keys = template_keys(model, tok, arch, layers, requests, subjects, templates)
     return {layer: k.mean(1) for layer, k in keys.items()}
-
-
-def right_padded(tok, run):
-    """``run()`` with the tokenizer padding on the right (restored afterwards)."""
-    side, tok.padding_side = tok.padding_side, "right"
-    try:
-        return run()
-    finally:
-        tok.padding_side = side
 
 
 @torch.no_grad()

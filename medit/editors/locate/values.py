@@ -20,8 +20,8 @@ import torch
 from medit.core.arch import ArchSpec, get_module
 from medit.core.forward import per_sequence_mean
 from medit.core.hooks import edited_outputs, frozen_prefix, record, trainable_only
-from medit.core.text import teacher_batch
-from medit.editors.locate.keys import right_padded, subject_last
+from medit.core.text import right_padded, teacher_batch
+from medit.editors.locate.keys import subject_last
 from medit.facts.requests import EditRequest
 from medit.facts.subject import subject_tokens
 
