@@ -21,7 +21,6 @@ import dataclasses
 
 import torch
 
-from medit.core.cache import base_weights_sha256
 from medit.core.errors import UserError
 from medit.core.models import solve_device
 from medit.editors.base import hp
@@ -53,12 +52,9 @@ class AlphaEdit(MEMIT):
     def _context(self, model, tok, arch, layers, hp: AlphaEditHParams, requests, prior) -> dict:
         # P from the preserved-knowledge corpus alone: it must not move between sequential edits
         C = second_moments(model, tok, arch, layers, hp, requests, include_requests=False)
-        sha = base_weights_sha256(model)
         P, dims = {}, {}
         for layer in layers:
-            corpus = [hp.cov_corpus, hp.cov_samples_per_prompt, hp.cov_new_tokens]
-            key = [sha, layer, *corpus, hp.cov_max_length] if sha else None
-            P[layer], dims[layer] = null_space_projector(C[layer], hp.nullspace_threshold, key)
+            P[layer], dims[layer] = null_space_projector(C[layer], hp.nullspace_threshold)
             if dims[layer] == 0:
                 smallest = torch.linalg.eigvalsh(C[layer]).min().item()
                 raise UserError(

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import time
 from collections.abc import Sequence
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 
 #: Σ k kᵀ and the token count per (base weights, layer, corpus, max length)
 MOMENTS = Cache("covariance", version=2, kind="tensors", memory=True)
-#: AlphaEdit's projectors, per (what C was computed from, threshold): in memory only
+#: AlphaEdit's projectors, per (content of C, threshold): in memory only
 PROJECTORS = Cache("projectors", version=1, kind="memory")
 
 
@@ -106,16 +107,16 @@ def _accumulate(model, tok, arch, layers, corpus: Corpus, max_length, batch_size
     return {layer: (sums[layer], count) for layer in layers}
 
 
-def null_space_projector(C: torch.Tensor, threshold: float, key: Any = None):
+def null_space_projector(C: torch.Tensor, threshold: float) -> tuple[torch.Tensor, int]:
     """(P, null-space dimension): the projector U Uᵀ onto the eigenvectors of C whose eigenvalues
-    are below ``threshold`` (AlphaEdit), float64; kept in memory under ``key`` (the content C
-    was computed from) when it is given."""
+    are below ``threshold`` (AlphaEdit), float64; kept in memory by C's content and the
+    threshold (every sequential edit asks again for the same C)."""
+    C = C.double().contiguous().cpu()
 
     def compute():
-        evals, evecs = torch.linalg.eigh(C.double())
+        evals, evecs = torch.linalg.eigh(C)
         U = evecs[:, evals < threshold]
         return U @ U.T, int(U.shape[1])
 
-    return PROJECTORS.get_or_compute(
-        None if key is None else PROJECTORS.key(key, threshold), compute
-    )
+    content = hashlib.sha256(C.numpy().tobytes()).hexdigest()
+    return PROJECTORS.get_or_compute(PROJECTORS.key(content, list(C.shape), threshold), compute)
