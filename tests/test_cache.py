@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from medit.core.cache import Cache, base_weights_sha256, clear_memory, mark_base_weights
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path, monkeypatch):
+    """Each test starts from an empty cache folder (``make`` points $MEDIT_CACHE at a lasting one)."""
+    monkeypatch.setenv("MEDIT_CACHE", str(tmp_path / "cache"))
+    clear_memory()
 
 
 def test_key_covers_name_version_and_parts():
