@@ -58,6 +58,7 @@ def find_module_artifact(path: str | Path) -> Path | None:
 
 
 def read_module_artifact(file: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(manifest, tensors) of a safetensors file that carries medit's manifest in its metadata."""
     with open_safetensors(file) as f:
         meta = f.metadata() or {}
         if "medit_manifest" not in meta:

@@ -377,7 +377,7 @@ def load_model(
     model.requires_grad_(False)  # inference by default; editors enable what they train
     prepare_tokenizer(tok)
     sha = state_dict_sha256(model)
-    mark_base_weights(model, sha)  # keys the caches of work on the base model (traces, ...)
+    mark_base_weights(model, sha)  # keys the caches of work on the base model: traces, corpora
     return LoadedModel(
         model=model,
         tokenizer=tok,

@@ -53,14 +53,7 @@ class TeacherBatch:
     target_lengths: list[int]
 
     def to(self, device: torch.device) -> TeacherBatch:
-        return dataclasses.replace(
-            self,
-            **{
-                f.name: getattr(self, f.name).to(device)
-                for f in dataclasses.fields(self)
-                if isinstance(getattr(self, f.name), torch.Tensor)
-            },
-        )
+        return _tensors_to(self, device)
 
 
 def teacher_batch(tok: Any, prompts: Sequence[str], targets: Sequence[str]) -> TeacherBatch:
@@ -117,14 +110,7 @@ class PrefixBatch:
     target_lengths: list[int]
 
     def to(self, device: torch.device) -> PrefixBatch:
-        return dataclasses.replace(
-            self,
-            **{
-                f.name: getattr(self, f.name).to(device)
-                for f in dataclasses.fields(self)
-                if isinstance(getattr(self, f.name), torch.Tensor)
-            },
-        )
+        return _tensors_to(self, device)
 
 
 def prefix_batch(tok: Any, prompts: Sequence[str], targets: Sequence[str]) -> PrefixBatch:
@@ -191,3 +177,15 @@ def right_padded(tok, run):
         return run()
     finally:
         tok.padding_side = side
+
+
+def _tensors_to(batch: Any, device: torch.device) -> Any:
+    """A copy of a batch dataclass with every tensor field on ``device``."""
+    return dataclasses.replace(
+        batch,
+        **{
+            f.name: getattr(batch, f.name).to(device)
+            for f in dataclasses.fields(batch)
+            if isinstance(getattr(batch, f.name), torch.Tensor)
+        },
+    )

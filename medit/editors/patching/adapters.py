@@ -26,10 +26,10 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from medit.artifacts.modules import read_module_artifact
 from medit.artifacts.peft import write_peft_adapter
-from medit.artifacts.weights import ARTIFACT_DIR, FORMAT, open_safetensors
+from medit.artifacts.weights import ARTIFACT_DIR, FORMAT
 from medit.core.arch import ArchSpec
-from medit.core.errors import UserError
 from medit.core.fs import atomic_dir, atomic_file
 from medit.editors.patching.bank import Patch
 
@@ -137,12 +137,8 @@ def write_adapters(directory: Path, result: Any, bank: Any, **provenance: Any) -
 
 
 def read_adapters(file: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(manifest, tensors) of an ``adapters.safetensors`` file."""
-    with open_safetensors(file) as f:
-        meta = f.metadata() or {}
-        if "medit_manifest" not in meta:
-            raise UserError(f"{file} is not a medit edit artifact (no manifest)")
-        return json.loads(meta["medit_manifest"]), {k: f.get_tensor(k) for k in f.keys()}
+    """(manifest, tensors) of an ``adapters.safetensors`` file (stored as a module artifact's)."""
+    return read_module_artifact(file)
 
 
 def adapters_from(manifest: dict, tensors: dict[str, torch.Tensor], device) -> list[Adapter]:
