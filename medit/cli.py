@@ -377,6 +377,20 @@ def read_prompts(path: str) -> list[str]:
     metavar="[METHOD:]KEY=VALUE",
     help="Override a hyper-parameter of one method (or of all).",
 )
+@click.option(
+    "--curve-every",
+    default=50,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Sequential mode: a retention-curve point every N edits (0: no curve).",
+)
+@click.option(
+    "--curve-sample",
+    default=50,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Edits made so far (and locality probes) evaluated at each curve point.",
+)
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
 @click.option(
     "--keep-flagged",
@@ -412,6 +426,8 @@ def bench(
     device,
     dtype,
     hparams,
+    curve_every,
+    curve_sample,
     resume,
     keep_flagged,
     compare_dirs,
@@ -462,6 +478,8 @@ def bench(
         device=device,
         dtype=dtype,
         hparams=per_method,
+        curve_every=curve_every,
+        curve_sample=curve_sample,
         resume=resume,
         keep_flagged=keep_flagged,
         quiet=ctx.obj["quiet"],

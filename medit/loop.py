@@ -6,7 +6,9 @@
 * ``sequential`` — requests applied one after another without restoring, each edit folded
   into one combined result (memory stays O(1) in the number of edits), then the requests
   evaluated again (retention). With a checkpoint directory the sequence is recorded after every
-  edit and a rerun continues from the last recorded edit.
+  edit and a rerun continues from the last recorded edit. With a :class:`Curve`, every ``every``
+  edits a fixed sample of the requests edited so far and a fixed probe sample are evaluated on
+  the model as it stands (the retention curve, O(edits) in cost).
 
 ``keep=True`` leaves the model edited at the end (``medit edit``'s batch and sequential modes:
 the returned ``combined`` result is then what the run saves); otherwise every edit is restored.
@@ -49,6 +51,32 @@ def set_seed(seed: int) -> None:
 
 
 @dataclasses.dataclass
+class Curve:
+    """The retention curve of a sequential run: after every ``every`` edits (and after the
+    last), ``on_point(n, edited, probes, posts, seconds)`` receives the evaluation of ``edited`` (up to
+    ``sample`` of the n requests edited so far) and ``probes`` (a fixed sample of all requests,
+    for locality); ``posts`` maps a request index to its state, ``seconds`` are the n edits'
+    times. The samples come from one fixed
+    permutation of the requests (``seed``), so a request sampled at one point stays sampled at
+    every later one. ``done``: edit counts already recorded (a resumed run skips them)."""
+
+    every: int
+    sample: int
+    on_point: Callable[[int, list[int], list[int], dict[int, dict[str, Any]], list[float]], None]
+    seed: int = 0
+    done: set[int] = dataclasses.field(default_factory=set)
+
+    def due(self, n: int, total: int) -> bool:
+        return n not in self.done and (n % self.every == 0 or n == total)
+
+    def samples(self, n: int, total: int) -> tuple[list[int], list[int]]:
+        order = list(range(total))
+        random.Random(self.seed).shuffle(order)
+        edited = sorted([i for i in order if i < n][: self.sample])
+        return edited, sorted(order[: self.sample])
+
+
+@dataclasses.dataclass
 class Plan:
     """What one run of the loop does."""
 
@@ -60,6 +88,7 @@ class Plan:
     checkpoint: Path | None = None  #: sequential mode: record progress here, resume from it
     provenance: dict[str, Any] = dataclasses.field(default_factory=dict)  #: for checkpoints
     progress: str | None = None  #: description of the final evaluation's progress bar
+    curve: Curve | None = None  #: sequential mode: the retention curve's points
 
 
 @dataclasses.dataclass
@@ -134,6 +163,7 @@ def _sequential(editor, lm, requests, pre, plan, todo, on_case, bar) -> Outcome:
         combined, seconds = load_checkpoint(model, tok, plan.checkpoint)
         if seconds:
             log.info("resumed %s after %d sequential edits", editor.name, len(seconds))
+    _curve_point(lm, requests, pre, plan, seconds)  # a point the interruption skipped
     edits = []
     for i in range(len(seconds), len(requests)):
         last = editor.apply(model, tok, [requests[i]], prior=combined)
@@ -144,6 +174,7 @@ def _sequential(editor, lm, requests, pre, plan, todo, on_case, bar) -> Outcome:
             prov = {**plan.provenance, "edit_seconds": seconds}
             combined.checkpoint(plan.checkpoint, last, i, **prov)
         _advance(bar, 1)
+        _curve_point(lm, requests, pre, plan, seconds)
     posts = _evaluate(lm, requests, todo, pre, plan.eval, plan.progress)
     for i, post in zip(todo, posts, strict=True):
         on_case(i, post, seconds[i], combined)
@@ -151,6 +182,17 @@ def _sequential(editor, lm, requests, pre, plan, todo, on_case, bar) -> Outcome:
         combined.restore()
         combined = None
     return Outcome(edits, combined, seconds)
+
+
+def _curve_point(lm, requests, pre, plan: Plan, seconds: list[float]) -> None:
+    curve, n = plan.curve, len(seconds)
+    if curve is None or n == 0 or not curve.due(n, len(requests)):
+        return
+    edited, probes = curve.samples(n, len(requests))
+    idx = sorted(set(edited) | set(probes))
+    posts = dict(zip(idx, _evaluate(lm, requests, idx, pre, plan.eval), strict=True))
+    curve.on_point(n, edited, probes, posts, list(seconds))
+    curve.done.add(n)
 
 
 def _advance(bar, n: int) -> None:

@@ -402,3 +402,59 @@ def test_cli_bench_and_compare(tmp_path, tiny_model_dir):
         main, [*args[:-2], "--hparam", "rome:steps=2", "--out", str(tmp_path / "b")]
     )
     assert res.exit_code == 2 and "'rome' is not among --methods" in res.output
+
+
+def test_the_retention_curve_samples_edits_made_so_far_and_survives_a_crash(
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    """Points every 2 edits and after the last; the last point equals the final evaluation on
+    the same sample; a run killed during the 4th edit resumes with the same curve."""
+    from medit.editors.base import Editor
+    from medit.loop import Curve
+    from medit.report.render import render
+
+    data = _slice(tmp_path, "MedCF/test.json", 5)
+    common = dict(
+        suite="medcf",
+        data=str(data),
+        model=str(tiny_model_dir),
+        mode="sequential",
+        methods=("ft-m",),
+        device="cpu",
+        quiet=True,
+        hparams={"ft-m": HPARAMS["ft-m"]},
+        curve_every=2,
+        curve_sample=2,
+    )
+    whole = run_bench(BenchConfig(out=str(tmp_path / "whole"), **common))
+    points = whole["curves"]["ft-m"]
+    assert [p["edits"] for p in points] == [2, 4, 5]
+    assert all(p["sample"] == 2 and p["probes"] == 2 for p in points)
+    edited, probes = Curve(2, 2, None).samples(5, 5)
+    assert all(i < 5 for i in edited) and Curve(2, 2, None).samples(2, 5)[0] == [0, 1]
+    cases = {c["case"]: c["metrics"] for c in read_cases(tmp_path / "whole")}
+    last = points[-1]["teacher_forced"]
+    assert last["efficacy"] == pytest.approx(sum(cases[i]["tf.efficacy"] for i in edited) / 2)
+
+    real_apply, calls = Editor.apply, []
+
+    def crashing_apply(self, model, tok, requests, prior=None):
+        calls.append(requests[0].id)
+        if len(calls) == 4 and crash:
+            raise KeyboardInterrupt
+        return real_apply(self, model, tok, requests, prior)
+
+    monkeypatch.setattr(Editor, "apply", crashing_apply)
+    crash = True
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(BenchConfig(out=str(tmp_path / "crashed"), **common))
+    crash = False
+    resumed = run_bench(BenchConfig(out=str(tmp_path / "crashed"), resume=True, **common))
+
+    def strip(pts):
+        return [{k: v for k, v in p.items() if "seconds" not in k} for p in pts]
+
+    assert strip(resumed["curves"]["ft-m"]) == strip(points)
+    html = render(tmp_path / "crashed")
+    assert "Retention curve" in html and "ft-m: retention" in html and "<polyline" in html
+    assert "## retention curve" in (tmp_path / "crashed" / "table.md").read_text()

@@ -170,6 +170,31 @@ def aggregate_cases(
     return out
 
 
+def curve_point(
+    edited: Sequence[dict[str, Any]],
+    probes: Sequence[dict[str, Any]],
+    locality_types: Sequence[str],
+) -> dict[str, Any]:
+    """One point of a retention curve: efficacy and generality over the ``edited`` sample's
+    metrics, locality over the ``probes`` sample's (both with their flags' exclusions applied:
+    each item is a case's ``{"metrics", "flags"}``)."""
+    e_rows = [apply_exclusions(c["metrics"], c["flags"]) for c in edited]
+    p_rows = [apply_exclusions(c["metrics"], c["flags"]) for c in probes]
+    out: dict[str, Any] = {"sample": len(edited), "probes": len(probes)}
+    for short, name in PROTOCOLS.items():
+        efficacy = _mean([r.get(f"{short}.efficacy") for r in e_rows])
+        if efficacy is None:
+            continue
+        loc = {t: _mean([r.get(f"{short}.locality.{t}") for r in p_rows]) for t in locality_types}
+        out[name] = {
+            "efficacy": efficacy,
+            "generality": _mean([r.get(f"{short}.generality") for r in e_rows]),
+            "locality": loc,
+            "locality_avg": _mean(list(loc.values())),
+        }
+    return out
+
+
 def _excluded_counts(cases: Sequence[dict[str, Any]]) -> dict[str, int]:
     counts: dict[str, int] = {}
     for c in cases:

@@ -5,6 +5,9 @@ Run directory:
 * ``bench.json`` — the configuration, data hash and provenance (checked again on ``--resume``);
 * ``cases.jsonl`` — one line per finished (method, case), appended and fsynced as each finishes;
   a line cut short by a crash is dropped on resume and the case is run again;
+* ``curve.jsonl`` — sequential mode: the retention curve, one line per (method, point) every
+  ``curve_every`` edits (efficacy and generality on a fixed sample of the edits made so far,
+  locality on a fixed probe sample, seconds per edit);
 * ``checkpoints/<method>/`` — sequential mode: the cumulative weight edit after each request
   (adapter editors: one directory per edit, ``edits/NNNNNN``, written once), so a resumed run
   continues from the last edit instead of starting over;
@@ -28,9 +31,20 @@ from tqdm.auto import tqdm
 from medit.bench import tables
 from medit.bench.metrics import (
     case_metrics,
+    curve_point,
+    edit_groups,
+    other_edit_flags,
     quality_flags,
 )
-from medit.bench.store import SCHEMA, append_case, baseline, read_cases, results_of
+from medit.bench.store import (
+    SCHEMA,
+    append_case,
+    append_curve_point,
+    baseline,
+    read_cases,
+    read_curve,
+    results_of,
+)
 from medit.bench.suites import data_sha256, get_suite
 from medit.core import results as R
 from medit.core.errors import UserError
@@ -45,7 +59,7 @@ from medit.core.results import read_json_object
 from medit.editors.registry import make_editor
 from medit.editors.results import EditResult
 from medit.facts.requests import check_lengths, context_length
-from medit.loop import MODES, Plan, run_edits, set_seed
+from medit.loop import MODES, Curve, Plan, run_edits, set_seed
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +76,8 @@ _IDENTITY = (
     "device",
     "dtype",
     "eval_batch_size",
+    "curve_every",
+    "curve_sample",
 )
 
 
@@ -82,6 +98,8 @@ class BenchConfig:
     resume: bool = False
     keep_flagged: bool = False  #: aggregate flagged cases' affected metrics too
     eval_batch_size: int = 32
+    curve_every: int = 50  #: sequential mode: a retention-curve point every N edits (0: none)
+    curve_sample: int = 50  #: edits (and locality probes) evaluated per curve point
     quiet: bool = False
 
     def __post_init__(self):
@@ -89,10 +107,12 @@ class BenchConfig:
             raise UserError(f"mode must be one of {', '.join(MODES)}, not {self.mode!r}")
         if not self.methods:
             raise UserError("give at least one method")
-        for name in ("batch_size", "eval_batch_size", "limit"):
+        for name in ("batch_size", "eval_batch_size", "limit", "curve_sample"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1, not {value}")
+        if self.curve_every < 0:
+            raise UserError(f"--curve-every must be >= 0 (0: no curve), not {self.curve_every}")
 
 
 def run_bench(cfg: BenchConfig) -> dict[str, Any]:
@@ -232,8 +252,39 @@ def _run_method(cfg, suite, method, editor, lm, requests, pre, todo, ecfg, out, 
         todo=todo,
         batch_size=cfg.batch_size,
         checkpoint=out / "checkpoints" / method if cfg.mode == "sequential" else None,
+        curve=_curve(cfg, suite, method, requests, out),
     )
     run_edits(editor, lm, requests, pre, plan, on_case, bar if cfg.mode == "batch" else None)
+
+
+def _curve(cfg, suite, method, requests, out: Path) -> Curve | None:
+    """The retention curve of a sequential run, each point appended to ``curve.jsonl``."""
+    if cfg.mode != "sequential" or not cfg.curve_every:
+        return None
+    others = other_edit_flags(requests, edit_groups(len(requests), "sequential", 1))
+
+    def case(i, post):
+        flags = {**quality_flags(requests[i]), **others[i]}
+        return {"metrics": case_metrics(requests[i], post, suite.explanation), "flags": flags}
+
+    def on_point(n, edited, probes, posts, seconds):
+        window = seconds[-cfg.curve_every :]
+        point = curve_point(
+            [case(i, posts[i]) for i in edited],
+            [case(i, posts[i]) for i in probes],
+            suite.locality_types,
+        )
+        point = {
+            "method": method,
+            "edits": n,
+            **point,
+            "seconds_per_edit": sum(window) / len(window),
+            "edit_seconds_total": sum(seconds),
+        }
+        append_curve_point(out, point)
+
+    done = {p["edits"] for p in read_curve(out) if p["method"] == method}
+    return Curve(cfg.curve_every, cfg.curve_sample, on_point, seed=cfg.seed, done=done)
 
 
 def finish(out: Path) -> dict[str, Any]:

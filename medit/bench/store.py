@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 SCHEMA = "medit.bench/1"
 CASES_FILE = "cases.jsonl"
+CURVE_FILE = "curve.jsonl"
 REJECTED_FILE = "cases.rejected.jsonl"
 
 
@@ -103,6 +104,29 @@ def append_case(out: Path, record: dict[str, Any]) -> None:
     append_line(out / CASES_FILE, json.dumps(record, ensure_ascii=False))
 
 
+def append_curve_point(out: Path, point: dict[str, Any]) -> None:
+    append_line(out / CURVE_FILE, json.dumps(point, ensure_ascii=False))
+
+
+def read_curve(out: Path) -> list[dict[str, Any]]:
+    """The retention-curve points of a run (sequential mode), in the order they were written;
+    a line a crash cut short is skipped (the point is computed again on resume)."""
+    path = Path(out) / CURVE_FILE
+    if not path.exists():
+        return []
+    points, seen = [], set()
+    for line in path.read_bytes().splitlines(keepends=True):
+        try:
+            point = json.loads(line) if line.endswith(b"\n") else None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            point = None
+        ok = isinstance(point, dict) and isinstance(point.get("edits"), int) and "method" in point
+        if ok and (point["method"], point["edits"]) not in seen:
+            seen.add((point["method"], point["edits"]))
+            points.append(point)
+    return points
+
+
 #: pre-edit evaluation states: one entry per (weights, settings) holding every case seen
 BASELINES = Cache("baselines", version=1)
 
@@ -156,6 +180,11 @@ def results_of(out: Path, only: set[int] | None = None) -> dict[str, Any]:
         )
         if mine:
             methods[method] = aggregate_cases(mine, suite.locality_types, cfg["keep_flagged"])
+    curves: dict[str, list[dict[str, Any]]] = {}
+    for point in read_curve(out):
+        curves.setdefault(point["method"], []).append(point)
+    for points in curves.values():
+        points.sort(key=lambda p: p["edits"])
     return {
         "schema": SCHEMA,
         "suite": cfg["suite"],
@@ -164,6 +193,7 @@ def results_of(out: Path, only: set[int] | None = None) -> dict[str, Any]:
         "locality_types": list(suite.locality_types),
         "explanation": suite.explanation,
         "methods": methods,
+        **({"curves": curves} if curves else {}),
         "provenance": bench["provenance"],
         "config": cfg,
     }

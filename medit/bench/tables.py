@@ -63,6 +63,31 @@ def rows(res: dict[str, Any], protocol: str) -> tuple[list[str], list[list[str]]
     return header, body
 
 
+def curve_markdown(curves: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """The retention curves as one table: per method and point, both protocols' efficacy,
+    generality and locality, and seconds per edit since the previous point."""
+    if not curves:
+        return []
+    out = [
+        "## retention curve (sample of the edits made so far; fixed locality probes)\n",
+        "| Method | Edits | TF Eff | TF Gen | TF Loc | Gen Eff | Gen Gen | Gen Loc | s/edit |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for method, points in curves.items():
+        for p in points:
+            tf, gen = p.get("teacher_forced", {}), p.get("generation", {})
+            cells = [
+                _fmt(t.get(k))
+                for t in (tf, gen)
+                for k in ("efficacy", "generality", "locality_avg")
+            ]
+            spe = p.get("seconds_per_edit")
+            secs = "–" if spe is None else f"{spe:.1f}"
+            out.append(f"| {method} | {p['edits']} | " + " | ".join(cells) + f" | {secs} |")
+    out.append("")
+    return out
+
+
 def markdown(res: dict[str, Any]) -> str:
     out = [f"# {res['suite']} — {res['mode']} editing on {res['model']}\n"]
     for protocol, label in PROTOCOL_LABELS.items():
@@ -74,6 +99,7 @@ def markdown(res: dict[str, Any]) -> str:
         out.append("|" + "---|" * len(header))
         out += ["| " + " | ".join(r) + " |" for r in body]
         out.append("")
+    out += curve_markdown(res.get("curves") or {})
     excluded = {k: v for m in res["methods"].values() for k, v in m.get("excluded", {}).items()}
     if excluded:
         out.append(

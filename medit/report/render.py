@@ -217,7 +217,37 @@ def bench_context(results: dict[str, Any]) -> dict[str, Any]:
             {m: [results["methods"][m][protocol].get(g) for g in groups] for m in methods},
             label,
         )
+    out["curves"] = curve_charts(results.get("curves") or {})
     return out
+
+
+def curve_charts(curves: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """The retention curves of a sequential run: per method and protocol, efficacy, generality
+    and locality against the number of edits made; and seconds per edit for every method."""
+    charts: dict[str, Any] = {}
+    for method, points in curves.items():
+        for protocol, label in tables.PROTOCOL_LABELS.items():
+            have = [p for p in points if protocol in p]
+            if not have:
+                continue
+            series = {
+                metric: [(p["edits"], p[protocol].get(metric)) for p in have]
+                for metric in ("efficacy", "generality", "locality_avg")
+            }
+            charts[f"{method}: {label}"] = svg.lines(
+                series, f"{method}: retention ({label})", "edits made"
+            )
+    if curves:
+        charts["seconds per edit"] = svg.lines(
+            {
+                m: [(p["edits"], p.get("seconds_per_edit")) for p in pts]
+                for m, pts in curves.items()
+            },
+            "seconds per edit (mean over the edits since the previous point)",
+            "edits made",
+            y_max=None,
+        )
+    return charts
 
 
 # -- causal traces -------------------------------------------------------------------------------

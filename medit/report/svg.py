@@ -99,3 +99,65 @@ def pass_grid(
                 f'fill="{color}"><title>{escape(name)} / {escape(columns[c])}: {state}</title></rect>'
             )
     return _svg(width, height, body, title)
+
+
+def lines(
+    series: dict[str, Sequence[tuple[float, float | None]]],
+    title: str,
+    x_label: str,
+    y_max: float | None = 1.0,
+    width: int = 560,
+    height: int = 240,
+) -> Markup:
+    """Lines of (x, y) points, one per series (a None y breaks nothing: the point is skipped).
+    ``y_max`` fixes the top of the y axis (1.0 for rates); None scales it to the data."""
+    left, right, bottom, top = 48, 12, 52, 24
+    plot_w, plot_h = width - left - right, height - bottom - top
+    points = [(x, y) for pts in series.values() for x, y in pts if y is not None]
+    x_max = max((x for x, _ in points), default=1.0) or 1.0
+    top_y = y_max if y_max is not None else (max((y for _, y in points), default=1.0) or 1.0)
+
+    def at(x: float, y: float) -> tuple[float, float]:
+        return left + plot_w * x / x_max, top + plot_h * (1 - min(y, top_y) / top_y)
+
+    body = [f'<text x="{left}" y="14" class="t">{escape(title)}</text>']
+    for frac in (0, 0.5, 1.0):
+        _, y = at(0, top_y * frac)
+        body.append(
+            f'<line x1="{left}" x2="{width - right}" y1="{y:.1f}" y2="{y:.1f}" class="grid"/>'
+        )
+        body.append(
+            f'<text x="{left - 4}" y="{y + 4:.1f}" class="ax" text-anchor="end">'
+            f"{top_y * frac:.3g}</text>"
+        )
+    for frac in (0, 0.5, 1.0):
+        x, _ = at(x_max * frac, 0)
+        body.append(
+            f'<text x="{x:.1f}" y="{top + plot_h + 14}" class="ax" text-anchor="middle">'
+            f"{x_max * frac:.4g}</text>"
+        )
+    body.append(
+        f'<text x="{left + plot_w / 2:.1f}" y="{top + plot_h + 28}" class="ax" '
+        f'text-anchor="middle">{escape(x_label)}</text>'
+    )
+    for s, (name, pts) in enumerate(series.items()):
+        color = PALETTE[(s + 1) % len(PALETTE)]
+        xy = [at(x, y) for x, y in pts if y is not None]
+        if not xy:
+            continue
+        path = " ".join(f"{x:.1f},{y:.1f}" for x, y in xy)
+        body.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="2"/>')
+        for (x, y), (px, py) in zip(xy, [(x, y) for x, y in pts if y is not None], strict=True):
+            body.append(
+                f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.5" fill="{color}"><title>'
+                f"{escape(name)} at {px:g}: {py:.3f}</title></circle>"
+            )
+    lx = left
+    for s, name in enumerate(series):
+        body.append(
+            f'<rect x="{lx}" y="{height - 14}" width="10" height="10" '
+            f'fill="{PALETTE[(s + 1) % len(PALETTE)]}"/><text x="{lx + 14}" y="{height - 5}" '
+            f'class="ax">{escape(name)}</text>'
+        )
+        lx += 14 + 7 * len(name) + 16
+    return _svg(width, height, body, title)
