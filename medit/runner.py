@@ -160,8 +160,8 @@ def _bar(cfg: RunConfig, desc: str) -> str | None:
 def _edited_sha256(model: Any, combined: EditResult | None) -> str | None:
     """The hash of the edited weights (for a module edit, with its patches merged in: what
     ``--save-model`` and ``medit apply`` write)."""
-    if combined is None:
-        return None
+    if combined is None or not combined.mergeable:
+        return None  # a codebook, extra neurons, a memory: no weights hold the edit
     with combined.merged():
         return state_dict_sha256(model)
 

@@ -19,7 +19,7 @@ from medit.core.cache import clear_memory
 from medit.editors.registry import METHODS
 from medit.runner import set_seed
 from tests.conftest import _tiny
-from tests.test_editors import _make, _reqs
+from tests.test_editors import _edit_tensors, _make, _reqs
 
 #: fewer optimisation steps (and a smaller generated corpus, fewer traced prompts) than the
 #: defaults; AdaLoRA still reallocates its rank budget (at steps 2, 4 and 6)
@@ -32,6 +32,7 @@ FAST = {
     "rome": {"v_steps": 4, "trace_prompts": 2, "cov_samples_per_prompt": 1, "cov_new_tokens": 16},
     "memit": {"v_steps": 4, "cov_samples_per_prompt": 1, "cov_new_tokens": 16},
     "alphaedit": {"v_steps": 4, "cov_samples_per_prompt": 1, "cov_new_tokens": 16},
+    "grace": {"steps": 4},
 }
 #: editors whose result depends on the global seed: LoRA's and AdaLoRA's adapter initialisation
 #: and LoRA dropout (peft, global RNG), MedLaSA's initialisation (a generator seeded from
@@ -53,7 +54,9 @@ def _edit(method, arch, tok, seed, cache: Path, monkeypatch) -> dict:
     monkeypatch.setenv("MEDIT_CACHE", str(cache))
     clear_memory()  # templates, second moments, projectors, ROME's traced layer
     model = _tiny(arch, len(tok))
-    probes = tok(PROBES, return_tensors="pt", padding=True)
+    # the edit prompts too: a codebook leaves every other input bit-identical
+    prompts = PROBES + [r.prompt for r in _reqs(method)]
+    probes = tok(prompts, return_tensors="pt", padding=True)
     with torch.no_grad():
         before = model(**probes).logits
     set_seed(seed)
@@ -63,12 +66,12 @@ def _edit(method, arch, tok, seed, cache: Path, monkeypatch) -> dict:
     assert not torch.equal(logits, before), "the edit left the outputs unchanged"
     out = {
         "weights": {k: v.detach().clone() for k, v in model.state_dict().items()},
-        "edited": {k: v.detach().clone() for k, v in result.merged_weights()[0].items()},
+        "edited": _edit_tensors(result),
         "state": dict(result.editor_state),
         "logits": logits,
         "cache": _cache_files(cache),
     }
-    if result.kind == "modules":
+    if result.method == "medlasa":  # its adapters, with their routing keys and scales
         out["adapters"] = [
             {
                 **{f"A:{m}": a.A[m] for m in a.A},

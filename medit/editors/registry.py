@@ -22,6 +22,7 @@ METHODS: dict[str, str] = {
     "rome": "medit.editors.rome:ROME",
     "memit": "medit.editors.memit:MEMIT",
     "alphaedit": "medit.editors.alphaedit:AlphaEdit",
+    "grace": "medit.editors.grace:GRACE",
 }
 
 

@@ -100,6 +100,12 @@ class EditResult(ABC):
     def merged_weights(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """(edited, original) values of the weights the edit amounts to when written into them."""
 
+    @property
+    def mergeable(self) -> bool:
+        """Whether the edit amounts to a change of the weights (``merged_weights``, ``merged``,
+        ``--save-model``); a codebook, extra neurons or a memory do not."""
+        return True
+
     @contextlib.contextmanager
     def merged(self) -> Iterator[None]:
         """Inside the block the model's weights hold the edit (a weight edit already does)."""
@@ -121,7 +127,9 @@ class EditResult(ABC):
     @torch.no_grad()
     def update_norms(self) -> dict[str, dict[str, float]]:
         """Frobenius norm of each weight's change, absolute and relative to the original (for a
-        module edit: of its patches merged in, where they can be)."""
+        module edit: of its patches merged in; none for an edit that is no weight change)."""
+        if not self.mergeable:
+            return {}
         edited, originals = self.merged_weights()
         out = {}
         for n, t in edited.items():
@@ -293,6 +301,10 @@ class ModuleEdit(EditResult):
         out._fold(results)
         return out
 
+    @property
+    def mergeable(self) -> bool:
+        return all(type(p).mergeable for p in self.patches)
+
     def merged_weights(self):
         """Each patch fully on, merged into the weights it sits beside (routing is lost); a
         patch that cannot be merged (a codebook, an extra neuron) is refused."""
@@ -370,6 +382,10 @@ class MemoryEdit(EditResult):
         )
         out._fold(results)
         return out
+
+    @property
+    def mergeable(self) -> bool:
+        return False
 
     def merged_weights(self):
         raise UserError(

@@ -39,6 +39,8 @@ class Entry(Patch):
     value: torch.Tensor  # (d_out,)
     radius: float
 
+    mergeable = False  # a replacement where a key matches is no weight change
+
     @property
     def modules(self) -> list[str]:
         return [self.module]

@@ -16,8 +16,11 @@ batched evaluation all route the same way):
   :class:`~medit.editors.patching.routing.SequenceRouter`), which reads each new sequence's
   tokens at the start of the model's forward and keeps its choice while the KV cache grows.
 
-Per module and row the open patch with the highest gate acts (``policy="max"``: a codebook, an
-expert, an adapter), or every open patch in turn (``policy="sum"``: extra FFN neurons).
+Per module and row the open patch with the highest gate acts (``policy="max"``: an expert, an
+adapter), or every open patch in turn (``policy="sum"``: extra FFN neurons; a codebook whose
+gates pick at most one entry per position). A class computes the gates of all its patches at a
+module in one call (``Patch.gates``) and may derive their effective state from the order they
+were added in (``Patch.arrange``: later entries that amend earlier ones).
 Patches of one class act on their rows together (``Patch.act``, batched over patches).
 """
 
@@ -50,6 +53,8 @@ class Patch(ABC):
     policy: ClassVar[str] = "max"
     #: True: the bank's router chooses rows (sequence routing); False: ``gate`` does
     routed: ClassVar[bool] = False
+    #: False: no change of the weights has the patch's effect (``weight_deltas`` refuses)
+    mergeable: ClassVar[bool] = True
 
     @classmethod
     @abstractmethod
@@ -64,6 +69,24 @@ class Patch(ABC):
         """The patched output of rows where ``patches[i]`` acts on row i: ``x`` (n, pos, d_in),
         ``out`` the base output (n, pos, d_out), ``gate`` (n, pos) or (n, 1), > 0 where open.
         Positions whose gate is 0 must keep ``out`` exactly."""
+
+    def gate(self, module: str, x: torch.Tensor) -> torch.Tensor:
+        """(batch, pos) gates in [0, 1] from the module's input (input-gated patches)."""
+        raise TypeError(f"{type(self).__name__} defines neither gate nor gates")
+
+    @classmethod
+    def gates(cls, patches: Sequence[Patch], module: str, x: torch.Tensor) -> torch.Tensor:
+        """(len(patches), batch, pos) gates of several input-gated patches of this class at one
+        module, in one call (a codebook compares a position with all its keys at once). The
+        default stacks each patch's ``gate``."""
+        return torch.stack([p.gate(module, x) for p in patches])
+
+    @classmethod
+    def arrange(cls, patches: Sequence[Patch], module: str) -> None:
+        """Called whenever the bank's membership changes, with this class's patches at
+        ``module`` in the order they were added: a class whose later patches amend earlier ones
+        (GRACE's radius splits) derives the effective state here. The default does nothing."""
+        return None
 
     def weight_deltas(self, arch: ArchSpec) -> dict[str, torch.Tensor]:
         """The change of each weight that has the same effect fully on (for merging into a saved
@@ -132,6 +155,9 @@ class PatchBank:
         for i, p in enumerate(self.patches):
             for m in p.modules:
                 self._by_module.setdefault(m, []).append(i)
+        for m, own in self._by_module.items():
+            for cls, members in self._by_class(own).items():
+                cls.arrange(members, m)
         for name in sorted(self._by_module):
             module = get_module(self.model, name)
             self._handles.append(module.register_forward_hook(self._hook(name)))
@@ -144,13 +170,30 @@ class PatchBank:
             self.router.begin_forward(args, kwargs)
 
     # -- the patched forward ---------------------------------------------------------------------
+    def _by_class(self, own: Sequence[int]) -> dict[type, list[Patch]]:
+        groups: dict[type, list[Patch]] = {}
+        for i in own:
+            groups.setdefault(type(self.patches[i]), []).append(self.patches[i])
+        return groups
+
     def _gates(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """(E_m, batch, pos or 1) gates of the module's patches for this forward."""
-        rows = []
-        for i in self._by_module[name]:
+        """(E_m, batch, pos or 1) gates of the module's patches for this forward: routed
+        patches ask the router, input-gated ones their class's ``gates`` (one call a class)."""
+        own = self._by_module[name]
+        rows: list[torch.Tensor | None] = [None] * len(own)
+        gated: dict[type, list[int]] = {}
+        for j, i in enumerate(own):
             p = self.patches[i]
-            g = self.router.gate(i, name, x.shape[0]) if p.routed else p.gate(name, x)
-            rows.append(g if g.dim() == 2 else g[:, None])
+            if p.routed:
+                rows[j] = self.router.gate(i, name, x.shape[0])
+            else:
+                gated.setdefault(type(p), []).append(j)
+        for cls, js in gated.items():
+            for j, g in zip(
+                js, cls.gates([self.patches[own[j]] for j in js], name, x), strict=True
+            ):
+                rows[j] = g
+        rows = [g if g.dim() == 2 else g[:, None] for g in rows]
         width = max(g.shape[1] for g in rows)
         return torch.stack([g.expand(-1, width) for g in rows]).to(x.device)
 
@@ -164,7 +207,7 @@ class PatchBank:
                 return None  # every patch shut: the base output, untouched
             own = self._by_module[name]
             if self.patches[own[0]].policy == "sum":
-                for e in range(len(own)):
+                for e in (gates > 0).flatten(1).any(dim=1).nonzero().squeeze(1).tolist():
                     output = self._act(name, x, output, [e] * x.shape[0], gates[e], own)
                 return output
             best, which = gates.max(dim=0)  # (batch, pos or 1); a row keeps one patch
