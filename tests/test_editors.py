@@ -39,6 +39,7 @@ TINY = {
     "alphaedit": {**_STRONG, "L2": 1e-4},
     # a codebook radius on the tiny model's scale (its own prompt is at distance ~0)
     "grace": {"radius": "fixed", "eps": 1e-3},
+    "tpatcher": {"steps": 100, "memory_texts": 20},
 }
 #: locate-then-edit methods change one token's state; a random tiny model's attention barely
 #: carries it to later positions, so their contract requests end with the subject

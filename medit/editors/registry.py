@@ -23,6 +23,7 @@ METHODS: dict[str, str] = {
     "memit": "medit.editors.memit:MEMIT",
     "alphaedit": "medit.editors.alphaedit:AlphaEdit",
     "grace": "medit.editors.grace:GRACE",
+    "tpatcher": "medit.editors.tpatcher:TPatcher",
 }
 
 
