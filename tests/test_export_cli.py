@@ -101,7 +101,17 @@ def test_cli_edit_writes_a_complete_run_directory(tiny_model_dir, tmp_path, mode
         assert results["edit"]["edited_weights_sha256"] != prov["model"]["weights_sha256"]
 
 
-def test_cli_generate_with_artifact_reproduces_the_edited_model(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize(
+    "method, hparams",
+    [
+        ("ft-m", ["lr=0.01"]),
+        ("grace", ["key=last", "layer=3", "radius=fixed", "eps=0.001", "steps=30"]),  # a codebook
+        ("tpatcher", ["steps=100", "memory_texts=20"]),  # extra neurons
+    ],
+)
+def test_cli_generate_with_artifact_reproduces_the_edited_model(
+    tiny_model_dir, tmp_path, method, hparams
+):
     out = tmp_path / "run"
     runner = CliRunner()
     res = runner.invoke(
@@ -111,6 +121,8 @@ def test_cli_generate_with_artifact_reproduces_the_edited_model(tiny_model_dir, 
             "edit",
             "--model",
             str(tiny_model_dir),
+            "--method",
+            method,
             "--requests",
             str(_requests_file(tmp_path)),
             "--mode",
@@ -119,8 +131,7 @@ def test_cli_generate_with_artifact_reproduces_the_edited_model(tiny_model_dir, 
             str(out),
             "--device",
             "cpu",
-            "--hparam",
-            "lr=0.01",
+            *[x for h in hparams for x in ("--hparam", h)],
         ],
     )
     assert res.exit_code == 0, res.output
