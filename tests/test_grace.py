@@ -62,6 +62,14 @@ def test_a_near_key_with_the_same_answer_grows_the_neighbours_radius():
     assert c.radius == pytest.approx(1.6) and c.replaces == ("a", "b")
 
 
+def test_an_entry_acts_at_its_nearest_position_only():
+    """Windows overlapping the matching one lie near its key too; only the nearest acts."""
+    e = GraceEntry("e", M, torch.tensor([0.5, 0.0]), torch.zeros(2), 1.0, 2, (1,))
+    x = torch.tensor([[[0.0, 0.0], [1.0, 0.0], [1.0, 0.0]], [[0.0, 0.0], [1.0, 0.0], [0.0, 0.0]]])
+    # windows of row 0: (0,1) -> 0.5 (d 0), (1,1) -> 1.0 (d 0.5): both within the radius
+    assert GraceEntry.gates(_arranged(e), M, x)[0].tolist() == [[0, 1, 0], [0, 1, 0]]
+
+
 def test_window_queries_are_means_over_the_window():
     x = torch.arange(12.0).reshape(1, 6, 2)
     q = window_queries(x, 3)

@@ -239,11 +239,28 @@ class GraceEntry(Patch):
         dist, slot = cls.nearest(book, x)
         radii = book.radii.to(x.device)
         hit = (slot >= 0) & (dist <= radii[slot.clamp_min(0)])
+        hit = cls._one_position_each(hit, dist, slot)
         if bool(hit.any()):
             which = torch.tensor(book.slots, device=x.device)[slot[hit]]
             b, pos = hit.nonzero(as_tuple=True)
             out[which, b, pos] = 1.0
         return out
+
+    @staticmethod
+    def _one_position_each(hit, dist, slot) -> torch.Tensor:
+        """Per sequence, an entry acts at its nearest position only, as GRACE queries one
+        position per sequence: windows that overlap the matching one are close to its key as
+        well, and replacing them too would undo what the value was trained for."""
+        if not bool(hit.any()):
+            return hit
+        keep = torch.zeros_like(hit)
+        masked = torch.where(hit, dist, torch.full_like(dist, float("inf")))
+        for s in slot[hit].unique().tolist():
+            mine = torch.where(slot == s, masked, torch.full_like(masked, float("inf")))
+            best = mine.argmin(dim=1)  # (batch,)
+            rows = mine.gather(1, best[:, None]).squeeze(1).isfinite()
+            keep[rows.nonzero().squeeze(1), best[rows]] = True
+        return keep
 
     @classmethod
     def act(cls, patches, module, x, out, gate):
