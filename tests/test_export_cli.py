@@ -237,3 +237,37 @@ def test_methods_and_models_commands(monkeypatch):
     assert res.exit_code == 0 and "ft-m" in res.output and "norm_constraint" in res.output
     res = runner.invoke(main, ["models"])
     assert res.exit_code == 0 and "builtin:smollm2" in res.output
+
+
+def test_save_model_refuses_an_edit_that_is_no_weight_change(tiny_model_dir, tmp_path):
+    """A codebook cannot be written into the weights: exit 2 with the reason, nothing written."""
+    out, saved = tmp_path / "run", tmp_path / "saved"
+    res = CliRunner().invoke(
+        main,
+        [
+            "-q",
+            "edit",
+            "--model",
+            str(tiny_model_dir),
+            "--method",
+            "grace",
+            "--requests",
+            str(_requests_file(tmp_path)),
+            "--mode",
+            "batch",
+            "--out",
+            str(out),
+            "--save-model",
+            str(saved),
+            "--device",
+            "cpu",
+            "--hparam",
+            "radius=fixed",
+            "--hparam",
+            "steps=3",
+        ],
+    )
+    assert res.exit_code == 2, res.output
+    assert "cannot be merged into the weights" in res.output
+    assert "Traceback" not in res.output
+    assert not out.exists() and not saved.exists()
