@@ -152,6 +152,8 @@ HPARAMS = {
         "cov_new_tokens": 8,
         "L2": 1e-4,
     },
+    "grace": {"steps": 3, "radius": "fixed", "eps": 1e-3},
+    "tpatcher": {"steps": 10, "memory_texts": 10},
 }
 
 
@@ -206,12 +208,12 @@ def test_resume_after_a_crash_gives_the_same_aggregate(
     assert (crashed / "table.md").read_text().count(method) == 2
 
 
-@pytest.mark.parametrize("method", ["medlasa", "alphaedit"])
+@pytest.mark.parametrize("method", ["medlasa", "alphaedit", "grace", "tpatcher"])
 def test_sequential_crash_between_edits_resumes_from_the_last_checkpoint(
     tmp_path, tiny_model_dir, monkeypatch, method
 ):
     """Killed during the 4th of 5 edits: the resumed run applies edits 4-5 only (adapter
-    checkpoints are one file per edit; AlphaEdit's accumulated keys come back with the weights)
+    checkpoints (MedLaSA, GRACE, T-Patcher) are one file per edit; AlphaEdit's accumulated keys come back with the weights)
     and its aggregate equals an uninterrupted run's."""
     from medit.editors.base import Editor
 
@@ -247,7 +249,7 @@ def test_sequential_crash_between_edits_resumes_from_the_last_checkpoint(
         return {k: v for k, v in m.items() if k not in ("seconds_per_edit", "peak_memory_mb")}
 
     assert strip(resumed["methods"][method]) == strip(whole["methods"][method])
-    if method == "medlasa":
+    if method != "alphaedit":  # module edits: one checkpoint per edit, written once
         edits = sorted((tmp_path / "crashed" / "checkpoints" / method / "edits").iterdir())
         assert [d.name for d in edits] == [f"{i:06d}" for i in range(5)]
     else:  # the same weights bit for bit: the resumed edits saw the earlier edits' keys
