@@ -212,9 +212,9 @@ def test_resume_after_a_crash_gives_the_same_aggregate(
 def test_sequential_crash_between_edits_resumes_from_the_last_checkpoint(
     tmp_path, tiny_model_dir, monkeypatch, method
 ):
-    """Killed during the 4th of 5 edits: the resumed run applies edits 4-5 only (adapter
-    checkpoints (MedLaSA, GRACE, T-Patcher) are one file per edit; AlphaEdit's accumulated keys come back with the weights)
-    and its aggregate equals an uninterrupted run's."""
+    """Killed during the 4th of 5 edits: the resumed run applies edits 4-5 only (module edits'
+    checkpoints - MedLaSA, GRACE, T-Patcher - are one file per edit; AlphaEdit's accumulated
+    keys come back with the weights) and its aggregate equals an uninterrupted run's."""
     from medit.editors.base import Editor
 
     data = _slice(tmp_path, "MedCF/test.json", 5)
