@@ -3,7 +3,9 @@ per edit, and what a growing codebook / neuron bank costs at inference.
 
     python benchmarks/bench_lifelong.py [--n 10] [--entries 800] [--out benchmarks/results/lifelong_cpu.json]
 
-For each editor, over the first N built-in requests applied one after another:
+For each editor, over the first N built-in requests applied one after another (after one
+warm-up edit, restored: the corpus queries GRACE's radius and T-Patcher's memory read are
+computed once per model and kept in memory):
 
 * seconds per edit, the optimisation steps taken, and the floor = steps x (forward+backward of
   what each step runs: the layers from the edited one up and the output head) + the forwards an
@@ -68,6 +70,7 @@ def step_floor(lm, req, layer: int) -> float:
 def bench(lm, method, hparams, reqs, entries: int) -> dict:
     model, tok = lm.model, lm.tokenizer
     editor = make_editor(method, **hparams)
+    editor.apply(model, tok, reqs[:1]).restore()  # warm: the corpus queries, computed once a model
     results, seconds, steps = [], [], []
     for req in reqs:
         r = editor.apply(model, tok, [req])
