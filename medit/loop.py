@@ -53,12 +53,12 @@ def set_seed(seed: int) -> None:
 @dataclasses.dataclass
 class Curve:
     """The retention curve of a sequential run: after every ``every`` edits (and after the
-    last), ``on_point(n, edited, probes, posts, seconds)`` receives the evaluation of ``edited`` (up to
-    ``sample`` of the n requests edited so far) and ``probes`` (a fixed sample of all requests,
-    for locality); ``posts`` maps a request index to its state, ``seconds`` are the n edits'
-    times. The samples come from one fixed
-    permutation of the requests (``seed``), so a request sampled at one point stays sampled at
-    every later one. ``done``: edit counts already recorded (a resumed run skips them)."""
+    last), ``on_point(n, edited, probes, posts, seconds)`` receives the evaluation of ``edited``
+    (up to ``sample`` of the n requests edited so far) and ``probes`` (a fixed sample of all
+    requests, for locality); ``posts`` maps a request index to its state, ``seconds`` are the n
+    edits' times. Both samples are the first requests of one fixed random order (``seed``), so
+    a point's sample is the same in a rerun or a resumed run. ``done``: edit counts already
+    recorded (a resumed run skips them)."""
 
     every: int
     sample: int
