@@ -5,9 +5,9 @@ An edit is one of three kinds behind the one :class:`EditResult` interface:
 * :class:`WeightEdit` — the edit is written into the model's weights (FT, LoRA merged, ROME,
   MEMIT, AlphaEdit, MEND). It keeps copies of only the touched tensors, taken before the edit.
 * :class:`ModuleEdit` — the edit is a set of patches installed beside the weights at modules the
-  ArchSpec names (MedLaSA's adapters; GRACE, T-Patcher, SCEN, WISE next). The base weights are
-  never written; a shut gate leaves the module's output bit-identical
-  (:mod:`medit.editors.patching`).
+  ArchSpec names (MedLaSA's adapters, GRACE's codebook, T-Patcher's neurons; SCEN, WISE
+  next). The base weights are never written; a shut gate leaves the module's output
+  bit-identical (:mod:`medit.editors.patching`).
 * :class:`MemoryEdit` — the edit is an entry in an explicit memory that the model consults at
   inference (SERAC).
 
@@ -32,7 +32,9 @@ Invariants every kind keeps (tests/test_contract.py checks them for every editor
 * ``remove(edit_id)`` undoes one request's edit and keeps the others (exact for module and memory
   edits; a weight edit can remove only the whole of itself);
 * ``merged()`` is a context in which the model's weights hold the edit (what ``--save-model``
-  writes); outside it the model is as it was.
+  writes); outside it the model is as it was. An edit that is no weight change (a codebook,
+  neurons open only where their pre-activation is positive, a memory) says so: ``mergeable``
+  is False and ``merged_weights`` refuses with the reason.
 """
 
 from __future__ import annotations
