@@ -36,8 +36,9 @@ import time
 import torch
 
 from medit.bench.suites import get_suite
+from medit.core.hooks import capture_inputs
 from medit.core.models import DEFAULT_MODEL, load_model
-from medit.core.text import normalise
+from medit.core.text import normalise, right_padded
 from medit.editors.locate.common import KeyValueHParams, base_corpus
 
 
@@ -47,23 +48,12 @@ def inputs_at(lm, layers, texts, batch_size=32):
     got: list[dict[int, torch.Tensor]] = []
     for i in range(0, len(texts), batch_size):
         chunk = texts[i : i + batch_size]
-        seen: dict[int, torch.Tensor] = {}
-        handles = [
-            m.register_forward_pre_hook(
-                lambda _m, a, j=j, seen=seen: seen.__setitem__(j, a[0].detach())
-            )
-            for j, m in enumerate(modules)
-        ]
-        lm.tokenizer.padding_side = "right"
-        enc = lm.tokenizer(chunk, return_tensors="pt", padding=True)
-        try:
-            with torch.no_grad():
-                lm.model(**enc, use_cache=False)
-        finally:
-            for h in handles:
-                h.remove()
-        lengths = enc.attention_mask.sum(1).tolist()
-        for b, n in enumerate(lengths):
+        enc = right_padded(
+            lm.tokenizer, lambda c=chunk: lm.tokenizer(c, return_tensors="pt", padding=True)
+        )
+        with torch.no_grad():
+            seen = capture_inputs(modules, lambda e=enc: lm.model(**e, use_cache=False))
+        for b, n in enumerate(enc.attention_mask.sum(1).tolist()):
             got.append({layer: seen[j][b, :n].float() for j, layer in enumerate(layers)})
     return got
 

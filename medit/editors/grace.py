@@ -46,7 +46,7 @@ import torch
 from medit.artifacts.modules import write_module_artifact
 from medit.core.arch import ArchSpec, get_arch, get_module
 from medit.core.forward import target_nll
-from medit.core.hooks import capture_input, frozen_prefix, trainable_only
+from medit.core.hooks import first_tensor_arg, frozen_prefix, hooked, trainable_only
 from medit.core.text import teacher_batch
 from medit.editors.base import Capabilities, Defaults, Editor, HParams, check_layers, hp
 from medit.editors.patching.bank import Patch, PatchBank
@@ -369,19 +369,23 @@ class GRACE(Editor):
             pos, width = int(batch.prompt_last[0]), 1
         module = get_module(model, name)
         device = next(model.parameters()).device
-        ids = batch.input_ids.to(device)
-        with bank.disabled():
-            x = capture_input(module, lambda: model(ids))
-        query = window_queries(x, width)[0, pos - width + 1].detach()
+        batch = batch.to(device)
+        with torch.no_grad(), bank.disabled():
+            hidden, x, out = _states(model, arch, layer, module, batch.input_ids)
+        query = window_queries(x, width)[0, pos - width + 1]
         label = tuple(batch.labels.tolist())
         r0 = self._initial_radius(model, tok, name, query, width, hp)
         mine = [p for p in bank.patches if isinstance(p, GraceEntry) and p.module == name]
         near = [p for p in GraceEntry.visible(mine) if p.width == width] if mine else []
         entry = GraceEntry(req.id, name, query.cpu(), torch.empty(0), r0, width, label)
         rule, start_value = place(entry, near)
-        value, steps, loss = _train_value(
-            model, arch, layer, module, batch.to(device), pos, start_value, hp, bank
-        )
+        if start_value is not None:
+            init = start_value.to(device).float()
+        elif hp.value_init == "warm":
+            init = out[0, pos].float()
+        else:
+            init = torch.rand(out.shape[-1], device=device)
+        value, steps, loss = _train_value(model, arch, layer, module, batch, hidden, pos, init, hp)
         entry.value = value.cpu()
         entry.effective_radius = entry.radius
         return entry, {"rule": rule, "radius": entry.radius, "steps": steps, "loss": loss}
@@ -407,24 +411,25 @@ class GRACE(Editor):
         )
 
 
-def _train_value(model, arch, layer, module, batch, pos, start, hp: GraceHParams, bank):
+def _states(model, arch, layer, module, ids):
+    """One forward: the hidden state entering ``layer``, ``module``'s input and its output."""
+    got: dict[str, torch.Tensor] = {}
+
+    def entering(_m, args, kwargs):
+        got["hidden"] = first_tensor_arg(args, kwargs).detach()
+
+    def seen(_m, args, kwargs, output):
+        got["x"], got["out"] = first_tensor_arg(args, kwargs).detach(), output.detach()
+
+    with hooked([(arch.layer_list(model)[layer], entering, None), (module, None, seen)]):
+        model(ids)
+    return got["hidden"], got["x"], got["out"]
+
+
+def _train_value(model, arch, layer, module, batch, hidden, pos, init, hp: GraceHParams):
     """The module output at ``pos`` that makes the prompt continue with the target: Adam on the
-    value alone, the layers below ``layer`` run once (``frozen_prefix``)."""
-    device = batch.input_ids.device
-    with torch.no_grad(), bank.disabled():
-        out = []
-        handle = module.register_forward_hook(lambda _m, _a, o: out.append(o.detach()))
-        try:
-            hidden = capture_input(arch.layer_list(model)[layer], lambda: model(batch.input_ids))
-            model(batch.input_ids)
-        finally:
-            handle.remove()
-    if start is not None:
-        init = start.to(device).float()
-    elif hp.value_init == "warm":
-        init = out[-1][0, pos].float()
-    else:
-        init = torch.rand(out[-1].shape[-1], device=device)
+    value alone from ``init``, the layers below ``layer`` replaced by ``hidden``
+    (``frozen_prefix``)."""
     value = init.clone().requires_grad_(True)
 
     def put(_m, _args, output):

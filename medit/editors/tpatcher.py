@@ -43,10 +43,10 @@ import torch
 import torch.nn.functional as F
 
 from medit.artifacts.modules import write_module_artifact
-from medit.core.arch import ArchSpec, get_arch, get_module
+from medit.core.arch import get_arch, get_module
 from medit.core.errors import UserError
 from medit.core.forward import logits_at
-from medit.core.hooks import capture_input, frozen_prefix, trainable_only
+from medit.core.hooks import capture_inputs, frozen_prefix, trainable_only
 from medit.core.text import teacher_batch
 from medit.editors.base import Capabilities, Editor, HParams, hp
 from medit.editors.patching.bank import Patch, PatchBank
@@ -166,7 +166,7 @@ class Neurons(Patch):
         )
 
 
-def _mlp_act(model, arch: ArchSpec, module: str):
+def _mlp_act(model, module: str):
     mlp = get_module(model, module)
     act = getattr(mlp, "act_fn", None) or getattr(mlp, "act", None)
     if act is None:
@@ -214,7 +214,7 @@ class TPatcher(Editor):
                     tensors[f"{i}::ups"].float() if f"{i}::ups" in tensors else None,
                     tensors[f"{i}::values"].float(),
                     tensors[f"{i}::memory"],
-                    _mlp_act(model, arch, e["module"]),
+                    _mlp_act(model, e["module"]),
                 )
             )
         bank.add(*patches)
@@ -228,8 +228,10 @@ def _patch(model, tok, arch, layer, name, bank, req: EditRequest, memory, hp: TP
     batch = teacher_batch(tok, [req.prompt], [req.target_new]).to(device)
     mlp = get_module(model, name)
     with torch.no_grad():
-        hidden = capture_input(arch.layer_list(model)[layer], lambda: model(batch.input_ids))
-        x = capture_input(mlp, lambda: model(batch.input_ids))[0].float()  # (T, d)
+        hidden, x = capture_inputs(
+            [arch.layer_list(model)[layer], mlp], lambda: model(batch.input_ids)
+        )
+        x = x[0].float()  # (T, d)
         wrong = logits_at(model, arch, batch).argmax(-1) != batch.labels
     order = [int(c) for c, bad in zip(batch.cols, wrong, strict=True) if bad]
     positions = (order or [int(batch.cols[0])])[: hp.max_neurons]
@@ -239,10 +241,10 @@ def _patch(model, tok, arch, layer, name, bank, req: EditRequest, memory, hp: TP
     keys = init.clone().requires_grad_(True)
     bias = torch.zeros(len(positions), device=device, requires_grad=True)
     ups = init.clone().requires_grad_(True) if gated else None
-    values = torch.zeros(len(positions), mlp_out_width(model, arch, layer), device=device)
+    values = torch.zeros(len(positions), arch.embedding(model).weight.shape[1], device=device)
     values.requires_grad_(True)
     trained = [t for t in (keys, bias, ups, values) if t is not None]
-    act = _mlp_act(model, arch, name)
+    act = _mlp_act(model, name)
     probe = Neurons(req.id, name, keys, bias, ups, values, torch.empty(0), act)
 
     def add(_m, args, output):  # the neurons in training, gated as at inference
@@ -301,8 +303,3 @@ def _patch(model, tok, arch, layer, name, bank, req: EditRequest, memory, hp: TP
     )
     info = {"neurons": len(positions), "steps": steps, "converged": done, **losses}
     return patch, info
-
-
-def mlp_out_width(model, arch: ArchSpec, layer: int) -> int:
-    """The width of the MLP's output (the hidden size)."""
-    return arch.embedding(model).weight.shape[1]

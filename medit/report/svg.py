@@ -142,12 +142,13 @@ def lines(
     )
     for s, (name, pts) in enumerate(series.items()):
         color = PALETTE[(s + 1) % len(PALETTE)]
-        xy = [at(x, y) for x, y in pts if y is not None]
-        if not xy:
+        shown = [(x, y) for x, y in pts if y is not None]
+        if not shown:
             continue
+        xy = [at(x, y) for x, y in shown]
         path = " ".join(f"{x:.1f},{y:.1f}" for x, y in xy)
         body.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="2"/>')
-        for (x, y), (px, py) in zip(xy, [(x, y) for x, y in pts if y is not None], strict=True):
+        for (x, y), (px, py) in zip(xy, shown, strict=True):
             body.append(
                 f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.5" fill="{color}"><title>'
                 f"{escape(name)} at {px:g}: {py:.3f}</title></circle>"
