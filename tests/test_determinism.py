@@ -34,6 +34,7 @@ FAST = {
     "alphaedit": {"v_steps": 4, "cov_samples_per_prompt": 1, "cov_new_tokens": 16},
     "grace": {"steps": 4},
     "tpatcher": {"steps": 4, "memory_texts": 20},
+    "ultraedit": {"iters": 2},
 }
 #: editors whose result depends on the global seed: LoRA's and AdaLoRA's adapter initialisation
 #: and LoRA dropout (peft, global RNG), MedLaSA's initialisation (a generator seeded from

@@ -40,6 +40,8 @@ TINY = {
     # a codebook radius on the tiny model's scale (its own prompt is at distance ~0)
     "grace": {"radius": "fixed", "eps": 1e-3},
     "tpatcher": {"steps": 100, "memory_texts": 20},
+    # a step size on the tiny model's scale (its keys and gradients are small)
+    "ultraedit": {"lr": 5e-2},
 }
 #: locate-then-edit methods change one token's state; a random tiny model's attention barely
 #: carries it to later positions, so their contract requests end with the subject
@@ -139,9 +141,10 @@ class TestEditorContract:
         cls = get_editor_class(method)
         hp = _make(method).hparams_for(model)
         assert cls.hparams_class.from_dict(hp.to_dict()) == hp
-        steps = "steps" if "steps" in hp.to_dict() else "v_steps"
+        steps = next(k for k in ("steps", "v_steps", "iters") if k in hp.to_dict())
+        typo = steps[:-3] + steps[-2] + steps[-3] + steps[-1]  # "steps" -> "stpes"
         with pytest.raises(ValueError, match=f"did you mean '{steps}'"):
-            make_editor(method, **{steps.replace("steps", "stpes"): 3})
+            make_editor(method, **{typo: 3})
         with pytest.raises(ValueError, match="no requests"):
             _make(method).apply(model, tok, [])
 

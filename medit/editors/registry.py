@@ -24,6 +24,7 @@ METHODS: dict[str, str] = {
     "alphaedit": "medit.editors.alphaedit:AlphaEdit",
     "grace": "medit.editors.grace:GRACE",
     "tpatcher": "medit.editors.tpatcher:TPatcher",
+    "ultraedit": "medit.editors.ultraedit:UltraEdit",
 }
 
 
