@@ -67,8 +67,9 @@ class UltraEditHParams(HParams):
     stop_loss: float = hp(0.0, "no further pass once the turn's mean target loss is below this")
     preset: str = hp(
         "default",
-        "default: the step size measured on MedCF validation for the model's size; paper: "
-        "UltraEdit's own (lr 1e-6, λ 1, one pass)",
+        "default: the paper's values for now (no step size measured on MedCF validation both "
+        "edits and keeps locality on a small model yet); paper: UltraEdit's own, pinned "
+        "(lr 1e-6, λ 1, one pass)",
         ("default", "paper"),
     )
 

@@ -1,0 +1,80 @@
+"""UltraEdit's step size and turn size on the MedCF validation split (never the test split).
+
+    python benchmarks/bench_ultraedit_valid.py --n 15 --turn 1 '{"preset": "paper"}' '{"lr": 1e-4, "iters": 5, "stop_loss": 0.05}'
+    python benchmarks/bench_ultraedit_valid.py --n 15 --single '{"lr": 1e-4, "iters": 5, "stop_loss": 0.05}'
+
+Each configuration (a JSON object of hyper-parameters) edits the first N validation cases in
+turns of ``--turn`` requests (one ``apply`` per turn, 1: the sequential benchmark's setting),
+then asks all N again under both protocols against the base model's answers; with
+``--single`` every edit is applied alone, scored and restored. One JSON line per configuration:
+teacher-forced and generation-based efficacy / generality / locality (%), seconds per edit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from medit.bench.suites import get_suite  # noqa: E402
+from medit.core.models import DEFAULT_MODEL, load_model  # noqa: E402
+from medit.editors.registry import make_editor  # noqa: E402
+from medit.evaluation import EvalConfig, aggregate, evaluate  # noqa: E402
+
+
+def scores(states) -> dict:
+    a = aggregate(states)
+    tf, g = a["teacher_forced"], a["generation"]
+    pct = lambda *xs: [round(100 * x) for x in xs]  # noqa: E731
+    return {
+        "tf": pct(tf["efficacy"], tf["generality"], tf["locality_mean"]),
+        "gen": pct(g["efficacy_contains"], g["generality_contains"], g["locality_mean"]),
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("configs", nargs="+", help="JSON objects of hyper-parameters")
+    ap.add_argument("--data", default="../shared/data/MedCF/valid.json")
+    ap.add_argument("--n", type=int, default=15)
+    ap.add_argument("--turn", type=int, default=1)
+    ap.add_argument("--single", action="store_true")
+    args = ap.parse_args()
+    lm = load_model(DEFAULT_MODEL, "cpu", "float32")
+    model, tok, arch = lm.model, lm.tokenizer, lm.arch
+    reqs = get_suite("medcf").load(args.data, limit=args.n)
+    cfg = EvalConfig(fluency_tokens=0)
+    ref = evaluate(model, tok, arch, reqs, cfg)
+    for spec in args.configs:
+        hp = json.loads(spec)
+        edit_seconds = 0.0
+        if args.single:
+            states = []
+            for i, r in enumerate(reqs):
+                result = make_editor("ultraedit", **hp).apply(model, tok, [r])
+                edit_seconds += result.seconds
+                states += evaluate(model, tok, arch, [r], cfg, reference=[ref[i]])
+                result.restore()
+        else:
+            editor, prior = make_editor("ultraedit", **hp), None
+            for s in range(0, len(reqs), args.turn):
+                last = editor.apply(model, tok, reqs[s : s + args.turn], prior=prior)
+                edit_seconds += last.seconds
+                prior = last if prior is None else type(last).combine([prior, last])
+            states = evaluate(model, tok, arch, reqs, cfg, reference=ref)
+            prior.restore()
+        row = {
+            "hp": hp,
+            "turn": "single" if args.single else args.turn,
+            "n": len(reqs),
+            "seconds_per_edit": round(edit_seconds / len(reqs), 2),
+            **scores(states),
+        }
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
