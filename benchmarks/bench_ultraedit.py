@@ -23,48 +23,20 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_lifelong import step_floor, timed  # noqa: E402
+
 from medit.core.forward import target_nll  # noqa: E402
-from medit.core.hooks import capture_input, frozen_prefix  # noqa: E402
 from medit.core.models import DEFAULT_MODEL, load_model  # noqa: E402
 from medit.core.results import peak_memory_mb  # noqa: E402
 from medit.core.text import teacher_batch  # noqa: E402
 from medit.editors.registry import make_editor  # noqa: E402
 from medit.facts.requests import load_requests  # noqa: E402
-
-
-def timed(fn, repeat=5):
-    fn()
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
-def pass_floor(lm, req, layer: int) -> tuple[float, float]:
-    """(forward+backward of the layers from ``layer`` up and the head, one full forward)."""
-    model, arch = lm.model, lm.arch
-    batch = teacher_batch(lm.tokenizer, [req.prompt], [req.target_new])
-    hidden = capture_input(arch.layer_list(model)[layer], lambda: model(batch.input_ids))
-    probe = torch.zeros(hidden.shape[-1], requires_grad=True)
-
-    def step():
-        with torch.enable_grad(), frozen_prefix(model, arch, layer, hidden + probe):
-            target_nll(model, arch, batch).backward()
-
-    def forward():
-        with torch.no_grad():
-            target_nll(model, arch, batch)
-
-    return timed(step), timed(forward)
 
 
 def sequence(lm, method, reqs, hparams=None):
@@ -96,7 +68,10 @@ def main():
     passes = [sum(1 for t in d["turns"] if not t.get("stopped")) for d in diags]
     checks = [sum(1 for t in d["turns"] if t.get("stopped")) for d in diags]
     lowest = min(int(n.split(".")[2]) for n in ue.names)
-    step, forward = pass_floor(lm, reqs[0], lowest)
+    step = step_floor(lm, reqs[0], lowest)  # forward + backward from the lowest edited layer
+    batch = teacher_batch(lm.tokenizer, [reqs[0].prompt], [reqs[0].target_new])
+    with torch.no_grad():
+        forward = timed(lambda: target_nll(lm.model, lm.arch, batch))
     floors = [p * step + c * forward for p, c in zip(passes, checks, strict=True)]
     ue_state = state_bytes(ue)
     ue.restore()

@@ -50,10 +50,10 @@ def test_running_statistics_merge_exactly_and_a_single_row_is_no_nan():
 
 def test_the_update_solves_the_ridge_normal_equations():
     torch.manual_seed(1)
-    K, G = torch.randn(6, 4), torch.randn(6, 3)
+    K = torch.randn(6, 4)
     Z = torch.randn(6, 7, dtype=torch.float64)
     hp = UltraEditHParams(lr=0.1, ridge=2.0)
-    delta = _update(K, G, Z, hp).double()  # (d_in, d_out)
+    delta = _update(K, Z, hp).double()  # (d_in, d_out)
     V = -0.1 * (Z[:, :4] ** 2).sum(1, keepdim=True) * Z[:, 4:]
     K64 = K.double()
     lhs = (K64.T @ K64 + 2.0 * torch.eye(4, dtype=torch.float64)) @ delta

@@ -86,10 +86,15 @@ class UltraEditHParams(HParams):
             if not kind or not layer.isdigit():
                 raise HParamError("modules", f"entries are 'kind:layer', got {m!r}")
 
+    @property
+    def named_modules(self) -> list[tuple[str, int]]:
+        """``modules`` as (kind, layer) pairs."""
+        return [(k, int(layer)) for k, _, layer in (m.partition(":") for m in self.modules)]
+
     def resolve(self, arch: ArchSpec, n_layers: int) -> list[tuple[str, int]]:
         """(kind, layer) of every edited module, in the order the paper lists them."""
         if self.modules:
-            out = [(k, int(layer)) for k, _, layer in (m.partition(":") for m in self.modules)]
+            out = self.named_modules
         else:
             pattern = _GATED if "gate" in arch.kinds else _PLAIN
             out = []
@@ -109,7 +114,7 @@ class UltraEditHParams(HParams):
         return out
 
     def check_arch(self, arch: ArchSpec, n_layers: int | None) -> None:
-        check_layers("modules", tuple(int(m.partition(":")[2]) for m in self.modules), n_layers)
+        check_layers("modules", tuple(layer for _, layer in self.named_modules), n_layers)
 
 
 def _shape_key(shape: tuple[int, int]) -> str:
@@ -167,6 +172,7 @@ class UltraEdit(Editor):
         )
         stats = RunningStats(prior.editor_state if prior is not None else None)
         modules = [get_module(model, arch.layer_path(layer, kind)) for kind, layer in targets]
+        shapes = [tuple(result._params[n].shape) for n in names]
         order = sorted(range(len(requests)), key=lambda i: -len(requests[i].target_new))
         diagnostics = []
         for _ in range(hp.iters):
@@ -174,7 +180,6 @@ class UltraEdit(Editor):
             if diagnostics and sum(losses) / len(losses) < hp.stop_loss:
                 diagnostics.append({"loss": losses, "stopped": True})
                 break
-            shapes = [tuple(result._params[n].shape) for n in names]
             for batch_keys, batch_grads in zip(keys, grads, strict=True):
                 for j, shape in enumerate(shapes):
                     stats.update(shape, torch.cat([batch_keys[j], batch_grads[j]], dim=1))
@@ -182,7 +187,7 @@ class UltraEdit(Editor):
             for j, (name, shape) in enumerate(zip(names, shapes, strict=True)):
                 K = torch.cat([k[j] for k in keys])
                 G = torch.cat([g[j] for g in grads])
-                delta = _update(K, G, stats.normalise(shape, torch.cat([K, G], dim=1)), hp)
+                delta = _update(K, stats.normalise(shape, torch.cat([K, G], dim=1)), hp)
                 W = result._params[name]
                 with torch.no_grad():
                     W.add_((delta if arch.conv1d else delta.T).to(W.device, W.dtype))
@@ -234,8 +239,9 @@ def _rows(model, arch, modules, batch):
     return inputs, [d[batch.rows, batch.cols].float() for d in dout], float(loss.detach())
 
 
-def _update(K: torch.Tensor, G: torch.Tensor, Z: torch.Tensor, hp: UltraEditHParams):
-    """ΔW (d_in, d_out) = (KᵀK + λI)⁻¹ Kᵀ V with V = -lr·|k^|²·g^ (float64)."""
+def _update(K: torch.Tensor, Z: torch.Tensor, hp: UltraEditHParams):
+    """ΔW (d_in, d_out) = (KᵀK + λI)⁻¹ Kᵀ V with V = -lr·|k^|²·g^ (float64); ``Z`` holds the
+    rows [k^; g^] normalised with the lifelong statistics."""
     device = solve_device(K)
     K64 = K.to(device, torch.float64)
     k_hat, g_hat = Z[:, : K.shape[1]].to(device), Z[:, K.shape[1] :].to(device)
