@@ -30,6 +30,36 @@ def passed_cache(kwargs: dict[str, Any]) -> Any:
     return cache if cache is not None else kwargs.get("past_key_values")
 
 
+def keep_with_cache(cache: Any, attr: str, state: Any) -> None:
+    """Keep ``state`` (an object with ``select(rows)``) on ``cache`` under ``attr`` while the
+    cache lives: a decoder that reorders or drops the cache's rows (``reorder_cache``: beam
+    search, medit's greedy decoder) reorders the state alike."""
+    setattr(cache, attr, state)
+    follows = getattr(cache, "_medit_follows", None)
+    if follows is None:
+        follows = cache._medit_follows = set()
+        reorder = cache.reorder_cache
+
+        def reorder_and_follow(beam_idx: torch.Tensor) -> None:
+            reorder(beam_idx)
+            for name in cache._medit_follows:
+                kept = getattr(cache, name, None)
+                if kept is not None:
+                    kept.select(beam_idx)
+
+        cache.reorder_cache = reorder_and_follow
+    follows.add(attr)
+
+
+def last_positions(ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """(batch,) index of each row's last real token (left or right padding)."""
+    width = ids.shape[1]
+    if mask is None:
+        return torch.full((ids.shape[0],), width - 1, dtype=torch.long, device=ids.device)
+    mask = mask[:, -width:].to(torch.long)
+    return (width - 1 - mask.flip(1).argmax(1)).to(ids.device)
+
+
 def logits_at(model: Any, arch: ArchSpec, batch: TeacherBatch, at_prompt_end: bool = False):
     """Vocabulary logits at the label positions of ``batch`` (N, V), or, with ``at_prompt_end``,
     at each sequence's last prompt position (B, V). The output head runs on those rows only."""

@@ -12,6 +12,11 @@ batched evaluation all route the same way):
 
 * **input-gated** patches (GRACE, T-Patcher, SCEN, WISE, the test patch) score the patched
   module's own input: ``gate(module, x)`` gives (batch, pos) gates in [0, 1], 0 shut;
+* **sequence-gated** patches (SCEN, WISE: ``sequence = True``) are gated like input-gated ones,
+  but once per sequence: from the module's input at the last real token of the sequence's first
+  forward (the prompt's prefill: a forward whose KV cache is empty or absent), and the decision
+  holds for every position of that forward and of the decoding forwards on its cache (it is kept
+  on the cache and follows ``reorder_cache``). A forward without a cache is a sequence of its own;
 * **sequence-routed** patches (MedLaSA) leave the choice to the bank's ``router`` (e.g.
   :class:`~medit.editors.patching.routing.SequenceRouter`), which reads each new sequence's
   tokens at the start of the model's forward and keeps its choice while the KV cache grows.
@@ -35,9 +40,23 @@ import torch
 
 from medit.core.arch import ArchSpec, get_module
 from medit.core.errors import UserError
+from medit.core.forward import keep_with_cache, last_positions, passed_cache
 
 #: the model attribute holding its bank while it carries patches (private to this package)
 BANK = "_medit_patch_bank"
+#: attribute of a KV cache holding the sequence-gated decisions of the sequence it caches
+_DECIDED = "_medit_sequence_gates"
+
+
+class _Decisions:
+    """Sequence-gated decisions of one batch: (module, class) -> (E, batch, 1) gates."""
+
+    def __init__(self, batch: int):
+        self.batch, self.gates = batch, {}
+
+    def select(self, rows: torch.Tensor) -> None:
+        self.gates = {k: g[:, rows.to(g.device)] for k, g in self.gates.items()}
+        self.batch = len(rows)
 
 
 class Patch(ABC):
@@ -55,6 +74,9 @@ class Patch(ABC):
     routed: ClassVar[bool] = False
     #: False: no change of the weights has the patch's effect (``weight_deltas`` refuses)
     mergeable: ClassVar[bool] = True
+    #: True: ``gates`` is asked once per sequence, with the input at the prompt's last token
+    #: (x of shape (batch, 1, d_in)); its (E, batch, 1) decision holds for the whole sequence
+    sequence: ClassVar[bool] = False
 
     @classmethod
     @abstractmethod
@@ -106,6 +128,10 @@ class PatchBank:
         self.enabled = True
         self._handles: list[Any] = []
         self._by_module: dict[str, list[int]] = {}
+        #: the current forward's sequence-gated decisions, and where its rows end (None when
+        #: the forward continues a cached sequence)
+        self._decided: _Decisions | None = None
+        self._last: torch.Tensor | None = None
 
     @classmethod
     def of(cls, model: Any, arch: ArchSpec, make_router: Any = None) -> PatchBank:
@@ -161,13 +187,57 @@ class PatchBank:
         for name in sorted(self._by_module):
             module = get_module(self.model, name)
             self._handles.append(module.register_forward_hook(self._hook(name)))
-        if self.router is not None:
+        if self.router is not None or any(type(p).sequence for p in self.patches):
             base = self.arch.base_model(self.model)
-            self._handles.append(base.register_forward_pre_hook(self._route, with_kwargs=True))
+            self._handles.append(base.register_forward_pre_hook(self._begin, with_kwargs=True))
+            self._handles.append(base.register_forward_hook(self._end))
 
-    def _route(self, _module, args, kwargs):
-        if self.enabled:
+    def _end(self, _module, _args, output):
+        """A cache the model made itself (``use_cache=True`` without one) keeps the decisions
+        of the forward that filled it."""
+        cache = getattr(output, "past_key_values", None)
+        if self.enabled and self._decided is not None and cache is not None:
+            if getattr(cache, _DECIDED, None) is None:
+                keep_with_cache(cache, _DECIDED, self._decided)
+
+    def _begin(self, _module, args, kwargs):
+        """A forward of the model starts: route it (the router), and find whether it opens a
+        sequence (sequence-gated patches decide on it) or continues a cached one."""
+        if not self.enabled:
+            return
+        if self.router is not None:
             self.router.begin_forward(args, kwargs)
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            ids = kwargs.get("inputs_embeds")
+        cache = passed_cache(kwargs)
+        kept = getattr(cache, _DECIDED, None) if cache is not None else None
+        if (
+            cache is not None
+            and cache.get_seq_length() > 0
+            and kept is not None
+            and kept.batch == ids.shape[0]
+        ):
+            self._decided, self._last = kept, None  # decoding: the prefill's decisions
+            return
+        self._decided = _Decisions(ids.shape[0])
+        self._last = last_positions(ids, kwargs.get("attention_mask"))
+        if cache is not None:
+            keep_with_cache(cache, _DECIDED, self._decided)
+
+    def _sequence_gates(self, cls: type, patches: list[Patch], name: str, x: torch.Tensor):
+        """(E, batch, 1) decisions of a sequence-gated class: made on the forward that opens
+        the sequence, from the input at each row's last real token, then kept."""
+        decided, key = self._decided, (name, cls.__qualname__)
+        if decided is None or decided.batch != x.shape[0]:
+            raise RuntimeError(f"no sequence decisions for a batch of {x.shape[0]} rows")
+        if key not in decided.gates or self._last is not None:
+            if self._last is None:
+                raise RuntimeError(f"{name}: a cached sequence without {cls.__name__} decisions")
+            rows = torch.arange(x.shape[0], device=x.device)
+            last = x[rows, self._last.to(x.device)][:, None]  # (batch, 1, d_in)
+            decided.gates[key] = cls.gates(patches, name, last)
+        return decided.gates[key]
 
     # -- the patched forward ---------------------------------------------------------------------
     def _by_class(self, own: Sequence[int]) -> dict[type, list[Patch]]:
@@ -189,9 +259,13 @@ class PatchBank:
             else:
                 gated.setdefault(type(p), []).append(j)
         for cls, js in gated.items():
-            for j, g in zip(
-                js, cls.gates([self.patches[own[j]] for j in js], name, x), strict=True
-            ):
+            members = [self.patches[own[j]] for j in js]
+            found = (
+                self._sequence_gates(cls, members, name, x)
+                if cls.sequence
+                else cls.gates(members, name, x)
+            )
+            for j, g in zip(js, found, strict=True):
                 rows[j] = g
         rows = [g if g.dim() == 2 else g[:, None] for g in rows]
         width = max(g.shape[1] for g in rows)

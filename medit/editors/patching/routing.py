@@ -34,7 +34,7 @@ import torch
 from sklearn.neighbors import NearestNeighbors
 
 from medit.core.errors import UserError
-from medit.core.forward import passed_cache
+from medit.core.forward import keep_with_cache, passed_cache
 from medit.core.hooks import capture_input
 from medit.core.text import normalise
 
@@ -130,7 +130,7 @@ class SequenceRouter:
         )
         self._state = self._route(rows)
         if cache is not None:
-            _follow(cache, self._state)
+            keep_with_cache(cache, _ROUTE, self._state)
 
     def gate(self, index: int, module: str, batch: int) -> torch.Tensor:
         """(batch,) coefficients of patch ``index`` at ``module`` for the current forward."""
@@ -257,21 +257,3 @@ class SequenceRouter:
                 if g > gate[row]:
                     which[row], gate[row] = int(e), g
         return which, gate
-
-
-def _follow(cache: Any, state: _Route) -> None:
-    """Keep ``state`` with the cache: a decoder that reorders or drops the cache's rows
-    (``reorder_cache``, beam search, medit's greedy decoder) reorders the routing alike."""
-    setattr(cache, _ROUTE, state)
-    if getattr(cache, "_medit_follows", False):
-        return
-    reorder = cache.reorder_cache
-
-    def reorder_and_route(beam_idx: torch.Tensor) -> None:
-        reorder(beam_idx)
-        route = getattr(cache, _ROUTE, None)
-        if route is not None:
-            route.select(beam_idx)
-
-    cache.reorder_cache = reorder_and_route
-    cache._medit_follows = True
