@@ -25,6 +25,7 @@ METHODS: dict[str, str] = {
     "grace": "medit.editors.grace:GRACE",
     "tpatcher": "medit.editors.tpatcher:TPatcher",
     "ultraedit": "medit.editors.ultraedit:UltraEdit",
+    "scen": "medit.editors.scen:SCEN",
 }
 
 
