@@ -1,13 +1,16 @@
-"""UltraEdit's step size and turn size on the MedCF validation split (never the test split).
+"""A lifelong editor's settings on the MedCF validation split (never the test split): UltraEdit's
+step and turn sizes, SCEN's expert (low-rank against the paper's full copy) and neurons.
 
-    python benchmarks/bench_ultraedit_valid.py --n 15 --turn 1 '{"preset": "paper"}' '{"lr": 1e-4, "iters": 5, "stop_loss": 0.05}'
-    python benchmarks/bench_ultraedit_valid.py --n 15 --single '{"lr": 1e-4, "iters": 5, "stop_loss": 0.05}'
+    python benchmarks/bench_lifelong_valid.py --n 15 --turn 1 '{"preset": "paper"}' '{"lr": 1e-4, "iters": 5, "stop_loss": 0.05}'
+    python benchmarks/bench_lifelong_valid.py --n 15 --single '{"lr": 1e-4, "iters": 5, "stop_loss": 0.05}'
+    python benchmarks/bench_lifelong_valid.py --method scen --n 50 '{}' '{"expert": "full", "expert_lr": 1e-3}'
 
 Each configuration (a JSON object of hyper-parameters) edits the first N validation cases in
 turns of ``--turn`` requests (one ``apply`` per turn, 1: the sequential benchmark's setting),
 then asks all N again under both protocols against the base model's answers; with
 ``--single`` every edit is applied alone, scored and restored. One JSON line per configuration:
-teacher-forced and generation-based efficacy / generality / locality (%), seconds per edit.
+teacher-forced and generation-based efficacy / generality / locality (%), seconds per edit,
+and the bytes an edit keeps where the editor reports them.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ def scores(states) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("configs", nargs="+", help="JSON objects of hyper-parameters")
+    ap.add_argument("--method", default="ultraedit")
     ap.add_argument("--data", default="../shared/data/MedCF/valid.json")
     ap.add_argument("--n", type=int, default=15)
     ap.add_argument("--turn", type=int, default=1)
@@ -50,29 +54,34 @@ def main():
     ref = evaluate(model, tok, arch, reqs, cfg)
     for spec in args.configs:
         hp = json.loads(spec)
-        edit_seconds = 0.0
+        edit_seconds, kept = 0.0, []
         if args.single:
             states = []
             for i, r in enumerate(reqs):
-                result = make_editor("ultraedit", **hp).apply(model, tok, [r])
+                result = make_editor(args.method, **hp).apply(model, tok, [r])
                 edit_seconds += result.seconds
+                kept += [d.get("bytes", 0) for d in getattr(result, "diagnostics", [])]
                 states += evaluate(model, tok, arch, [r], cfg, reference=[ref[i]])
                 result.restore()
         else:
-            editor, prior = make_editor("ultraedit", **hp), None
+            editor, prior = make_editor(args.method, **hp), None
             for s in range(0, len(reqs), args.turn):
                 last = editor.apply(model, tok, reqs[s : s + args.turn], prior=prior)
                 edit_seconds += last.seconds
+                kept += [d.get("bytes", 0) for d in getattr(last, "diagnostics", [])]
                 prior = last if prior is None else type(last).combine([prior, last])
             states = evaluate(model, tok, arch, reqs, cfg, reference=ref)
             prior.restore()
         row = {
+            "method": args.method,
             "hp": hp,
             "turn": "single" if args.single else args.turn,
             "n": len(reqs),
             "seconds_per_edit": round(edit_seconds / len(reqs), 2),
             **scores(states),
         }
+        if any(kept):
+            row["bytes_per_edit"] = round(sum(kept) / len(kept))
         print(json.dumps(row), flush=True)
 
 
