@@ -51,15 +51,6 @@ def keep_with_cache(cache: Any, attr: str, state: Any) -> None:
     follows.add(attr)
 
 
-def last_positions(ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """(batch,) index of each row's last real token (left or right padding)."""
-    width = ids.shape[1]
-    if mask is None:
-        return torch.full((ids.shape[0],), width - 1, dtype=torch.long, device=ids.device)
-    mask = mask[:, -width:].to(torch.long)
-    return (width - 1 - mask.flip(1).argmax(1)).to(ids.device)
-
-
 def logits_at(model: Any, arch: ArchSpec, batch: TeacherBatch, at_prompt_end: bool = False):
     """Vocabulary logits at the label positions of ``batch`` (N, V), or, with ``at_prompt_end``,
     at each sequence's last prompt position (B, V). The output head runs on those rows only."""

@@ -118,6 +118,25 @@ def frozen_prefix(model: nn.Module, arch: ArchSpec, start: int, hidden: torch.Te
             del layer.forward
 
 
+def layer_states(
+    model: nn.Module, arch: ArchSpec, layer: int, module: nn.Module, ids: torch.Tensor
+):
+    """One forward of ``ids``: (the hidden state entering decoder layer ``layer``, ``module``'s
+    input, ``module``'s output), detached. An editor that trains only from ``layer`` up feeds the
+    first to :func:`frozen_prefix`."""
+    got: dict[str, torch.Tensor] = {}
+
+    def entering(_m, args, kwargs):
+        got["hidden"] = first_tensor_arg(args, kwargs).detach()
+
+    def seen(_m, args, kwargs, output):
+        got["x"], got["out"] = first_tensor_arg(args, kwargs).detach(), output.detach()
+
+    with hooked([(arch.layer_list(model)[layer], entering, None), (module, None, seen)]):
+        model(ids)
+    return got["hidden"], got["x"], got["out"]
+
+
 # -- editing module outputs ----------------------------------------------------------------------
 TensorEdit = Callable[[torch.Tensor], torch.Tensor]
 

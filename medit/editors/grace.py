@@ -43,10 +43,9 @@ from typing import Any
 
 import torch
 
-from medit.artifacts.modules import write_module_artifact
 from medit.core.arch import ArchSpec, get_arch, get_module
 from medit.core.forward import target_nll
-from medit.core.hooks import first_tensor_arg, frozen_prefix, hooked, trainable_only
+from medit.core.hooks import frozen_prefix, layer_states, trainable_only
 from medit.core.text import teacher_batch
 from medit.editors.base import Capabilities, Defaults, Editor, HParams, check_layers, hp
 from medit.editors.patching.bank import Patch, PatchBank
@@ -285,15 +284,7 @@ class GraceEntry(Patch):
         for i, e in enumerate(result.patches):
             tensors[f"{i}::key"], tensors[f"{i}::value"] = e.key, e.value
         edits = [e.describe() for e in result.patches]
-        return write_module_artifact(
-            directory,
-            "modules",
-            result.method,
-            result.hparams.to_dict(),
-            edits,
-            tensors,
-            **provenance,
-        )
+        return cls.write_edits(directory, result, edits, tensors, **provenance)
 
     @classmethod
     def read(cls, manifest: dict, tensors: dict) -> list[GraceEntry]:
@@ -350,15 +341,13 @@ class GRACE(Editor):
         name = arch.layer_path(layer, "mlp_out")
         bank = PatchBank.of(model, arch)
         subjects = request_subjects(requests) if hp.key == "subject" else [None] * len(requests)
-        made, diagnostics = [], []
-        for req, subject in zip(requests, subjects, strict=True):
-            entry, info = self._entry(model, tok, arch, layer, name, bank, req, subject, hp)
-            bank.add(entry)
-            made.append(entry)
-            diagnostics.append(info)
-        result = ModuleEdit(self.name, hp, bank, made)
-        result.diagnostics = diagnostics
-        return result
+
+        def make(item):
+            req, subject = item
+            return self._entry(model, tok, arch, layer, name, bank, req, subject, hp)
+
+        items = list(zip(requests, subjects, strict=True))
+        return ModuleEdit.one_by_one(self.name, hp, bank, items, make)
 
     def _entry(self, model, tok, arch, layer, name, bank, req: EditRequest, subject, hp):
         batch = teacher_batch(tok, [req.prompt], [req.target_new])
@@ -371,7 +360,7 @@ class GRACE(Editor):
         device = next(model.parameters()).device
         batch = batch.to(device)
         with torch.no_grad(), bank.disabled():
-            hidden, x, out = _states(model, arch, layer, module, batch.input_ids)
+            hidden, x, out = layer_states(model, arch, layer, module, batch.input_ids)
         query = window_queries(x, width)[0, pos - width + 1]
         label = tuple(batch.labels.tolist())
         r0 = self._initial_radius(model, tok, name, query, width, hp)
@@ -404,26 +393,7 @@ class GRACE(Editor):
     @classmethod
     def load(cls, model, tok, manifest, tensors):
         bank = PatchBank.of(model, get_arch(model))
-        entries = GraceEntry.read(manifest, tensors)
-        bank.add(*entries)
-        return ModuleEdit(
-            manifest["method"], cls.hparams_class.from_dict(manifest["hparams"]), bank, entries
-        )
-
-
-def _states(model, arch, layer, module, ids):
-    """One forward: the hidden state entering ``layer``, ``module``'s input and its output."""
-    got: dict[str, torch.Tensor] = {}
-
-    def entering(_m, args, kwargs):
-        got["hidden"] = first_tensor_arg(args, kwargs).detach()
-
-    def seen(_m, args, kwargs, output):
-        got["x"], got["out"] = first_tensor_arg(args, kwargs).detach(), output.detach()
-
-    with hooked([(arch.layer_list(model)[layer], entering, None), (module, None, seen)]):
-        model(ids)
-    return got["hidden"], got["x"], got["out"]
+        return ModuleEdit.loaded(cls, bank, manifest, GraceEntry.read(manifest, tensors))
 
 
 def _train_value(model, arch, layer, module, batch, hidden, pos, init, hp: GraceHParams):

@@ -277,6 +277,29 @@ class ModuleEdit(EditResult):
         self.bank = bank
         self.patches = list(patches)
 
+    @classmethod
+    def one_by_one(cls, method: str, hparams: Any, bank: Any, items: Sequence, make) -> ModuleEdit:
+        """Edits made in turn: ``make(item)`` -> (patch, diagnostics) for each of ``items`` (a
+        request, or a request with what it needs), each patch installed before the next is made
+        (a later edit sees the earlier ones)."""
+        made, diagnostics = [], []
+        for item in items:
+            patch, info = make(item)
+            bank.add(patch)
+            made.append(patch)
+            diagnostics.append(info)
+        result = cls(method, hparams, bank, made)
+        result.diagnostics = diagnostics
+        return result
+
+    @classmethod
+    def loaded(cls, editor: Any, bank: Any, manifest: dict, patches: Sequence[Any]) -> ModuleEdit:
+        """A module editor's edit back from its artifact: ``patches`` (read from it) installed in
+        ``bank``, with the manifest's method and the editor's hyper-parameters."""
+        bank.add(*patches)
+        hparams = editor.hparams_class.from_dict(manifest["hparams"])
+        return cls(manifest["method"], hparams, bank, list(patches))
+
     @property
     def names(self) -> list[str]:
         return sorted({m for p in self.patches for m in p.modules})

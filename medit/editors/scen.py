@@ -46,13 +46,11 @@ import math
 import torch
 import torch.nn.functional as F
 
-from medit.artifacts.modules import write_module_artifact
 from medit.core.arch import ArchSpec, get_arch, get_module
 from medit.core.forward import target_nll
-from medit.core.hooks import capture_input, frozen_prefix, trainable_only
+from medit.core.hooks import capture_input, frozen_prefix, layer_states, trainable_only
 from medit.core.text import right_padded, teacher_batch
 from medit.editors.base import Capabilities, Editor, HParams, check_layers, hp
-from medit.editors.grace import _states
 from medit.editors.patching.bank import Patch, PatchBank, bank_of
 from medit.editors.patching.negatives import CorpusSample, corpus_inputs
 from medit.editors.results import ModuleEdit
@@ -240,15 +238,7 @@ class Expert(Patch):
                     "normalise": p.normalise,
                 }
             )
-        return write_module_artifact(
-            directory,
-            "modules",
-            result.method,
-            result.hparams.to_dict(),
-            edits,
-            tensors,
-            **provenance,
-        )
+        return cls.write_edits(directory, result, edits, tensors, **provenance)
 
     @classmethod
     def read(cls, manifest, tensors) -> list[Expert]:
@@ -287,25 +277,20 @@ class SCEN(Editor):
         bank = PatchBank.of(model, arch)
         corpus = _corpus_negatives(model, tok, name, hp)
         subjects = request_subjects(requests) if hp.negative_swaps else [None] * len(requests)
-        made, diagnostics = [], []
-        for req, subject in zip(requests, subjects, strict=True):
+
+        def make(item):
+            req, subject = item
             swapped = _swapped(model, tok, name, req.prompt, subject, hp)
             negatives = torch.cat([corpus.float(), swapped]) if len(corpus) else swapped
-            patch, info = _edit(model, tok, arch, layer, name, bank, req, negatives, hp)
-            bank.add(patch)
-            made.append(patch)
-            diagnostics.append(info)
-        result = ModuleEdit(self.name, hp, bank, made)
-        result.diagnostics = diagnostics
-        return result
+            return _edit(model, tok, arch, layer, name, bank, req, negatives, hp)
+
+        items = list(zip(requests, subjects, strict=True))
+        return ModuleEdit.one_by_one(self.name, hp, bank, items, make)
 
     @classmethod
     def load(cls, model, tok, manifest, tensors):
         bank = PatchBank.of(model, get_arch(model))
-        patches = Expert.read(manifest, tensors)
-        bank.add(*patches)
-        hparams = cls.hparams_class.from_dict(manifest["hparams"])
-        return ModuleEdit(manifest["method"], hparams, bank, patches)
+        return ModuleEdit.loaded(cls, bank, manifest, Expert.read(manifest, tensors))
 
 
 def _norm_scale(x: torch.Tensor) -> torch.Tensor:
@@ -352,7 +337,7 @@ def _edit(model, tok, arch, layer, name, bank, req: EditRequest, fixed, hp: Scen
     batch = teacher_batch(tok, [req.prompt], [req.target_new]).to(device)
     module = get_module(model, name)
     with torch.no_grad(), bank.disabled():
-        hidden, x, out = _states(model, arch, layer, module, batch.input_ids)
+        hidden, x, out = layer_states(model, arch, layer, module, batch.input_ids)
     h = key = x[0, int(batch.prompt_last[0])].float()
     with bank.disabled():
         shape = (out.shape[-1], x.shape[-1])

@@ -42,7 +42,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from medit.artifacts.modules import write_module_artifact
 from medit.core.arch import get_arch, get_module
 from medit.core.errors import UserError
 from medit.core.forward import logits_at
@@ -155,15 +154,7 @@ class Neurons(Patch):
         edits = [
             {"id": p.edit_id, "module": p.module, "neurons": len(p.bias)} for p in result.patches
         ]
-        return write_module_artifact(
-            directory,
-            "modules",
-            result.method,
-            result.hparams.to_dict(),
-            edits,
-            tensors,
-            **provenance,
-        )
+        return cls.write_edits(directory, result, edits, tensors, **provenance)
 
 
 def _mlp_act(model, module: str):
@@ -187,17 +178,13 @@ class TPatcher(Editor):
         bank = PatchBank.of(model, arch)
         corpus = corpus_inputs(model, tok, name, CorpusSample(texts=hp.memory_texts))
         corpus = torch.cat(corpus) if corpus else torch.empty(0)
-        made, diagnostics = [], []
-        for req in requests:
+
+        def make(req):
             earlier = [p.memory for p in bank.patches if isinstance(p, Neurons)]
             memory = torch.cat([corpus, *earlier]) if earlier else corpus
-            patch, info = _patch(model, tok, arch, layer, name, bank, req, memory, hp)
-            bank.add(patch)
-            made.append(patch)
-            diagnostics.append(info)
-        result = ModuleEdit(self.name, hp, bank, made)
-        result.diagnostics = diagnostics
-        return result
+            return _patch(model, tok, arch, layer, name, bank, req, memory, hp)
+
+        return ModuleEdit.one_by_one(self.name, hp, bank, requests, make)
 
     @classmethod
     def load(cls, model, tok, manifest, tensors):

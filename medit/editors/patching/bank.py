@@ -13,10 +13,11 @@ batched evaluation all route the same way):
 * **input-gated** patches (GRACE, T-Patcher, SCEN, WISE, the test patch) score the patched
   module's own input: ``gate(module, x)`` gives (batch, pos) gates in [0, 1], 0 shut;
 * **sequence-gated** patches (SCEN, WISE: ``sequence = True``) are gated like input-gated ones,
-  but once per sequence: from the module's input at the last real token of the sequence's first
-  forward (the prompt's prefill: a forward whose KV cache is empty or absent), and the decision
-  holds for every position of that forward and of the decoding forwards on its cache (it is kept
-  on the cache and follows ``reorder_cache``). A forward without a cache is a sequence of its own;
+  but once per sequence: ``sequence_gates`` reads the module's input in the sequence's first
+  forward (the prompt's prefill: a forward whose KV cache is empty or absent; by default at each
+  row's last real token, WISE at all of them), and the decision holds for every position of that
+  forward and of the decoding forwards on its cache (it is kept on the cache and follows
+  ``reorder_cache``). A forward without a cache is a sequence of its own;
 * **sequence-routed** patches (MedLaSA) leave the choice to the bank's ``router`` (e.g.
   :class:`~medit.editors.patching.routing.SequenceRouter`), which reads each new sequence's
   tokens at the start of the model's forward and keeps its choice while the KV cache grows.
@@ -38,9 +39,10 @@ from typing import Any, ClassVar
 
 import torch
 
+from medit.artifacts.modules import write_module_artifact
 from medit.core.arch import ArchSpec, get_module
 from medit.core.errors import UserError
-from medit.core.forward import keep_with_cache, last_positions, passed_cache
+from medit.core.forward import keep_with_cache, passed_cache
 
 #: the model attribute holding its bank while it carries patches (private to this package)
 BANK = "_medit_patch_bank"
@@ -74,8 +76,8 @@ class Patch(ABC):
     routed: ClassVar[bool] = False
     #: False: no change of the weights has the patch's effect (``weight_deltas`` refuses)
     mergeable: ClassVar[bool] = True
-    #: True: ``gates`` is asked once per sequence, with the input at the prompt's last token
-    #: (x of shape (batch, 1, d_in)); its (E, batch, 1) decision holds for the whole sequence
+    #: True: ``sequence_gates`` is asked once per sequence, on the input of the forward that
+    #: opens it (the prompt's prefill); its (E, batch, 1) decision holds for the whole sequence
     sequence: ClassVar[bool] = False
 
     @classmethod
@@ -104,11 +106,38 @@ class Patch(ABC):
         return torch.stack([p.gate(module, x) for p in patches])
 
     @classmethod
+    def sequence_gates(
+        cls, patches: Sequence[Patch], module: str, x: torch.Tensor, real: torch.Tensor
+    ) -> torch.Tensor:
+        """(len(patches), batch, 1) decisions of sequence-gated patches from the prefill's input
+        ``x`` (batch, pos, d_in) and its real (not padding) positions ``real`` (batch, pos). The
+        default asks ``gates`` with the input at each row's last real token (batch, 1, d_in);
+        a class that reads the whole prompt (WISE's mean activation) overrides it."""
+        width = x.shape[1]
+        last = width - 1 - real.to(torch.long).flip(1).argmax(1)
+        rows = torch.arange(x.shape[0], device=x.device)
+        return cls.gates(patches, module, x[rows, last.to(x.device)][:, None])
+
+    @classmethod
     def arrange(cls, patches: Sequence[Patch], module: str) -> None:
         """Called whenever the bank's membership changes, with this class's patches at
         ``module`` in the order they were added: a class whose later patches amend earlier ones
         (GRACE's radius splits) derives the effective state here. The default does nothing."""
         return None
+
+    @staticmethod
+    def write_edits(directory: Any, result: Any, edits: list, tensors: dict, **provenance) -> Any:
+        """Write ``result``'s module artifact: one manifest record per patch (``edits``) and the
+        named ``tensors`` (a ``write_artifact`` helper)."""
+        return write_module_artifact(
+            directory,
+            "modules",
+            result.method,
+            result.hparams.to_dict(),
+            edits,
+            tensors,
+            **provenance,
+        )
 
     def weight_deltas(self, arch: ArchSpec) -> dict[str, torch.Tensor]:
         """The change of each weight that has the same effect fully on (for merging into a saved
@@ -128,10 +157,10 @@ class PatchBank:
         self.enabled = True
         self._handles: list[Any] = []
         self._by_module: dict[str, list[int]] = {}
-        #: the current forward's sequence-gated decisions, and where its rows end (None when
-        #: the forward continues a cached sequence)
+        #: the current forward's sequence-gated decisions, and its real (not padding) positions
+        #: (None when the forward continues a cached sequence)
         self._decided: _Decisions | None = None
-        self._last: torch.Tensor | None = None
+        self._real: torch.Tensor | None = None
 
     @classmethod
     def of(cls, model: Any, arch: ArchSpec, make_router: Any = None) -> PatchBank:
@@ -218,25 +247,29 @@ class PatchBank:
             and kept is not None
             and kept.batch == ids.shape[0]
         ):
-            self._decided, self._last = kept, None  # decoding: the prefill's decisions
+            self._decided, self._real = kept, None  # decoding: the prefill's decisions
             return
         self._decided = _Decisions(ids.shape[0])
-        self._last = last_positions(ids, kwargs.get("attention_mask"))
+        mask = kwargs.get("attention_mask")
+        width = ids.shape[1]
+        self._real = (
+            torch.ones(ids.shape[:2], dtype=torch.bool, device=ids.device)
+            if mask is None
+            else mask[:, -width:].to(device=ids.device, dtype=torch.bool)
+        )
         if cache is not None:
             keep_with_cache(cache, _DECIDED, self._decided)
 
     def _sequence_gates(self, cls: type, patches: list[Patch], name: str, x: torch.Tensor):
         """(E, batch, 1) decisions of a sequence-gated class: made on the forward that opens
-        the sequence, from the input at each row's last real token, then kept."""
+        the sequence (``sequence_gates`` on its input), then kept."""
         decided, key = self._decided, (name, cls.__qualname__)
         if decided is None or decided.batch != x.shape[0]:
             raise RuntimeError(f"no sequence decisions for a batch of {x.shape[0]} rows")
-        if key not in decided.gates or self._last is not None:
-            if self._last is None:
+        if key not in decided.gates or self._real is not None:
+            if self._real is None:
                 raise RuntimeError(f"{name}: a cached sequence without {cls.__name__} decisions")
-            rows = torch.arange(x.shape[0], device=x.device)
-            last = x[rows, self._last.to(x.device)][:, None]  # (batch, 1, d_in)
-            decided.gates[key] = cls.gates(patches, name, last)
+            decided.gates[key] = cls.sequence_gates(patches, name, x, self._real.to(x.device))
         return decided.gates[key]
 
     # -- the patched forward ---------------------------------------------------------------------
