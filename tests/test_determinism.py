@@ -35,6 +35,7 @@ FAST = {
     "grace": {"steps": 4},
     "tpatcher": {"steps": 4, "memory_texts": 20},
     "ultraedit": {"iters": 2},
+    "wise": {"steps": 10, "templates": 1},
     "scen": {"expert_steps": 4, "neuron_steps": 20, "negative_texts": 20},
 }
 #: editors whose result depends on the global seed: LoRA's and AdaLoRA's adapter initialisation

@@ -42,6 +42,17 @@ TINY = {
     "tpatcher": {"steps": 100, "memory_texts": 20},
     # a step size on the tiny model's scale (its keys and gradients are small)
     "ultraedit": {"lr": 5e-2},
+    # margins, step and box on the tiny model's scale (its MLP outputs are small); a memory per
+    # edit: in its 64 x 128 side memory a second edit's training overwrites the first's routing
+    "wise": {
+        "alpha": 0.05,
+        "beta": 1.0,
+        "gamma": 0.5,
+        "lr": 30.0,
+        "norm_constraint": 10.0,
+        "shard_size": 1,
+        "merge_every": 0,
+    },
 }
 #: locate-then-edit methods change one token's state; a random tiny model's attention barely
 #: carries it to later positions, so their contract requests end with the subject

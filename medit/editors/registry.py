@@ -26,6 +26,7 @@ METHODS: dict[str, str] = {
     "tpatcher": "medit.editors.tpatcher:TPatcher",
     "ultraedit": "medit.editors.ultraedit:UltraEdit",
     "scen": "medit.editors.scen:SCEN",
+    "wise": "medit.editors.wise:WISE",
 }
 
 
