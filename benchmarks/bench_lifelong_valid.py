@@ -10,7 +10,7 @@ turns of ``--turn`` requests (one ``apply`` per turn, 1: the sequential benchmar
 then asks all N again under both protocols against the base model's answers; with
 ``--single`` every edit is applied alone, scored and restored. One JSON line per configuration:
 teacher-forced and generation-based efficacy / generality / locality (%), seconds per edit,
-and the bytes an edit keeps where the editor reports them.
+and the mean of the per-edit diagnostics the editor reports (bytes kept, steps, losses).
 """
 
 from __future__ import annotations
@@ -38,6 +38,20 @@ def scores(states) -> dict:
     }
 
 
+#: per-edit diagnostics worth a mean in the row (those the editor reports)
+DIAGNOSTICS = ("bytes", "steps", "expert_steps", "neuron_steps", "loss", "act_in", "act_out")
+
+
+def means(diagnostics: list[dict]) -> dict:
+    """Mean of each numeric diagnostic of :data:`DIAGNOSTICS` over the edits that report it."""
+    out = {}
+    for key in DIAGNOSTICS:
+        values = [d[key] for d in diagnostics if isinstance(d.get(key), (int, float))]
+        if values:
+            out[f"mean_{key}"] = round(sum(values) / len(values), 3)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("configs", nargs="+", help="JSON objects of hyper-parameters")
@@ -60,7 +74,7 @@ def main():
             for i, r in enumerate(reqs):
                 result = make_editor(args.method, **hp).apply(model, tok, [r])
                 edit_seconds += result.seconds
-                kept += [d.get("bytes", 0) for d in getattr(result, "diagnostics", [])]
+                kept += getattr(result, "diagnostics", [])
                 states += evaluate(model, tok, arch, [r], cfg, reference=[ref[i]])
                 result.restore()
         else:
@@ -68,7 +82,7 @@ def main():
             for s in range(0, len(reqs), args.turn):
                 last = editor.apply(model, tok, reqs[s : s + args.turn], prior=prior)
                 edit_seconds += last.seconds
-                kept += [d.get("bytes", 0) for d in getattr(last, "diagnostics", [])]
+                kept += getattr(last, "diagnostics", [])
                 prior = last if prior is None else type(last).combine([prior, last])
             states = evaluate(model, tok, arch, reqs, cfg, reference=ref)
             prior.restore()
@@ -80,8 +94,7 @@ def main():
             "seconds_per_edit": round(edit_seconds / len(reqs), 2),
             **scores(states),
         }
-        if any(kept):
-            row["bytes_per_edit"] = round(sum(kept) / len(kept))
+        row.update(means(kept))
         print(json.dumps(row), flush=True)
 
 
