@@ -144,3 +144,26 @@ def test_the_paper_preset_trains_a_full_copy(tiny_llama):
     assert patch.delta.shape == (d_out, d_in) and patch.down is None and not patch.normalise
     assert patch.bias == 0.0  # the paper's neurons have no bias
     assert _logprob(model, tok, REQS[0]) > before + 1.0
+
+
+def test_a_mean_reading_neuron_reads_the_prompt_over_its_real_tokens():
+    x = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [-9.0, 0.0]]])  # the last position is padding
+    real = torch.tensor([[True, True, False]])
+    w = torch.tensor([4.0, -1.0])
+    mean = Expert("a", "m", w, 0.0, 0.65, False, None, None, None, None, "mean")
+    last = Expert("b", "m", w, 0.0, 0.65, False, None, None, None, None, "last")
+    g = Expert.sequence_gates([mean, last], "m", x, real)
+    # mean of the real tokens (0.5, 0.5): logit 1.5, open; the last real token (0, 1): shut
+    assert torch.allclose(g[0, 0, 0], torch.sigmoid(torch.tensor(1.5))) and g[1, 0, 0] == 0
+
+
+def test_mean_reading_edits_rise_and_far_inputs_stay_bit_identical(tiny_llama):
+    model, tok = tiny_llama
+    base_far = _logits(model, tok, FAR)
+    before = [_logprob(model, tok, r) for r in REQS]
+    result = make_editor("scen", **FAST, reads="mean").apply(model, tok, REQS)
+    assert all(p.reads == "mean" for p in result.patches)
+    after = [_logprob(model, tok, r) for r in REQS]
+    assert all(a > b + 1.0 for a, b in zip(after, before, strict=True)), (before, after)
+    assert torch.equal(_logits(model, tok, FAR), base_far)
+    result.restore()

@@ -26,7 +26,11 @@ Two stages per edit, both against the base model (every earlier patch shut):
    costs a matrix product. Training stops once the edit scores above ``theta + margin`` and
    every negative below ``theta - margin``, or after ``neuron_steps``.
 
-At inference the sequence's first forward (the prompt's prefill) reads h at its last token;
+``reads="mean"`` makes h the mean of the projection's input over the prompt's tokens instead of
+its last token (whose input mostly says "a question ends here"), and the corpus negatives the
+means of the texts' first 8, 16, 24 and 32 tokens.
+
+At inference the sequence's first forward (the prompt's prefill) reads h (at its last token);
 the neuron with the highest score selects its expert if that score exceeds ``theta`` (the
 paper's 0.65), and the expert then replaces the projection for every position of the sequence
 and of its decoding; otherwise the base projection runs, bit for bit (the bank's
@@ -91,6 +95,12 @@ class ScenHParams(HParams):
         ("paper", "logistic"),
     )
     hard_negatives: int = hp(64, "neuron_loss=logistic: the hardest negatives in each step")
+    reads: str = hp(
+        "last",
+        "a neuron reads the projection's input at the prompt's last token (the paper's) or its "
+        "mean over the prompt's tokens (negatives alike: corpus prefixes of 8-32 tokens)",
+        ("last", "mean"),
+    )
     theta: float = hp(0.65, "an expert acts when its neuron's score exceeds this (the paper's)")
     margin: float = hp(0.1, "a neuron is trained until the edit clears theta by this much")
     negative_swaps: int = hp(
@@ -144,6 +154,10 @@ class ScenHParams(HParams):
         return self.layer if self.layer >= 0 else round(self.layer_depth * (n_layers - 1))
 
 
+#: reads="mean": the corpus negatives are the means of each text's first this many tokens
+PREFIXES = (8, 16, 24, 32)
+
+
 # -- the patch -----------------------------------------------------------------------------------
 @dataclasses.dataclass(eq=False)
 class Expert(Patch):
@@ -159,8 +173,9 @@ class Expert(Patch):
     down: torch.Tensor | None  #: (r, d_in) expert=lowrank: A
     up: torch.Tensor | None  #: (d_out, r) expert=lowrank: B
     key: torch.Tensor  #: (d_in,) float16: h of the edit (a negative of later neurons)
+    reads: str = "last"  #: h is the input at the prompt's last token, or its mean ("mean")
 
-    sequence = True  # decided once per sequence, at the prompt's last token
+    sequence = True  # decided once per sequence, on the prompt's prefill
     policy = "max"  # the most active neuron's expert acts
     mergeable = False  # an expert gated per sequence is no weight change
 
@@ -194,6 +209,17 @@ class Expert(Patch):
             scaled = (logits / _norm_scale(x)).to(logits.dtype)
             logits = torch.where(normalised.to(x.device), scaled, logits)
         return torch.sigmoid(logits + b.to(x.device)).movedim(-1, 0)
+
+    @classmethod
+    def sequence_gates(cls, patches, module, x, real):
+        """The neurons' gates on h: the input at the prompt's last token, or (``reads="mean"``)
+        its mean over the prompt's real tokens."""
+        last = super().sequence_gates(patches, module, x, real)
+        means = torch.tensor([p.reads == "mean" for p in patches], device=x.device)
+        if not bool(means.any()):
+            return last
+        mean = cls.gates(patches, module, prompt_mean(x, real)[:, None])
+        return torch.where(means[:, None, None], mean, last)
 
     @classmethod
     def gates(cls, patches, module, x):
@@ -236,6 +262,7 @@ class Expert(Patch):
                     "bias": p.bias,
                     "theta": p.theta,
                     "normalise": p.normalise,
+                    "reads": p.reads,
                 }
             )
         return cls.write_edits(directory, result, edits, tensors, **provenance)
@@ -258,6 +285,7 @@ class Expert(Patch):
                 get(i, "down"),
                 get(i, "up"),
                 tensors[f"{i}::key"],
+                e.get("reads", "last"),
             )
             for i, e in enumerate(manifest["edits"])
         ]
@@ -293,6 +321,12 @@ class SCEN(Editor):
         return ModuleEdit.loaded(cls, bank, manifest, Expert.read(manifest, tensors))
 
 
+def prompt_mean(x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """(batch, d_in) the mean of ``x`` (batch, pos, d_in) over the real positions (batch, pos)."""
+    real = real.to(x.dtype)[..., None]
+    return (x * real).sum(1) / real.sum(1).clamp_min(1)
+
+
 def _norm_scale(x: torch.Tensor) -> torch.Tensor:
     """(..., 1) the norms of the rows of ``x``: dividing by them gives unit rows."""
     return x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
@@ -316,6 +350,8 @@ def _swapped(model, tok, name, prompt: str, subject: str | None, hp: ScenHParams
     with bank.disabled() if bank is not None else contextlib.nullcontext():
         enc = right_padded(tok, lambda: tok(texts, return_tensors="pt", padding=True)).to(device)
         x = capture_input(module, lambda: model(**enc))
+    if hp.reads == "mean":
+        return prompt_mean(x.float(), enc.attention_mask.bool())
     last = enc.attention_mask.sum(1) - 1
     return x[torch.arange(len(texts), device=device), last].float()
 
@@ -325,6 +361,9 @@ def _corpus_negatives(model, tok, name, hp: ScenHParams) -> torch.Tensor:
     if not hp.negative_texts:
         return torch.empty(0)
     texts = corpus_inputs(model, tok, name, CorpusSample(texts=hp.negative_texts))
+    if hp.reads == "mean":  # a prompt's mean: the means of each text's first 8-32 tokens
+        means = [t[:n].float().mean(0) for t in texts for n in PREFIXES if n <= len(t)]
+        return torch.stack(means).half() if means else torch.empty(0)
     every = torch.cat(texts) if texts else torch.empty(0)
     if len(every) > hp.negative_positions:
         pick = torch.randperm(len(every), generator=torch.Generator().manual_seed(hp.seed))
@@ -338,7 +377,8 @@ def _edit(model, tok, arch, layer, name, bank, req: EditRequest, fixed, hp: Scen
     module = get_module(model, name)
     with torch.no_grad(), bank.disabled():
         hidden, x, out = layer_states(model, arch, layer, module, batch.input_ids)
-    h = key = x[0, int(batch.prompt_last[0])].float()
+    end = int(batch.prompt_last[0])
+    h = key = (x[0, : end + 1].mean(0) if hp.reads == "mean" else x[0, end]).float()
     with bank.disabled():
         shape = (out.shape[-1], x.shape[-1])
         expert, e_info = _train_expert(model, arch, layer, module, batch, hidden, shape, hp)
@@ -361,6 +401,7 @@ def _edit(model, tok, arch, layer, name, bank, req: EditRequest, fixed, hp: Scen
         hp.normalise,
         *(t.cpu() if t is not None else None for t in expert),
         key.to("cpu", torch.float16),
+        hp.reads,
     )
     return patch, {**e_info, **n_info, "bytes": patch.nbytes()}
 

@@ -92,7 +92,24 @@ class WiseHParams(HParams):
     seed: int = hp(0, "seed of the shards' masks (shard k: seed + k) and of the texts' choice")
     preset: str = hp("default", "default: the paper's values", ("default", "paper"))
 
-    PRESETS = {"default": {}, "paper": {}}
+    #: the paper's values (Table 10 and EasyEdit's llama-7b.yaml), pinned
+    PAPER = {
+        "layer_depth": 0.87,
+        "mask_ratio": 0.2,
+        "lr": 1.0,
+        "steps": 70,
+        "norm_constraint": 1.0,
+        "alpha": 5.0,
+        "beta": 20.0,
+        "gamma": 10.0,
+        "act_ratio": 0.88,
+        "shard_size": 500,
+        "merge_every": 1000,
+        "density": 0.53,
+        "templates": 5,
+        "irrelevant": 1,
+    }
+    PRESETS = {"default": {}, "paper": PAPER}
     NO_DEFAULTS = ("paper",)
 
     def __post_init__(self):
