@@ -48,7 +48,7 @@ from medit.core.forward import target_nll
 from medit.core.hooks import frozen_prefix, layer_states, trainable_only
 from medit.core.text import teacher_batch
 from medit.editors.base import Capabilities, Defaults, Editor, HParams, check_layers, hp
-from medit.editors.patching.bank import Patch, PatchBank
+from medit.editors.patching.bank import Patch, PatchBank, patch_site
 from medit.editors.patching.negatives import CorpusSample, corpus_inputs
 from medit.editors.results import ModuleEdit
 from medit.facts.requests import EditRequest
@@ -336,10 +336,7 @@ class GRACE(Editor):
     summary = "GRACE: a key-value codebook at one MLP output projection, an entry per edit"
 
     def _apply(self, model, tok, requests, hp: GraceHParams, prior=None):
-        arch = get_arch(model)
-        layer = hp.resolve_layer(arch.n_layers(model))
-        name = arch.layer_path(layer, "mlp_out")
-        bank = PatchBank.of(model, arch)
+        arch, layer, name, bank = patch_site(model, hp)
         subjects = request_subjects(requests) if hp.key == "subject" else [None] * len(requests)
 
         def make(item):

@@ -55,7 +55,7 @@ from medit.core.forward import target_nll
 from medit.core.hooks import capture_input, frozen_prefix, layer_states, trainable_only
 from medit.core.text import right_padded, teacher_batch
 from medit.editors.base import Capabilities, Editor, HParams, check_layers, hp
-from medit.editors.patching.bank import Patch, PatchBank, bank_of
+from medit.editors.patching.bank import Patch, PatchBank, bank_of, patch_site
 from medit.editors.patching.negatives import CorpusSample, corpus_inputs
 from medit.editors.results import ModuleEdit
 from medit.facts.requests import EditRequest
@@ -299,10 +299,7 @@ class SCEN(Editor):
     summary = "SCEN: an expert per edit at one MLP output projection, chosen by indexing neurons"
 
     def _apply(self, model, tok, requests, hp: ScenHParams, prior=None):
-        arch = get_arch(model)
-        layer = hp.resolve_layer(arch.n_layers(model))
-        name = arch.layer_path(layer, "mlp_out")
-        bank = PatchBank.of(model, arch)
+        arch, layer, name, bank = patch_site(model, hp)
         corpus = _corpus_negatives(model, tok, name, hp)
         subjects = request_subjects(requests) if hp.negative_swaps else [None] * len(requests)
 

@@ -59,7 +59,7 @@ from medit.core.hooks import frozen_prefix, layer_states, trainable_only
 from medit.core.text import right_padded, teacher_batch
 from medit.editors.base import Capabilities, Editor, HParams, check_layers, hp
 from medit.editors.locate.keys import context_templates, fill
-from medit.editors.patching.bank import Patch, PatchBank
+from medit.editors.patching.bank import Patch, PatchBank, patch_site
 from medit.editors.results import ModuleEdit
 from medit.facts.corpus import GenerationSettings, generated_corpus
 from medit.facts.requests import EditRequest
@@ -324,10 +324,7 @@ class WISE(Editor):
     )
 
     def _apply(self, model, tok, requests, hp: WiseHParams, prior=None):
-        arch = get_arch(model)
-        layer = hp.resolve_layer(arch.n_layers(model))
-        name = arch.layer_path(layer, "mlp_out")
-        bank = PatchBank.of(model, arch)
+        arch, layer, name, bank = patch_site(model, hp)
         with bank.disabled():  # both are read from (and cached for) the base model
             templates = ["{}"]
             if hp.templates:

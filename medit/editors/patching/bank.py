@@ -40,7 +40,7 @@ from typing import Any, ClassVar
 import torch
 
 from medit.artifacts.modules import write_module_artifact
-from medit.core.arch import ArchSpec, get_module
+from medit.core.arch import ArchSpec, get_arch, get_module
 from medit.core.errors import UserError
 from medit.core.forward import keep_with_cache, passed_cache
 
@@ -345,6 +345,14 @@ class PatchBank:
         """Write a module edit's artifact with the writer of its patches' class."""
         cls = type(result.patches[0])
         return cls.write_artifact(directory, result, self, **kwargs)
+
+
+def patch_site(model: Any, hp: Any, kind: str = "mlp_out") -> tuple[ArchSpec, int, str, PatchBank]:
+    """(arch, layer, module name, bank) of an editor that patches the ``kind`` module of the
+    layer its hyper-parameters resolve (``hp.resolve_layer(n_layers)``)."""
+    arch = get_arch(model)
+    layer = hp.resolve_layer(arch.n_layers(model))
+    return arch, layer, arch.layer_path(layer, kind), PatchBank.of(model, arch)
 
 
 def bank_of(model: Any) -> PatchBank | None:
