@@ -118,6 +118,26 @@ def frozen_prefix(model: nn.Module, arch: ArchSpec, start: int, hidden: torch.Te
             del layer.forward
 
 
+@contextlib.contextmanager
+def side_training(
+    model: nn.Module, arch: ArchSpec, layer: int, hidden: torch.Tensor, module: nn.Module, hook
+) -> Iterator[None]:
+    """Within the block an editor trains its own side parameters from ``layer`` up: gradients
+    on, every weight of the model frozen (:func:`trainable_only`), the layers below ``layer``
+    replaced by ``hidden`` (:func:`frozen_prefix`) and ``hook`` on ``module``'s output (removed on
+    exit)."""
+    handle = module.register_forward_hook(hook)
+    try:
+        with (
+            torch.enable_grad(),
+            trainable_only(model, []),
+            frozen_prefix(model, arch, layer, hidden),
+        ):
+            yield
+    finally:
+        handle.remove()
+
+
 def layer_states(
     model: nn.Module, arch: ArchSpec, layer: int, module: nn.Module, ids: torch.Tensor
 ):

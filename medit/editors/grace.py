@@ -45,7 +45,7 @@ import torch
 
 from medit.core.arch import ArchSpec, get_arch, get_module
 from medit.core.forward import target_nll
-from medit.core.hooks import frozen_prefix, layer_states, trainable_only
+from medit.core.hooks import layer_states, side_training
 from medit.core.text import teacher_batch
 from medit.editors.base import Capabilities, Defaults, Editor, HParams, check_layers, hp
 from medit.editors.patching.bank import Patch, PatchBank, patch_site
@@ -405,23 +405,15 @@ def _train_value(model, arch, layer, module, batch, hidden, pos, init, hp: Grace
         return output
 
     opt = torch.optim.Adam([value], lr=hp.lr)
-    handle = module.register_forward_hook(put)
     steps, loss_value = 0, float("nan")
-    try:
-        with (
-            torch.enable_grad(),
-            trainable_only(model, []),
-            frozen_prefix(model, arch, layer, hidden),
-        ):
-            for _ in range(hp.steps):
-                steps += 1
-                loss = target_nll(model, arch, batch)
-                loss_value = float(loss.detach())
-                if loss_value < hp.stop_loss:
-                    break
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-    finally:
-        handle.remove()
+    with side_training(model, arch, layer, hidden, module, put):
+        for _ in range(hp.steps):
+            steps += 1
+            loss = target_nll(model, arch, batch)
+            loss_value = float(loss.detach())
+            if loss_value < hp.stop_loss:
+                break
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
     return value.detach().float(), steps, loss_value

@@ -55,7 +55,11 @@ import torch.nn.functional as F
 
 from medit.core.arch import ArchSpec, get_arch, get_module
 from medit.core.forward import target_nll
-from medit.core.hooks import capture_input, frozen_prefix, layer_states, trainable_only
+from medit.core.hooks import (
+    capture_input,
+    layer_states,
+    side_training,
+)
 from medit.core.text import right_padded, teacher_batch
 from medit.editors.base import Capabilities, Editor, HParams, check_layers, hp
 from medit.editors.patching.bank import Patch, PatchBank, bank_of, patch_site
@@ -430,28 +434,20 @@ def _train_expert(model, arch, layer, module, batch, hidden, shape, hp: ScenHPar
         return output + change.to(output.dtype)
 
     opt = torch.optim.Adam(params, lr=hp.expert_lr)
-    handle = module.register_forward_hook(add)
     steps, loss_value = 0, float("nan")
-    try:
-        with (
-            torch.enable_grad(),
-            trainable_only(model, []),
-            frozen_prefix(model, arch, layer, hidden),
-        ):
-            for _ in range(hp.expert_steps):
-                loss = target_nll(model, arch, batch)
-                loss_value = float(loss.detach())
-                if loss_value < hp.stop_loss:
-                    break
-                steps += 1
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-            if steps == hp.expert_steps:
-                with torch.no_grad():
-                    loss_value = float(target_nll(model, arch, batch))
-    finally:
-        handle.remove()
+    with side_training(model, arch, layer, hidden, module, add):
+        for _ in range(hp.expert_steps):
+            loss = target_nll(model, arch, batch)
+            loss_value = float(loss.detach())
+            if loss_value < hp.stop_loss:
+                break
+            steps += 1
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        if steps == hp.expert_steps:
+            with torch.no_grad():
+                loss_value = float(target_nll(model, arch, batch))
     done = tuple(t.detach().float() if t is not None else None for t in parts)
     return done, {"expert_steps": steps, "expert_loss": loss_value}
 

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from medit.core.arch import get_arch, get_module
 from medit.core.errors import UserError
 from medit.core.forward import logits_at
-from medit.core.hooks import capture_inputs, frozen_prefix, trainable_only
+from medit.core.hooks import capture_inputs, side_training
 from medit.core.text import teacher_batch
 from medit.editors.base import Capabilities, Editor, HParams, hp
 from medit.editors.patching.bank import Patch, PatchBank
@@ -239,45 +239,37 @@ def _patch(model, tok, arch, layer, name, bank, req: EditRequest, memory, hp: TP
 
     mem = memory.to(device, torch.float32)
     opt = torch.optim.Adam(trained, lr=hp.lr, weight_decay=hp.weight_decay)
-    handle = mlp.register_forward_hook(add)
     steps, done, losses = 0, False, {}
-    try:
-        with (
-            torch.enable_grad(),
-            trainable_only(model, []),
-            frozen_prefix(model, arch, layer, hidden),
-        ):
-            for _ in range(hp.steps):
-                steps += 1
-                logits = logits_at(model, arch, batch).float()
-                edit = F.cross_entropy(logits, batch.labels, label_smoothing=hp.label_smoothing)
-                s_e = probe.pre(q).diagonal()  # each neuron at its own position
-                act_loss = torch.exp(hp.act_margin - s_e).mean()
-                s_m = probe.pre(mem) if len(mem) else torch.empty(0, len(positions))
-                if len(mem):
-                    top = s_m.topk(min(hp.top_k, len(mem)), dim=0).values  # (k, n)
-                    mem_loss = (
-                        torch.exp(top - s_e + hp.edit_margin).mean()
-                        + torch.exp(top - hp.memory_margin).mean()
-                    )
-                else:
-                    mem_loss = torch.zeros((), device=device)
-                loss = edit + hp.alc * act_loss + hp.mlc * mem_loss
-                right = bool((logits.argmax(-1) == batch.labels).all())
-                silent = not len(mem) or bool((s_m.detach() <= 0).all())
-                losses = {
-                    "edit": float(edit.detach()),
-                    "act": float(act_loss.detach()),
-                    "memory": float(mem_loss.detach()),
-                }
-                if right and silent and bool((s_e.detach() > 0).all()):
-                    done = True
-                    break
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-    finally:
-        handle.remove()
+    with side_training(model, arch, layer, hidden, mlp, add):
+        for _ in range(hp.steps):
+            steps += 1
+            logits = logits_at(model, arch, batch).float()
+            edit = F.cross_entropy(logits, batch.labels, label_smoothing=hp.label_smoothing)
+            s_e = probe.pre(q).diagonal()  # each neuron at its own position
+            act_loss = torch.exp(hp.act_margin - s_e).mean()
+            s_m = probe.pre(mem) if len(mem) else torch.empty(0, len(positions))
+            if len(mem):
+                top = s_m.topk(min(hp.top_k, len(mem)), dim=0).values  # (k, n)
+                mem_loss = (
+                    torch.exp(top - s_e + hp.edit_margin).mean()
+                    + torch.exp(top - hp.memory_margin).mean()
+                )
+            else:
+                mem_loss = torch.zeros((), device=device)
+            loss = edit + hp.alc * act_loss + hp.mlc * mem_loss
+            right = bool((logits.argmax(-1) == batch.labels).all())
+            silent = not len(mem) or bool((s_m.detach() <= 0).all())
+            losses = {
+                "edit": float(edit.detach()),
+                "act": float(act_loss.detach()),
+                "memory": float(mem_loss.detach()),
+            }
+            if right and silent and bool((s_e.detach() > 0).all()):
+                done = True
+                break
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
     patch = Neurons(
         req.id,
         name,

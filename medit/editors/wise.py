@@ -55,7 +55,7 @@ from medit.core.arch import ArchSpec, get_arch, get_module
 from medit.core.cache import base_weights_sha256
 from medit.core.errors import UserError
 from medit.core.forward import target_nll
-from medit.core.hooks import frozen_prefix, layer_states, trainable_only
+from medit.core.hooks import layer_states, side_training
 from medit.core.text import right_padded, teacher_batch
 from medit.editors.base import Capabilities, Editor, HParams, check_layers, hp
 from medit.editors.locate.keys import context_templates, fill
@@ -486,33 +486,25 @@ def _train(model, arch, layer, module, batch, hidden, real_in, real_out, base, i
         return (norms * real).sum(1) / real.sum(1).clamp_min(1)
 
     opt = torch.optim.SGD([v], lr=hp.lr)
-    handle = module.register_forward_hook(side)
     steps, previous = 0, float("inf")
-    try:
-        with (
-            torch.enable_grad(),
-            trainable_only(model, []),
-            frozen_prefix(model, arch, layer, hidden),
-        ):
-            while True:
-                ce = target_nll(model, arch, batch)
-                act_in = mean_over(seen["norms"][:n], real_in)
-                act_out = mean_over(seen["norms"][n:], real_out)
-                routing = routing_loss(act_in, act_out, hp)
-                loss = ce + routing
-                value = float(loss.detach())
-                if steps == hp.steps or (value <= hp.stop_loss and abs(previous - value) <= 1e-4):
-                    break
-                previous = value
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                with torch.no_grad():  # every entry of W' within norm_constraint of W
-                    c = hp.norm_constraint
-                    v.copy_((start + v).clamp(-c, c) - start)
-                steps += 1
-    finally:
-        handle.remove()
+    with side_training(model, arch, layer, hidden, module, side):
+        while True:
+            ce = target_nll(model, arch, batch)
+            act_in = mean_over(seen["norms"][:n], real_in)
+            act_out = mean_over(seen["norms"][n:], real_out)
+            routing = routing_loss(act_in, act_out, hp)
+            loss = ce + routing
+            value = float(loss.detach())
+            if steps == hp.steps or (value <= hp.stop_loss and abs(previous - value) <= 1e-4):
+                break
+            previous = value
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            with torch.no_grad():  # every entry of W' within norm_constraint of W
+                c = hp.norm_constraint
+                v.copy_((start + v).clamp(-c, c) - start)
+            steps += 1
     info = {
         "steps": steps,
         "loss": float(ce.detach()),
