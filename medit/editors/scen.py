@@ -223,11 +223,13 @@ class Expert(Patch):
     def sequence_gates(cls, patches, module, x, real):
         """The neurons' gates on h: the input at the prompt's last token, or (``reads="mean"``)
         its mean over the prompt's real tokens."""
-        last = super().sequence_gates(patches, module, x, real)
         means = torch.tensor([p.reads == "mean" for p in patches], device=x.device)
         if not bool(means.any()):
-            return last
+            return super().sequence_gates(patches, module, x, real)
         mean = cls.gates(patches, module, prompt_mean(x, real)[:, None])
+        if bool(means.all()):
+            return mean
+        last = super().sequence_gates(patches, module, x, real)
         return torch.where(means[:, None, None], mean, last)
 
     @classmethod

@@ -180,7 +180,7 @@ def _arrange(edits: list[WiseEdit]) -> Memories:
     members: dict[int, list[int]] = {}
     for i, e in enumerate(edits):
         shape = tuple(e.shape)
-        flat = changes.get(e.shard, torch.zeros(shape)).flatten().clone()
+        flat = changes[e.shard].flatten() if e.shard in changes else torch.zeros(shape).flatten()
         idx = shard_mask(e.seed, flat.numel(), e.mask_ratio)
         changes[e.shard] = flat.index_add(0, idx, e.values.float()).view(shape)
         acts.setdefault(e.shard, []).append(e.level * e.act_ratio)
@@ -364,7 +364,7 @@ def _edit(model, tok, arch, layer, name, bank, req: EditRequest, earlier, templa
     shape = (out.shape[-1], x.shape[-1])
     base = torch.zeros(shape)
     if earlier:
-        mem = _arrange(earlier)
+        mem = WiseEdit._memories_of(earlier)  # the bank's arrangement of these edits
         if shard in mem.shards:  # the shard is open: this edit trains on from it
             base = mem.changes[mem.shards.index(shard)]
     seed = hp.seed + shard
