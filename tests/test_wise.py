@@ -159,3 +159,22 @@ def test_merging_two_shards_keeps_both_edits(tiny_llama):
     assert len(a._memories.changes) == 1 and not a._memories.thresholds.isnan().any()
     result.restore()
     assert bank_of(model) is None
+
+
+def test_swapped_subject_prompts_train_the_memory_to_stay_shut_on_them(tiny_llama):
+    """``negative_swaps``: the edit's question about other medical terms is a routing negative;
+    after training, such a question opens no memory (the base model answers, bit for bit)."""
+    from medit.editors.patching.negatives import swapped_prompts
+
+    model, tok = tiny_llama
+    req = REQS[1]
+    swaps = swapped_prompts(req.prompt, req.subject, 6, 2)  # the editor's seed: hp.seed + 2
+    assert len(swaps) == 6 and all(req.subject not in s for s in swaps)
+    base = [_logits(model, tok, s) for s in swaps]
+    before = _logprob(model, tok, req)
+    # (without the swaps as negatives, 5 of these 6 prompts open the memory)
+    hp = {**FAST, "steps": 150, "negative_swaps": 6, "irrelevant": 0}
+    result = make_editor("wise", **hp).apply(model, tok, [req])
+    assert _logprob(model, tok, req) > before + 1.0
+    assert all(torch.equal(_logits(model, tok, s), b) for s, b in zip(swaps, base, strict=True))
+    result.restore()

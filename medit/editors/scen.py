@@ -56,17 +56,21 @@ import torch.nn.functional as F
 from medit.core.arch import ArchSpec, get_arch, get_module
 from medit.core.forward import target_nll
 from medit.core.hooks import (
-    capture_input,
     layer_states,
     side_training,
 )
-from medit.core.text import right_padded, teacher_batch
+from medit.core.text import teacher_batch
 from medit.editors.base import Capabilities, Editor, HParams, check_layers, hp
 from medit.editors.patching.bank import Patch, PatchBank, bank_of, patch_site
-from medit.editors.patching.negatives import CorpusSample, corpus_inputs
+from medit.editors.patching.negatives import (
+    CorpusSample,
+    corpus_inputs,
+    swapped_prompts,
+    text_inputs,
+)
 from medit.editors.results import ModuleEdit
 from medit.facts.requests import EditRequest
-from medit.facts.subject import medical_terms, request_subjects
+from medit.facts.subject import request_subjects
 
 
 @dataclasses.dataclass(frozen=True)
@@ -342,25 +346,19 @@ def _norm_scale(x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def _swapped(model, tok, name, prompt: str, subject: str | None, hp: ScenHParams) -> torch.Tensor:
-    """(n, d_in) inputs of ``name`` at the last token of ``prompt`` with its subject replaced by
-    ``negative_swaps`` medical terms (a seeded sample): the same question about other things,
-    the negatives that teach a neuron the subject matters. Empty without a subject."""
+    """(n, d_in) inputs of ``name`` read on ``prompt`` with its subject swapped for
+    ``negative_swaps`` medical terms: the negatives that teach a neuron the subject matters.
+    Empty without a subject."""
     device = next(model.parameters()).device
-    found = prompt.lower().find(subject.lower()) if subject else -1
-    if found < 0:
+    texts = swapped_prompts(prompt, subject, hp.negative_swaps, hp.seed + 2)
+    if not texts:
         return torch.empty(0, device=device)
-    terms = [t for t in medical_terms() if t.lower() != subject.lower()]
-    g = torch.Generator().manual_seed(hp.seed + 2)
-    picked = [terms[i] for i in torch.randperm(len(terms), generator=g)[: hp.negative_swaps]]
-    texts = [prompt[:found] + t + prompt[found + len(subject) :] for t in picked]
     bank = bank_of(model)
-    module = get_module(model, name)
     with bank.disabled() if bank is not None else contextlib.nullcontext():
-        enc = right_padded(tok, lambda: tok(texts, return_tensors="pt", padding=True)).to(device)
-        x = capture_input(module, lambda: model(**enc))
+        x, real = text_inputs(model, tok, name, texts)
     if hp.reads == "mean":
-        return prompt_mean(x.float(), enc.attention_mask.bool())
-    last = enc.attention_mask.sum(1) - 1
+        return prompt_mean(x.float(), real)
+    last = real.sum(1) - 1
     return x[torch.arange(len(texts), device=device), last].float()
 
 

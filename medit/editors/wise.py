@@ -56,14 +56,15 @@ from medit.core.cache import base_weights_sha256
 from medit.core.errors import UserError
 from medit.core.forward import target_nll
 from medit.core.hooks import layer_states, side_training
-from medit.core.text import right_padded, teacher_batch
+from medit.core.text import teacher_batch
 from medit.editors.base import Capabilities, Editor, HParams, check_layers, hp
 from medit.editors.locate.keys import context_templates, fill
 from medit.editors.patching.bank import Patch, PatchBank, patch_site
+from medit.editors.patching.negatives import swapped_prompts, text_inputs
 from medit.editors.results import ModuleEdit
 from medit.facts.corpus import GenerationSettings, generated_corpus
 from medit.facts.requests import EditRequest
-from medit.facts.subject import subject_tokens
+from medit.facts.subject import request_subjects, subject_tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +90,11 @@ class WiseHParams(HParams):
     templates: int = hp(5, "context prefixes sampled of 5 and of 10 tokens each (the paper: 10)")
     irrelevant: int = hp(1, "texts of the generated corpus an edit is trained to stay shut on")
     irrelevant_tokens: int = hp(32, "tokens kept of an irrelevant text")
+    negative_swaps: int = hp(
+        0,
+        "prompts an edit is trained to stay shut on besides the corpus texts: its own prompt "
+        "with the subject swapped for this many medical terms (the paper: none)",
+    )
     seed: int = hp(0, "seed of the shards' masks (shard k: seed + k) and of the texts' choice")
     preset: str = hp("default", "default: the paper's values", ("default", "paper"))
 
@@ -108,6 +114,7 @@ class WiseHParams(HParams):
         "density": 0.53,
         "templates": 5,
         "irrelevant": 1,
+        "negative_swaps": 0,
     }
     PRESETS = {"default": {}, "paper": PAPER}
     NO_DEFAULTS = ("paper",)
@@ -115,7 +122,7 @@ class WiseHParams(HParams):
     def __post_init__(self):
         super().__post_init__()
         self._at_least(1, "steps", "shard_size")
-        self._at_least(0, "templates", "irrelevant", "merge_every", "stop_loss")
+        self._at_least(0, "templates", "irrelevant", "merge_every", "stop_loss", "negative_swaps")
         self._at_least(1, "irrelevant_tokens")
         self._positive("lr", "norm_constraint")
         self._within("layer_depth", 0.0, 1.0)
@@ -330,12 +337,25 @@ class WISE(Editor):
             if hp.templates:
                 templates = context_templates(model, tok, (5, 10), hp.templates, hp.seed)
             texts = _corpus(model, tok) if hp.irrelevant else []
+        subjects = request_subjects(requests) if hp.negative_swaps else [None] * len(requests)
 
-        def make(req):
+        def make(item):
+            req, subject = item
             earlier = [p for p in bank.patches if isinstance(p, WiseEdit) and p.module == name]
-            return _edit(model, tok, arch, layer, name, bank, req, earlier, templates, texts, hp)
+            picked = _pick(texts, len(earlier), hp)
+            swaps = swapped_prompts(req.prompt, subject, hp.negative_swaps, hp.seed + 2)
+            negatives = []
+            with torch.no_grad(), bank.disabled():
+                if picked:
+                    negatives.append(text_inputs(model, tok, name, picked, hp.irrelevant_tokens))
+                if swaps:
+                    negatives.append(text_inputs(model, tok, name, swaps))
+            return _edit(
+                model, tok, arch, layer, name, bank, req, earlier, templates, negatives, hp
+            )
 
-        return ModuleEdit.one_by_one(self.name, hp, bank, requests, make)
+        items = list(zip(requests, subjects, strict=True))
+        return ModuleEdit.one_by_one(self.name, hp, bank, items, make)
 
     @classmethod
     def load(cls, model, tok, manifest, tensors):
@@ -350,15 +370,15 @@ def _corpus(model, tok) -> list[str]:
     return list(generated_corpus(model, tok, settings, weights_sha256=sha).texts)
 
 
-def _edit(model, tok, arch, layer, name, bank, req: EditRequest, earlier, templates, texts, hp):
-    """Train the edit's change of its shard (the ``len(earlier)``-th edit at ``name``)."""
+def _edit(model, tok, arch, layer, name, bank, req: EditRequest, earlier, templates, negatives, hp):
+    """Train the edit's change of its shard (the ``len(earlier)``-th edit at ``name``);
+    ``negatives``: (x, real) inputs of ``name`` on the texts the memory must stay shut on."""
     device = next(model.parameters()).device
     index = len(earlier)
     shard = index // hp.shard_size
     module = get_module(model, name)
-    picked = _pick(texts, index, hp)
-    batch, real_in, real_out = _rows(tok, templates, req, picked, hp)
-    batch, real_in, real_out = batch.to(device), real_in.to(device), real_out.to(device)
+    batch, real_in = _rows(tok, templates, req)
+    batch, real_in = batch.to(device), real_in.to(device)
     with torch.no_grad(), bank.disabled():
         hidden, x, out = layer_states(model, arch, layer, module, batch.input_ids)
     shape = (out.shape[-1], x.shape[-1])
@@ -371,7 +391,7 @@ def _edit(model, tok, arch, layer, name, bank, req: EditRequest, earlier, templa
     idx = shard_mask(seed, shape[0] * shape[1], hp.mask_ratio)
     with bank.disabled():
         values, act, info = _train(
-            model, arch, layer, module, batch, hidden, real_in, real_out, base, idx, hp
+            model, arch, layer, module, batch, hidden, real_in, negatives, base, idx, hp
         )
     merged = ()
     if hp.merge_every and (index + 1) % hp.merge_every == 0:
@@ -401,9 +421,9 @@ def _pick(texts: list[str], index: int, hp: WiseHParams) -> list[str]:
     return [texts[order[(index * hp.irrelevant + j) % len(texts)]] for j in range(hp.irrelevant)]
 
 
-def _rows(tok, templates, req: EditRequest, irrelevant: list[str], hp: WiseHParams):
-    """One batch: the templated prompts with the target (labels), then the irrelevant texts; and
-    where each row's activation is read ((n, T) the prompt's own tokens, (m, T) every token)."""
+def _rows(tok, templates, req: EditRequest):
+    """One batch: the templated prompts with the target (labels); and where each row's
+    activation is read (rows, pos): the prompt's own tokens."""
     prompts, spans = [], []
     for t in templates:
         text, offset = fill(t, req.prompt)
@@ -413,39 +433,10 @@ def _rows(tok, templates, req: EditRequest, irrelevant: list[str], hp: WiseHPara
             spans.append((0, len(tok(text).input_ids)))
         prompts.append(text)
     batch = teacher_batch(tok, prompts, [req.target_new] * len(prompts))
-    ids, mask = batch.input_ids, batch.attention_mask
-    other_ids = other_mask = torch.zeros(0, 0, dtype=torch.long)
-    if irrelevant:
-        enc = right_padded(
-            tok,
-            lambda: tok(
-                irrelevant,
-                return_tensors="pt",
-                padding=True,
-                truncation=True,
-                max_length=hp.irrelevant_tokens,
-            ),
-        )
-        other_ids, other_mask = enc.input_ids, enc.attention_mask
-    width = max(ids.shape[1], other_ids.shape[1])
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    ids = torch.cat(
-        [
-            F.pad(ids, (0, width - ids.shape[1]), value=pad),
-            F.pad(other_ids, (0, width - other_ids.shape[1]), value=pad),
-        ]
-    )
-    mask = torch.cat(
-        [
-            F.pad(mask, (0, width - mask.shape[1])),
-            F.pad(other_mask, (0, width - other_mask.shape[1])),
-        ]
-    )
-    real_in = torch.zeros(len(prompts), width, dtype=torch.bool)
+    real_in = torch.zeros(batch.input_ids.shape, dtype=torch.bool)
     for r, (start, end) in enumerate(spans):
         real_in[r, start:end] = True
-    real_out = mask[len(prompts) :].bool()
-    return dataclasses.replace(batch, input_ids=ids, attention_mask=mask), real_in, real_out
+    return batch, real_in
 
 
 def routing_loss(act_in: torch.Tensor, act_out: torch.Tensor, hp: WiseHParams) -> torch.Tensor:
@@ -463,21 +454,20 @@ def routing_loss(act_in: torch.Tensor, act_out: torch.Tensor, hp: WiseHParams) -
     return loss
 
 
-def _train(model, arch, layer, module, batch, hidden, real_in, real_out, base, idx, hp):
+def _train(model, arch, layer, module, batch, hidden, real_in, negatives, base, idx, hp):
     """SGD on the shard's masked entries (``idx`` of the flat (d_out, d_in) change, from
-    ``base``): the target's cross-entropy plus the routing loss, W' kept in W's box."""
+    ``base``): the target's cross-entropy plus the routing loss, W' kept in W's box. The
+    negatives' activations need no forward: their input of the module does not depend on W'."""
     device = hidden.device
     d_out, d_in = base.shape
     flat, idx = base.flatten().to(device), idx.to(device)
     start = flat[idx]
     v = torch.zeros(len(idx), device=device, requires_grad=True)
     seen: dict[str, torch.Tensor] = {}
-    n = len(real_in)
+    negatives = [(x.float(), real) for x, real in negatives]
 
     def side(_m, args, output):  # W' in place of W at every position of every row
-        x = args[0].float()
-        change = flat.index_add(0, idx, v).view(d_out, d_in)
-        delta = x @ change.T  # (rows, pos, d_out)
+        delta = args[0].float() @ seen["change"].T  # (rows, pos, d_out)
         seen["norms"] = delta.norm(dim=-1)  # (rows, pos)
         return output + delta.to(output.dtype)
 
@@ -489,9 +479,11 @@ def _train(model, arch, layer, module, batch, hidden, real_in, real_out, base, i
     steps, previous = 0, float("inf")
     with side_training(model, arch, layer, hidden, module, side):
         while True:
+            seen["change"] = change = flat.index_add(0, idx, v).view(d_out, d_in)
             ce = target_nll(model, arch, batch)
-            act_in = mean_over(seen["norms"][:n], real_in)
-            act_out = mean_over(seen["norms"][n:], real_out)
+            act_in = mean_over(seen["norms"], real_in)
+            outs = [activation(x, change, real) for x, real in negatives]
+            act_out = torch.cat(outs) if outs else torch.zeros(0, device=device)
             routing = routing_loss(act_in, act_out, hp)
             loss = ce + routing
             value = float(loss.detach())

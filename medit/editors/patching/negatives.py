@@ -20,6 +20,7 @@ from medit.core.cache import Cache, base_weights_sha256
 from medit.core.hooks import capture_input
 from medit.core.text import right_padded
 from medit.facts.corpus import GenerationSettings, generated_corpus
+from medit.facts.subject import medical_terms
 
 #: the inputs of a module over the first texts of the generated corpus
 NEGATIVES = Cache("negatives", version=1, kind="memory")
@@ -67,3 +68,29 @@ def _inputs(model, tok, module, sample: CorpusSample, sha) -> list[torch.Tensor]
         for row, n in enumerate(mask.sum(1).tolist()):
             out.append(x[row, :n].to("cpu", torch.float16))
     return out
+
+
+@torch.no_grad()
+def text_inputs(
+    model: Any, tok: Any, module: str, texts: list[str], max_length: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The input of ``module`` at every position of ``texts`` (one right-padded forward, the
+    rest of the model skipped): x (n, pos, d_in) and which positions are real (n, pos)."""
+    device = next(model.parameters()).device
+    kw = {"truncation": True, "max_length": max_length} if max_length else {}
+    enc = right_padded(tok, lambda: tok(texts, return_tensors="pt", padding=True, **kw)).to(device)
+    x = capture_input(get_module(model, module), lambda: model(**enc))
+    return x, enc.attention_mask.bool()
+
+
+def swapped_prompts(prompt: str, subject: str | None, n: int, seed: int) -> list[str]:
+    """``prompt`` with its subject replaced by ``n`` medical terms (a seeded sample): the same
+    question about other things, the hard negatives of an input-gated patch. Empty where the
+    subject is unknown or not in the prompt."""
+    found = prompt.lower().find(subject.lower()) if subject else -1
+    if found < 0 or n <= 0:
+        return []
+    terms = [t for t in medical_terms() if t.lower() != subject.lower()]
+    g = torch.Generator().manual_seed(seed)
+    picked = [terms[i] for i in torch.randperm(len(terms), generator=g)[:n]]
+    return [prompt[:found] + t + prompt[found + len(subject) :] for t in picked]
