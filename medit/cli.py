@@ -212,6 +212,19 @@ def main(ctx: click.Context, quiet: bool, verbose: bool) -> None:
     "locality; generation-based), declared before the run. Repeatable.",
 )
 @click.option("--fail-under", is_flag=True, help="Exit 3 when the verdict fails the thresholds.")
+@click.option(
+    "--locality-from",
+    type=click.Path(dir_okay=False),
+    help="Facts the model knows (e.g. `medit check`'s right.jsonl): each request gets "
+    "--locality-per-edit of them as locality probes (never an edited question).",
+)
+@click.option(
+    "--locality-per-edit",
+    default=3,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Known facts sampled per request with --locality-from.",
+)
 @click.option("--allow-pickle", is_flag=True, help="Allow pickle (.bin) weights. Unsafe.")
 @click.option("--trust-remote-code", is_flag=True, help="Run the model repo's code. Unsafe.")
 @_journal_options
@@ -236,6 +249,8 @@ def edit(
     overwrite,
     thresholds,
     fail_under,
+    locality_from,
+    locality_per_edit,
     allow_pickle,
     trust_remote_code,
     author,
@@ -267,6 +282,8 @@ def edit(
         author=author,
         reason=reason,
         workspace=workspace,
+        locality_from=locality_from,
+        locality_per_edit=locality_per_edit,
     )
     from medit.core.results import format_summary
     from medit.report.render import write_report
@@ -317,6 +334,75 @@ def generate(model, artifact, prompts, prompts_file, max_new_tokens, device, dty
         all_prompts, greedy(lm.model, lm.tokenizer, all_prompts, max_new_tokens), strict=True
     ):
         click.echo(json.dumps({"prompt": prompt, "completion": completion}, ensure_ascii=False))
+
+
+@main.command()
+@click.option("--model", default="builtin:smollm2", show_default=True, help="Model spec.")
+@click.option(
+    "--questions",
+    required=True,
+    help="CSV/TSV/JSON/JSONL: a question (prompt) and the expected answer per row.",
+)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
+@click.option("--limit", type=int, help="Ask only the first N questions.")
+@click.option(
+    "--similarity",
+    default=0.8,
+    show_default=True,
+    type=click.FloatRange(0.0, 1.0, min_open=True),
+    help="Word-overlap F1 that counts an answer of 4+ words as right.",
+)
+@click.option(
+    "--batch-size", default=32, show_default=True, type=click.IntRange(min=1), help="Batch size."
+)
+@click.option("--device", default="auto", show_default=True, help=DEVICES)
+@click.option("--dtype", type=DTYPES, default="auto", show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace a check directory medit wrote earlier.")
+@click.option("--allow-pickle", is_flag=True, help="Allow pickle (.bin) weights. Unsafe.")
+@click.option("--trust-remote-code", is_flag=True, help="Run the model repo's code. Unsafe.")
+@_quiet_option
+@click.pass_context
+@_user_errors
+def check(
+    ctx,
+    model,
+    questions,
+    out,
+    limit,
+    similarity,
+    batch_size,
+    device,
+    dtype,
+    overwrite,
+    allow_pickle,
+    trust_remote_code,
+):
+    """Ask the model every question; write the wrong answers as requests to edit (wrong.jsonl)
+    and the right ones as locality probes (right.jsonl), with a report."""
+    from medit.check import CheckConfig, run_check, summary
+    from medit.evaluation import EvalConfig
+
+    cfg = CheckConfig(
+        out=out,
+        questions=questions,
+        model=model,
+        device=device,
+        dtype=dtype,
+        limit=limit,
+        similarity=similarity,
+        eval=EvalConfig(batch_size=batch_size, fluency_tokens=0),
+        overwrite=overwrite,
+        allow_pickle=allow_pickle,
+        trust_remote_code=trust_remote_code,
+        quiet=ctx.obj["quiet"],
+    )
+    results = run_check(cfg)
+    from medit.report.render import write_report
+
+    write_report(out)
+    if not ctx.obj["quiet"]:
+        click.echo(summary(results, out), err=True)
+    click.echo(str(Path(out).resolve()))
 
 
 def read_prompts(path: str) -> list[str]:

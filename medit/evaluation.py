@@ -221,6 +221,24 @@ def evaluate(
     return states
 
 
+@torch.no_grad()
+def answers(
+    model: Any, tok: Any, requests: Sequence[EditRequest], config: EvalConfig, bar: Any = None
+) -> list[str]:
+    """Each request's prompt answered as the generation-based protocol answers it: greedy,
+    batched, within the budget of its ``target_new`` (the expected answer's tokens plus
+    ``answer_slack``, at most ``max_new_tokens``)."""
+    was_training = model.training
+    model.eval()
+    try:
+        prompts = [r.prompt for r in requests]
+        budgets = [_budget(tok, r.prompt, r.target_new, config) for r in requests]
+        ids = _generate_budgeted(model, tok, prompts, budgets, config, bar)
+    finally:
+        model.train(was_training)
+    return [tok.decode(row, skip_special_tokens=True) for row in ids]
+
+
 def _grow(bar: Any, n: int) -> None:
     """Add ``n`` items to a progress bar's total (evaluation counts its work as it goes)."""
     if bar is not None:

@@ -37,6 +37,7 @@ from medit.core.models import DEFAULT_MODEL, load_config, load_model, state_dict
 from medit.editors.registry import make_editor
 from medit.editors.results import EditResult
 from medit.evaluation import EvalConfig, aggregate, evaluate
+from medit.facts.probes import add_known_probes
 from medit.facts.requests import check_lengths, context_length, load_requests
 from medit.loop import MODES, Plan, run_edits, set_seed
 
@@ -66,6 +67,9 @@ class RunConfig:
     author: str | None = None  #: who made the edit (journal; default: the OS user)
     reason: str | None = None  #: why (journal)
     workspace: str | None = None  #: directory of the edit journal (default: the parent of out)
+    #: known facts (a requests file, e.g. `medit check`'s right.jsonl) sampled as locality probes
+    locality_from: str | None = None
+    locality_per_edit: int = 3  #: known facts added to each request as probes
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -102,6 +106,11 @@ def run_edit(cfg: RunConfig) -> dict[str, Any]:
     out, journal = check_paths(cfg)
     editor = make_editor(cfg.method, **cfg.hparams)
     requests = load_requests(cfg.requests)[: cfg.limit]
+    if cfg.locality_from:
+        known = load_requests(cfg.locality_from)
+        requests = add_known_probes(
+            requests, known, cfg.locality_per_edit, cfg.seed, cfg.locality_from
+        )
     editor.check_config(load_config(cfg.model, trust_remote_code=cfg.trust_remote_code))
     t_load = time.perf_counter()
     lm = load_model(
@@ -132,6 +141,7 @@ def run_edit(cfg: RunConfig) -> dict[str, Any]:
         model=lm.provenance(),
         seed=cfg.seed,
         requests_sha256=R.file_hash(cfg.requests),
+        **({"locality_from_sha256": R.file_hash(cfg.locality_from)} if cfg.locality_from else {}),
         load_seconds=load_seconds,
     )
     res: dict[str, Any] = {

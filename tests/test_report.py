@@ -186,3 +186,104 @@ def test_trace_run_report_shows_heatmaps(tmp_path, tiny_model_dir):
     assert "Causal traces" in html and html.count("<svg") >= 2  # profile chart + heatmap
     assert "insulin" in html and "<script" not in html.lower()
     assert "peak layers" in render(tmp_path / "t", "md")
+
+
+# -- the reviewer's first screen -------------------------------------------------------------------
+FIRST_SCREEN = (1280, 800)
+#: background of the verdict box (base.html.j2: .verdict.pass / .verdict.fail)
+VERDICT_COLOURS = {(0xDA, 0xFB, 0xE1), (0xFF, 0xEB, 0xE9)}
+
+
+def _png_pixels(data: bytes) -> tuple[int, int, list[bytes]]:
+    """(width, height, rows of RGB(A) bytes) of an 8-bit, non-interlaced PNG (Chromium's)."""
+    import struct
+    import zlib
+
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, idat, header = 8, b"", None
+    while pos < len(data):
+        (n,) = struct.unpack(">I", data[pos : pos + 4])
+        kind, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + n]
+        if kind == b"IHDR":
+            header = struct.unpack(">IIBBBBB", body)
+        elif kind == b"IDAT":
+            idat += body
+        pos += 12 + n
+    width, height, depth, colour, _, _, interlace = header
+    assert depth == 8 and interlace == 0 and colour in (2, 6)
+    bpp = 3 if colour == 2 else 4
+    raw, stride, rows, prev = zlib.decompress(idat), width * bpp, [], bytearray(width * bpp)
+    for y in range(height):
+        f, line = (
+            raw[y * (stride + 1)],
+            bytearray(raw[y * (stride + 1) + 1 : (y + 1) * (stride + 1)]),
+        )
+        for i in range(stride):
+            a = line[i - bpp] if i >= bpp else 0
+            b, c = prev[i], prev[i - bpp] if i >= bpp else 0
+            if f == 1:
+                line[i] = (line[i] + a) & 255
+            elif f == 2:
+                line[i] = (line[i] + b) & 255
+            elif f == 3:
+                line[i] = (line[i] + (a + b) // 2) & 255
+            elif f == 4:
+                p = a + b - c
+                pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+                line[i] = (line[i] + (a if pa <= pb and pa <= pc else b if pb <= pc else c)) & 255
+        rows.append(bytes(line))
+        prev = line
+    return width, height, [bytes(r[i : i + 3]) for r in rows for i in range(0, stride, bpp)]
+
+
+@pytest.mark.skipif(_chromium() is None, reason="Chromium not installed")
+def test_the_first_screen_holds_the_verdict_summary_and_edits(edit_run, tmp_path):
+    """A reviewer opens the report: at 1280x800, before any scrolling, they see the verdict box
+    (its colour is in the screenshot), the summary and the per-edit before/after table; the
+    tensor-level detail is folded away."""
+    width, height = FIRST_SCREEN
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--hide-scrollbars",
+        f"--user-data-dir={tmp_path / 'chrome-profile'}",
+        f"--window-size={width},{height}",
+    ]
+    report = edit_run / "report.html"
+    shot = tmp_path / "first-screen.png"
+    run = subprocess.run(
+        [_chromium(), *flags, f"--screenshot={shot}", report.resolve().as_uri()],
+        capture_output=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    w, h, pixels = _png_pixels(shot.read_bytes())
+    assert (w, h) == FIRST_SCREEN
+    verdict_pixels = sum(1 for p in pixels if tuple(p) in VERDICT_COLOURS)
+    assert verdict_pixels > 20_000, verdict_pixels  # the box, not a stray pixel
+    # where each part sits: a copy of the report with a probe script (the report has none)
+    probe = tmp_path / "probe.html"
+    script = (
+        "<script>addEventListener('load', () => { for (const id of ['verdict', 'metrics', "
+        "'edits-overview', 'tensors']) { const e = document.getElementById(id); "
+        "const r = e.getBoundingClientRect(); document.body.dataset[id.replace('-', '')] = "
+        "(!e.checkVisibility() ? 'hidden' : Math.round(r.top) + ',' + Math.round(r.bottom)); "
+        "} });</script>"
+    )
+    probe.write_text(report.read_text().replace("</body>", script + "</body>"))
+    dom = subprocess.run(
+        [_chromium(), *flags, "--dump-dom", probe.resolve().as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    import re
+
+    got = dict(re.findall(r'data-([a-z]+)="([^"]*)"', dom.stdout))
+    for part in ("verdict", "metrics", "editsoverview"):
+        top, bottom = map(int, got[part].split(","))
+        assert bottom <= height, (part, got)
+    assert got["tensors"] == "hidden", got  # folded in a closed <details>

@@ -15,6 +15,7 @@ import hashlib
 import json
 import platform
 import resource
+import shlex
 import subprocess
 import sys
 import time
@@ -86,13 +87,21 @@ def library_versions() -> dict[str, str]:
     return out
 
 
+def command_line() -> str:
+    """The command as a shell runs it again: ``medit ...`` (shell-quoted) for the CLI."""
+    head = Path(sys.argv[0]).name if sys.argv else ""
+    if head in ("medit", "__main__.py"):
+        return shlex.join(["medit", *sys.argv[1:]])
+    return shlex.join(sys.argv)
+
+
 def provenance(**extra: Any) -> dict[str, Any]:
     return {
         "medit_version": medit_version(),
         "git_commit": git_commit(),
         "libraries": library_versions(),
         "platform": platform.platform(),
-        "command": " ".join(sys.argv),
+        "command": command_line(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **extra,
     }

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from medit.core.errors import UserError
+from medit.facts.sheets import SheetError, sheet_records
 
 BUILTIN = "builtin"
 
@@ -31,10 +32,18 @@ Probe = tuple[str, str]  # (prompt, expected answer)
 
 
 class RequestError(UserError):
-    """Invalid edit request input: the message names file, record and field."""
+    """Invalid edit request input: the message names file, record (or a spreadsheet's row:
+    ``unit="row"``) and field."""
 
-    def __init__(self, source: str, record: int | None, field: str | None, problem: str):
-        where = source if record is None else f"{source}: record {record}"
+    def __init__(
+        self,
+        source: str,
+        record: int | None,
+        field: str | None,
+        problem: str,
+        unit: str = "record",
+    ):
+        where = source if record is None else f"{source}: {unit} {record}"
         if field:
             where += f", field '{field}'"
         super().__init__(f"{where}: {problem}")
@@ -90,17 +99,31 @@ def read_input_text(source: str | Path, expected: str = "a JSON or JSONL file") 
 
 
 def load_requests(source: str | Path) -> list[EditRequest]:
-    """Read and validate requests from ``builtin``, a JSON list, or a JSONL file."""
+    """Read and validate requests from ``builtin``, a JSON list, a JSONL file, or a CSV / TSV
+    spreadsheet (:mod:`medit.facts.sheets`)."""
     if str(source) == BUILTIN:
         text = resources.files("medit.data").joinpath("builtin_requests.json").read_text("utf-8")
         return parse_records(parse_json_list(text, "builtin"), "builtin")
     path, name = Path(source), str(source)
+    if path.suffix.lower() in (".csv", ".tsv"):
+        return _sheet_requests(path)
     text = read_input_text(path)
     if not text.strip():
         raise RequestError(name, None, None, "is empty; expected a JSON list or JSONL of requests")
     if path.suffix == ".jsonl" or (not text.lstrip().startswith("[") and path.suffix != ".json"):
         return parse_records(_jsonl_records(text, name), name)
     return parse_records(parse_json_list(text, name), name)
+
+
+def _sheet_requests(path: Path) -> list[EditRequest]:
+    """Requests of a CSV (``.csv``) or TSV (``.tsv``) spreadsheet; errors name its rows."""
+    name = str(path)
+    text = read_input_text(path, "a CSV or TSV file")
+    try:
+        records = sheet_records(text, "\t" if path.suffix.lower() == ".tsv" else ",")
+    except SheetError as exc:
+        raise RequestError(name, exc.row, exc.field, exc.problem, "row") from None
+    return [parse_record(rec, name, row, "row") for row, rec in records]
 
 
 def _jsonl_records(text: str, name: str) -> list[Any]:
@@ -169,11 +192,12 @@ _KNOWN = {
 }
 
 
-def parse_record(rec: Any, source: str, index: int) -> EditRequest:
-    """One record (medit, MedCF or MedFE shape) -> EditRequest, validated."""
+def parse_record(rec: Any, source: str, index: int, unit: str = "record") -> EditRequest:
+    """One record (medit, MedCF or MedFE shape) -> EditRequest, validated; errors name it as
+    ``unit`` ``index`` (a spreadsheet's: row)."""
 
     def fail(field: str | None, problem: str) -> RequestError:
-        return RequestError(source, index, field, problem)
+        return RequestError(source, index, field, problem, unit)
 
     if not isinstance(rec, dict):
         raise fail(None, f"expected an object, got {_kind(rec)}")

@@ -49,6 +49,8 @@ def load_run(run_dir: str | Path) -> tuple[str, dict[str, Any], list[dict[str, A
         return "bench", results, []
     if schema.startswith("medit.traces/"):
         return "trace", results, []
+    if schema.startswith("medit.check/"):
+        return "check", results, []
     if not schema.startswith("medit.results/"):
         raise UserError(f"{path}: unknown schema {schema!r}")
     for field in ("config", "metrics", "provenance", "edit"):
@@ -278,6 +280,8 @@ def render(run_dir: str | Path, fmt: str = "html") -> str:
     if fmt != "html":
         raise UserError(f"unknown report format {fmt!r}; use html or md")
     env = _env()
+    if kind == "check":
+        return render_results(results)
     if kind == "bench":
         return env.get_template("bench.html.j2").render(**bench_context(results))
     if kind == "trace":
@@ -285,9 +289,39 @@ def render(run_dir: str | Path, fmt: str = "html") -> str:
     return env.get_template("edit.html.j2").render(**edit_context(results, samples))
 
 
+def render_results(results: dict[str, Any]) -> str:
+    """The HTML page of a ``medit check`` run: the wrong answers first, then the right ones."""
+    rows = results["answers"]
+    return (
+        _env()
+        .get_template("check.html.j2")
+        .render(
+            r=results,
+            prov=results["provenance"],
+            wrong=[a for a in rows if not a["right"]],
+            right=[a for a in rows if a["right"]],
+        )
+    )
+
+
 def markdown(kind: str, results: dict[str, Any], samples: list[dict[str, Any]]) -> str:
     if kind == "bench":
         return tables.markdown(results)
+    if kind == "check":
+        c = results["counts"]
+        lines = [
+            f"# medit check — {results['config']['model']}",
+            "",
+            f"{c['asked']} questions: {c['right']} right, {c['wrong']} wrong",
+            "",
+            "| | question | expected | the model's answer |",
+            "|---|---|---|---|",
+        ]
+        for a in sorted(results["answers"], key=lambda a: a["right"]):
+            cells = [a["prompt"], a["expected"], a["answer"].strip()]
+            cells = [" ".join(x.split()).replace("|", "\\|") for x in cells]
+            lines.append(f"| {'right' if a['right'] else 'WRONG'} | " + " | ".join(cells) + " |")
+        return "\n".join(lines) + "\n"
     if kind == "trace":
         lines = ["# medit causal traces", ""]
         for t in results["traces"]:
