@@ -1,6 +1,7 @@
 """Reports: rendered from a real run directory, escaped, gated, and opened in headless Chromium."""
 
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -280,10 +281,40 @@ def test_the_first_screen_holds_the_verdict_summary_and_edits(edit_run, tmp_path
         text=True,
         timeout=120,
     )
-    import re
-
     got = dict(re.findall(r'data-([a-z]+)="([^"]*)"', dom.stdout))
     for part in ("verdict", "metrics", "editsoverview"):
         top, bottom = map(int, got[part].split(","))
         assert bottom <= height, (part, got)
     assert got["tensors"] == "hidden", got  # folded in a closed <details>
+
+
+@pytest.mark.skipif(_chromium() is None, reason="Chromium not installed")
+def test_folded_detail_prints_expanded(edit_run, tmp_path):
+    """The <details> sections are closed on screen but print open: printed to PDF, the report
+    has more pages than the same report with the print rule taken out."""
+    lines = (edit_run / "samples.jsonl").read_text().splitlines()
+    (edit_run / "samples.jsonl").write_text("\n".join(lines * 15) + "\n")  # 30 edits of detail
+    html = render(edit_run)
+    rule = "details::details-content { content-visibility: visible; display: contents; }"
+    assert rule in html
+    pages = {}
+    for name, text in (("expanded", html), ("folded", html.replace(rule, ""))):
+        page, pdf = tmp_path / f"{name}.html", tmp_path / f"{name}.pdf"
+        page.write_text(text)
+        run = subprocess.run(
+            [
+                _chromium(),
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                f"--user-data-dir={tmp_path / 'chrome-profile'}",
+                "--no-pdf-header-footer",
+                f"--print-to-pdf={pdf}",
+                page.resolve().as_uri(),
+            ],
+            capture_output=True,
+            timeout=120,
+        )
+        assert run.returncode == 0, run.stderr[-2000:]
+        pages[name] = len(re.findall(rb"/Type\s*/Page[^s]", pdf.read_bytes()))
+    assert pages["expanded"] > pages["folded"] + 2, pages
