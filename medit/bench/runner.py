@@ -280,11 +280,18 @@ def _curve(cfg, suite, method, requests, out: Path) -> Curve | None:
             **point,
             "seconds_per_edit": sum(window) / len(window),
             "edit_seconds_total": sum(seconds),
+            # the tensors the n edits occupy as stored (the sequence's checkpoint): how a
+            # memory grows with the edits (a weight edit's stays the same size)
+            "stored_bytes": _tensor_bytes(out / "checkpoints" / method),
         }
         append_curve_point(out, point)
 
     done = {p["edits"] for p in read_curve(out) if p["method"] == method}
     return Curve(cfg.curve_every, cfg.curve_sample, on_point, seed=cfg.seed, done=done)
+
+
+def _tensor_bytes(root: Path) -> int:
+    return sum(f.stat().st_size for f in root.rglob("*.safetensors")) if root.is_dir() else 0
 
 
 def finish(out: Path) -> dict[str, Any]:
