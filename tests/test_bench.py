@@ -433,10 +433,8 @@ def test_the_retention_curve_samples_edits_made_so_far_and_survives_a_crash(
     points = whole["curves"]["ft-m"]
     assert [p["edits"] for p in points] == [2, 4, 5]
     assert all(p["sample"] == 2 and p["probes"] == 2 for p in points)
-    # a weight edit's stored tensors stay one size however many edits it holds (its header
-    # lists the edits' ids)
-    stored = [p["stored_bytes"] for p in points]
-    assert min(stored) > 0 and max(stored) - min(stored) < 0.01 * min(stored), stored
+    # a weight edit's stored tensors stay one size however many edits it holds
+    assert points[0]["stored_bytes"] > 0 and len({p["stored_bytes"] for p in points}) == 1
     edited, probes = Curve(2, 2, None).samples(5, 5)
     assert all(i < 5 for i in edited) and Curve(2, 2, None).samples(2, 5)[0] == [0, 1]
     cases = {c["case"]: c["metrics"] for c in read_cases(tmp_path / "whole")}

@@ -291,7 +291,14 @@ def _curve(cfg, suite, method, requests, out: Path) -> Curve | None:
 
 
 def _tensor_bytes(root: Path) -> int:
-    return sum(f.stat().st_size for f in root.rglob("*.safetensors")) if root.is_dir() else 0
+    """Bytes of tensor data in the safetensors files under ``root`` (their JSON headers, which
+    carry provenance, left out)."""
+    total = 0
+    for f in root.rglob("*.safetensors") if root.is_dir() else ():
+        with open(f, "rb") as fh:
+            header = int.from_bytes(fh.read(8), "little")
+        total += f.stat().st_size - 8 - header
+    return total
 
 
 def finish(out: Path) -> dict[str, Any]:
