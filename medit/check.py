@@ -14,14 +14,17 @@ right when it states the expected one:
 The run directory holds ``wrong.jsonl`` (one request per wrong answer: ``target_new`` the expected
 answer, ``ground_truth`` what the model said), ``right.jsonl`` (the known facts, the same shape:
 ``medit edit --locality-from DIR/right.jsonl`` samples them as locality probes),
-``results.json`` (kind ``check``: counts, settings, provenance, every answer); ``medit check``
+``results.json`` (kind ``check``: counts, settings, provenance, every answer), ``answers.csv``
+(every answer, for a spreadsheet); ``medit check``
 then renders ``report.html`` from it (``medit report DIR`` does the same). It is written atomically; an existing directory is replaced only with
 ``--overwrite`` and only when medit wrote it as a check run.
 """
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import json
 import re
 import time
@@ -147,6 +150,7 @@ def run_check(cfg: CheckConfig) -> dict[str, Any]:
         atomic_write_text(tmp / "wrong.jsonl", _jsonl(wrong))
         atomic_write_text(tmp / "right.jsonl", _jsonl(right))
         atomic_write_text(tmp / R.RESULTS_FILE, json.dumps(results, indent=2, ensure_ascii=False))
+        atomic_write_text(tmp / "answers.csv", answers_csv(rows))
     return results
 
 
@@ -163,6 +167,26 @@ def _request(q: EditRequest, row: dict[str, Any], edit: bool) -> dict[str, Any]:
     if q.locality:
         rec["locality"] = {k: [list(p) for p in v] for k, v in q.locality.items()}
     return rec
+
+
+def answers_csv(rows: list[dict[str, Any]]) -> str:
+    """Every answer as a spreadsheet opens it (UTF-8 with a byte order mark, which Excel needs
+    to read UTF-8): id, question, expected, the model's answer, right, overlap."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\r\n")
+    writer.writerow(["id", "question", "expected", "answer", "right", "overlap"])
+    for r in rows:
+        writer.writerow(
+            [
+                r["id"],
+                r["prompt"],
+                r["expected"],
+                r["answer"].strip(),
+                "yes" if r["right"] else "no",
+                r["score"],
+            ]
+        )
+    return "\ufeff" + out.getvalue()
 
 
 def _jsonl(records: list[dict[str, Any]]) -> str:

@@ -3,6 +3,9 @@ requests to edit, the right ones as locality probes; `medit edit --locality-from
 
 from __future__ import annotations
 
+import codecs
+import csv
+import io
 import json
 
 import pytest
@@ -100,6 +103,11 @@ def test_check_splits_planted_answers_exactly(tiny_model_dir, tmp_path):
     assert {r.id for r in wrong} == {f"q{i}" for i in range(len(QUESTIONS))} - right
     # a wrong one is an edit request: the expected answer as target, what the model said kept
     assert all(r.target_new == "zzqxv" and r.ground_truth for r in wrong)
+    sheet = (out / "answers.csv").read_bytes()
+    assert sheet.startswith(codecs.BOM_UTF8)  # Excel reads it as UTF-8
+    cells = list(csv.reader(io.StringIO(sheet.decode("utf-8-sig"))))
+    assert cells[0] == ["id", "question", "expected", "answer", "right", "overlap"]
+    assert {c[0] for c in cells[1:] if c[4] == "yes"} == right and len(cells) == 7
     results = json.loads((out / "results.json").read_text())
     assert results["counts"] == {"asked": 6, "right": len(right), "wrong": 6 - len(right)}
     html = (out / "report.html").read_text()
