@@ -21,6 +21,7 @@ from tests.test_editors import REQS, _make, _reqs
 CASES = [(m, {}) for m in registry.METHODS] + [
     ("medlasa", {"routing": "oracle"}),
     ("medlasa", {"routing": "always"}),
+    ("wise", {"routing_fn": "silu"}),  # decides on the module's own output too
     ("codebook", {}),
     ("lookup", {}),
 ]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from medit.core.arch import get_arch
 from medit.editors.patching.bank import bank_of
@@ -178,3 +179,19 @@ def test_swapped_subject_prompts_train_the_memory_to_stay_shut_on_them(tiny_llam
     assert _logprob(model, tok, req) > before + 1.0
     assert all(torch.equal(_logits(model, tok, s), b) for s, b in zip(swaps, base, strict=True))
     result.restore()
+
+
+def test_the_reference_codes_routing_activation_compares_after_the_silu():
+    """routing_fn=silu: |silu(out + x change^T) - silu(out)| per position, averaged over the real
+    positions (EasyEdit's WISE); the default is the paper's |x change^T|."""
+    x = torch.tensor([[[1.0, 0.0], [0.0, 2.0]]])  # (1, 2 positions, d_in 2)
+    change = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # identity: delta = x
+    real = torch.tensor([[True, True]])
+    out = torch.tensor([[[-10.0, -10.0], [0.0, 0.0]]])  # first position deep in the SiLU's tail
+    linear = activation(x, change, real)
+    silu = activation(x, change, real, base=out)
+    expected_first = (F.silu(out[0, 0] + x[0, 0]) - F.silu(out[0, 0])).norm()
+    expected_second = (F.silu(out[0, 1] + x[0, 1]) - F.silu(out[0, 1])).norm()
+    assert torch.allclose(linear, torch.tensor([1.5]))
+    assert torch.allclose(silu, ((expected_first + expected_second) / 2)[None])
+    assert expected_first < 1e-3  # a shift in the tail barely registers: bounded activations

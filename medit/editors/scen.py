@@ -224,7 +224,7 @@ class Expert(Patch):
         return torch.sigmoid(logits + b.to(x.device)).movedim(-1, 0)
 
     @classmethod
-    def sequence_gates(cls, patches, module, x, real):
+    def sequence_gates(cls, patches, module, x, real, out=None):
         """The neurons' gates on h: the input at the prompt's last token, or (``reads="mean"``)
         its mean over the prompt's real tokens."""
         means = torch.tensor([p.reads == "mean" for p in patches], device=x.device)

@@ -35,7 +35,8 @@ averages over pad tokens), ``in`` reads the prompt's tokens and inference decide
 (the code trains on prompt + target and routes on whatever the forward holds, one token per
 decoding step with a cache); SGD has no weight decay (the code's 1e-5 decays the whole side
 memory, untrained entries too, by ~30% over a 500-edit shard); the difference is not passed
-through the activation function (the paper has none).
+through the activation function (the paper has none; ``routing_fn="silu"`` follows the code:
+|silu(x W'^T) - silu(x W^T)|, which bounds the activation a shift into the SiLU's tail makes).
 
 Each edit is kept as its change of its shard at the shard's mask (float32), its activation, and
 the merge it closed; a side memory is the sum of its edits' changes. Removing an edit takes its
@@ -80,6 +81,12 @@ class WiseHParams(HParams):
     beta: float = hp(20.0, "routing loss: the edit's activation is pushed above beta")
     gamma: float = hp(10.0, "routing loss: the edit's activation exceeds irrelevant ones' by gamma")
     act_ratio: float = hp(0.88, "a memory opens above act_ratio x its edits' smallest activation")
+    routing_fn: str = hp(
+        "linear",
+        "the routing activation: linear |x (W' - W)^T| (the paper's equation) or silu "
+        "|silu(x W'^T) - silu(x W^T)| (the reference code's)",
+        ("linear", "silu"),
+    )
     shard_size: int = hp(500, "edits per side memory (save_freq)")
     merge_every: int = hp(
         1000,
@@ -109,6 +116,7 @@ class WiseHParams(HParams):
         "beta": 20.0,
         "gamma": 10.0,
         "act_ratio": 0.88,
+        "routing_fn": "linear",
         "shard_size": 500,
         "merge_every": 1000,
         "density": 0.53,
@@ -212,10 +220,24 @@ def _arrange(edits: list[WiseEdit]) -> Memories:
     )
 
 
-def activation(x: torch.Tensor, change: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-    """(batch,) the routing activation: the mean over the real positions of |x change^T|,
-    x (batch, pos, d_in), change (d_out, d_in), real (batch, pos)."""
-    norms = (x @ change.to(x.device).T).norm(dim=-1)  # (batch, pos)
+def shift_norms(delta: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
+    """(..., ) per position, how far the side memory moves the projection's output: |delta|
+    (the paper's equation), or, given the main memory's output ``base``, the reference code's
+    |silu(base + delta) - silu(base)|."""
+    if base is None:
+        return delta.norm(dim=-1)
+    return (F.silu(base + delta) - F.silu(base)).norm(dim=-1)
+
+
+def activation(
+    x: torch.Tensor, change: torch.Tensor, real: torch.Tensor, base: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(batch,) the routing activation: the mean over the real positions of the shift
+    (:func:`shift_norms`) that ``change`` makes, x (batch, pos, d_in), change (d_out, d_in), real
+    (batch, pos); given the main memory's output ``base`` (batch, pos, d_out), the shift after
+    the SiLU."""
+    delta = x @ change.to(x.device).T  # (batch, pos, d_out)
+    norms = shift_norms(delta, base)
     real = real.to(norms.dtype)
     return (norms * real).sum(1) / real.sum(1).clamp_min(1)
 
@@ -236,6 +258,7 @@ class WiseEdit(Patch):
     act_ratio: float
     merged: tuple[int, ...] = ()  #: shards TIES-merged (into the first) after this edit
     density: float = 0.53
+    routing_fn: str = "linear"  #: linear | silu (see :func:`shift_norms`)
 
     sequence = True  # decided once per sequence, on the prompt's prefill
     policy = "max"  # the memory with the largest activation acts
@@ -259,14 +282,17 @@ class WiseEdit(Patch):
         return patches[0]._memories
 
     @classmethod
-    def sequence_gates(cls, patches, module, x, real):
+    def sequence_gates(cls, patches, module, x, real, out=None):
         """Each memory's activation over the prompt where it exceeds the memory's threshold,
-        on the row of the memory's last edit; 0 elsewhere."""
+        on the row of the memory's last edit; 0 elsewhere. (``routing_fn="silu"`` compares with
+        the main memory's output ``out``.)"""
         mem = cls._memories_of(patches)
         x = x.float()
         gates = torch.zeros(len(patches), x.shape[0], 1, device=x.device)
         for m, change in enumerate(mem.changes):
-            a = activation(x, change, real)  # (batch,)
+            silu = patches[mem.owner[m]].routing_fn == "silu"
+            base = None if not silu else out.float()
+            a = activation(x, change, real, base=base)  # (batch,)
             gates[mem.owner[m], :, 0] = torch.where(a > mem.thresholds[m], a, torch.zeros_like(a))
         return gates
 
@@ -295,6 +321,7 @@ class WiseEdit(Patch):
                 "act_ratio": p.act_ratio,
                 "merged": list(p.merged),
                 "density": p.density,
+                "routing_fn": p.routing_fn,
             }
             for p in result.patches
         ]
@@ -315,6 +342,7 @@ class WiseEdit(Patch):
                 float(e["act_ratio"]),
                 tuple(e["merged"]),
                 float(e["density"]),
+                str(e.get("routing_fn", "linear")),
             )
             for i, e in enumerate(manifest["edits"])
         ]
@@ -409,6 +437,7 @@ def _edit(model, tok, arch, layer, name, bank, req: EditRequest, earlier, templa
         hp.act_ratio,
         merged,
         hp.density,
+        hp.routing_fn,
     )
     return patch, {**info, "shard": shard, "merged": list(merged), "bytes": patch.nbytes()}
 
@@ -464,11 +493,15 @@ def _train(model, arch, layer, module, batch, hidden, real_in, negatives, base, 
     start = flat[idx]
     v = torch.zeros(len(idx), device=device, requires_grad=True)
     seen: dict[str, torch.Tensor] = {}
-    negatives = [(x.float(), real) for x, real in negatives]
+    silu = hp.routing_fn == "silu"
+    with torch.no_grad():  # the main memory's output on each negative (the module's own)
+        negatives = [
+            (x.float(), real, module(x).float() if silu else None) for x, real in negatives
+        ]
 
     def side(_m, args, output):  # W' in place of W at every position of every row
         delta = args[0].float() @ seen["change"].T  # (rows, pos, d_out)
-        seen["norms"] = delta.norm(dim=-1)  # (rows, pos)
+        seen["norms"] = shift_norms(delta, output.detach().float() if silu else None)
         return output + delta.to(output.dtype)
 
     def mean_over(norms, real):
@@ -482,7 +515,7 @@ def _train(model, arch, layer, module, batch, hidden, real_in, negatives, base, 
             seen["change"] = change = flat.index_add(0, idx, v).view(d_out, d_in)
             ce = target_nll(model, arch, batch)
             act_in = mean_over(seen["norms"], real_in)
-            outs = [activation(x, change, real) for x, real in negatives]
+            outs = [activation(x, change, real, base=base) for x, real, base in negatives]
             act_out = torch.cat(outs) if outs else torch.zeros(0, device=device)
             routing = routing_loss(act_in, act_out, hp)
             loss = ce + routing

@@ -107,12 +107,19 @@ class Patch(ABC):
 
     @classmethod
     def sequence_gates(
-        cls, patches: Sequence[Patch], module: str, x: torch.Tensor, real: torch.Tensor
+        cls,
+        patches: Sequence[Patch],
+        module: str,
+        x: torch.Tensor,
+        real: torch.Tensor,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """(len(patches), batch, 1) decisions of sequence-gated patches from the prefill's input
-        ``x`` (batch, pos, d_in) and its real (not padding) positions ``real`` (batch, pos). The
-        default asks ``gates`` with the input at each row's last real token (batch, 1, d_in);
-        a class that reads the whole prompt (WISE's mean activation) overrides it."""
+        ``x`` (batch, pos, d_in) and its real (not padding) positions ``real`` (batch, pos);
+        ``out`` is the module's own output (batch, pos, d_out), for a decision that compares
+        with it (WISE's activation after the SiLU). The default asks ``gates`` with the input at
+        each row's last real token (batch, 1, d_in); a class that reads the whole prompt (WISE's
+        mean activation) overrides it."""
         width = x.shape[1]
         last = width - 1 - real.to(torch.long).flip(1).argmax(1)
         rows = torch.arange(x.shape[0], device=x.device)
@@ -260,7 +267,7 @@ class PatchBank:
         if cache is not None:
             keep_with_cache(cache, _DECIDED, self._decided)
 
-    def _sequence_gates(self, cls: type, patches: list[Patch], name: str, x: torch.Tensor):
+    def _sequence_gates(self, cls: type, patches: list[Patch], name: str, x, out):
         """(E, batch, 1) decisions of a sequence-gated class: made on the forward that opens
         the sequence (``sequence_gates`` on its input), then kept."""
         decided, key = self._decided, (name, cls.__qualname__)
@@ -269,7 +276,8 @@ class PatchBank:
         if key not in decided.gates or self._real is not None:
             if self._real is None:
                 raise RuntimeError(f"{name}: a cached sequence without {cls.__name__} decisions")
-            decided.gates[key] = cls.sequence_gates(patches, name, x, self._real.to(x.device))
+            real = self._real.to(x.device)
+            decided.gates[key] = cls.sequence_gates(patches, name, x, real, out=out)
         return decided.gates[key]
 
     # -- the patched forward ---------------------------------------------------------------------
@@ -279,7 +287,7 @@ class PatchBank:
             groups.setdefault(type(self.patches[i]), []).append(self.patches[i])
         return groups
 
-    def _gates(self, name: str, x: torch.Tensor) -> torch.Tensor:
+    def _gates(self, name: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """(E_m, batch, pos or 1) gates of the module's patches for this forward: routed
         patches ask the router, input-gated ones their class's ``gates`` (one call a class)."""
         own = self._by_module[name]
@@ -294,7 +302,7 @@ class PatchBank:
         for cls, js in gated.items():
             members = [self.patches[own[j]] for j in js]
             found = (
-                self._sequence_gates(cls, members, name, x)
+                self._sequence_gates(cls, members, name, x, out)
                 if cls.sequence
                 else cls.gates(members, name, x)
             )
@@ -309,7 +317,7 @@ class PatchBank:
             if not self.enabled:
                 return None
             x = args[0]
-            gates = self._gates(name, x)  # (E_m, batch, pos or 1)
+            gates = self._gates(name, x, output)  # (E_m, batch, pos or 1)
             if not bool((gates > 0).any()):
                 return None  # every patch shut: the base output, untouched
             own = self._by_module[name]
