@@ -108,7 +108,7 @@ def run_check(cfg: CheckConfig) -> dict[str, Any]:
     )
     check_lengths(questions, lm.tokenizer, context_length(lm.model.config), source=cfg.questions)
     start = time.perf_counter()
-    bar = None if cfg.quiet else _bar(len(questions))
+    bar = None if cfg.quiet else _bar()
     texts = answers(lm.model, lm.tokenizer, questions, cfg.eval, bar)
     if bar is not None:
         bar.close()
@@ -142,10 +142,9 @@ def run_check(cfg: CheckConfig) -> dict[str, Any]:
         "rule": {"whole_words": True, "long_words": LONG, "similarity": cfg.similarity},
         "answers": rows,
     }
-    wrong = [
-        _request(q, r, edit=True) for q, r in zip(questions, rows, strict=True) if not r["right"]
-    ]
-    right = [_request(q, r, edit=False) for q, r in zip(questions, rows, strict=True) if r["right"]]
+    wrong, right = [], []
+    for q, r in zip(questions, rows, strict=True):
+        (right if r["right"] else wrong).append(_request(q, r, edit=not r["right"]))
     with atomic_dir(out, KIND) as tmp:
         atomic_write_text(tmp / "wrong.jsonl", _jsonl(wrong))
         atomic_write_text(tmp / "right.jsonl", _jsonl(right))
@@ -193,7 +192,8 @@ def _jsonl(records: list[dict[str, Any]]) -> str:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
 
 
-def _bar(n: int):
+def _bar():
+    """A bar whose total the evaluation grows as it goes."""
     from tqdm.auto import tqdm
 
     return tqdm(total=0, desc="asking", unit="question", dynamic_ncols=True)

@@ -236,8 +236,11 @@ def activation(
     (:func:`shift_norms`) that ``change`` makes, x (batch, pos, d_in), change (d_out, d_in), real
     (batch, pos); given the main memory's output ``base`` (batch, pos, d_out), the shift after
     the SiLU."""
-    delta = x @ change.to(x.device).T  # (batch, pos, d_out)
-    norms = shift_norms(delta, base)
+    return real_mean(shift_norms(x @ change.to(x.device).T, base), real)
+
+
+def real_mean(norms: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """(batch,) the mean of ``norms`` (batch, pos) over the real positions ``real``."""
     real = real.to(norms.dtype)
     return (norms * real).sum(1) / real.sum(1).clamp_min(1)
 
@@ -288,11 +291,11 @@ class WiseEdit(Patch):
         the main memory's output ``out``.)"""
         mem = cls._memories_of(patches)
         x = x.float()
+        main = out.float() if any(p.routing_fn == "silu" for p in patches) else None
         gates = torch.zeros(len(patches), x.shape[0], 1, device=x.device)
         for m, change in enumerate(mem.changes):
             silu = patches[mem.owner[m]].routing_fn == "silu"
-            base = None if not silu else out.float()
-            a = activation(x, change, real, base=base)  # (batch,)
+            a = activation(x, change, real, base=main if silu else None)  # (batch,)
             gates[mem.owner[m], :, 0] = torch.where(a > mem.thresholds[m], a, torch.zeros_like(a))
         return gates
 
@@ -497,16 +500,12 @@ def _train(model, arch, layer, module, batch, hidden, real_in, negatives, base, 
     with torch.no_grad():  # the main memory's output on each negative (the module's own)
         negatives = [
             (x.float(), real, module(x).float() if silu else None) for x, real in negatives
-        ]
+        ]  # (input, real positions, the main memory's output)
 
     def side(_m, args, output):  # W' in place of W at every position of every row
         delta = args[0].float() @ seen["change"].T  # (rows, pos, d_out)
         seen["norms"] = shift_norms(delta, output.detach().float() if silu else None)
         return output + delta.to(output.dtype)
-
-    def mean_over(norms, real):
-        real = real.to(norms.dtype)
-        return (norms * real).sum(1) / real.sum(1).clamp_min(1)
 
     opt = torch.optim.SGD([v], lr=hp.lr)
     steps, previous = 0, float("inf")
@@ -514,8 +513,8 @@ def _train(model, arch, layer, module, batch, hidden, real_in, negatives, base, 
         while True:
             seen["change"] = change = flat.index_add(0, idx, v).view(d_out, d_in)
             ce = target_nll(model, arch, batch)
-            act_in = mean_over(seen["norms"], real_in)
-            outs = [activation(x, change, real, base=base) for x, real, base in negatives]
+            act_in = real_mean(seen["norms"], real_in)
+            outs = [activation(x, change, real, base=main) for x, real, main in negatives]
             act_out = torch.cat(outs) if outs else torch.zeros(0, device=device)
             routing = routing_loss(act_in, act_out, hp)
             loss = ce + routing

@@ -281,7 +281,7 @@ def render(run_dir: str | Path, fmt: str = "html") -> str:
         raise UserError(f"unknown report format {fmt!r}; use html or md")
     env = _env()
     if kind == "check":
-        return render_results(results)
+        return env.get_template("check.html.j2").render(**check_context(results))
     if kind == "bench":
         return env.get_template("bench.html.j2").render(**bench_context(results))
     if kind == "trace":
@@ -289,19 +289,15 @@ def render(run_dir: str | Path, fmt: str = "html") -> str:
     return env.get_template("edit.html.j2").render(**edit_context(results, samples))
 
 
-def render_results(results: dict[str, Any]) -> str:
-    """The HTML page of a ``medit check`` run: the wrong answers first, then the right ones."""
+def check_context(results: dict[str, Any]) -> dict[str, Any]:
+    """A ``medit check`` run's page: the wrong answers first, then the right ones."""
     rows = results["answers"]
-    return (
-        _env()
-        .get_template("check.html.j2")
-        .render(
-            r=results,
-            prov=results["provenance"],
-            wrong=[a for a in rows if not a["right"]],
-            right=[a for a in rows if a["right"]],
-        )
-    )
+    return {
+        "r": results,
+        "prov": results["provenance"],
+        "wrong": [a for a in rows if not a["right"]],
+        "right": [a for a in rows if a["right"]],
+    }
 
 
 def markdown(kind: str, results: dict[str, Any], samples: list[dict[str, Any]]) -> str:

@@ -267,7 +267,9 @@ class PatchBank:
         if cache is not None:
             keep_with_cache(cache, _DECIDED, self._decided)
 
-    def _sequence_gates(self, cls: type, patches: list[Patch], name: str, x, out):
+    def _sequence_gates(
+        self, cls: type, patches: list[Patch], name: str, x: torch.Tensor, out: torch.Tensor
+    ):
         """(E, batch, 1) decisions of a sequence-gated class: made on the forward that opens
         the sequence (``sequence_gates`` on its input), then kept."""
         decided, key = self._decided, (name, cls.__qualname__)

@@ -49,23 +49,10 @@ def _inputs(model, tok, module, sample: CorpusSample, sha) -> list[torch.Tensor]
         samples_per_prompt=sample.samples_per_prompt, new_tokens=sample.new_tokens
     )
     texts = list(generated_corpus(model, tok, settings, weights_sha256=sha).texts)[: sample.texts]
-    target, base = get_module(model, module), get_arch(model).base_model(model)
-    device = next(model.parameters()).device
     out: list[torch.Tensor] = []
     for i in range(0, len(texts), 16):
-        chunk = texts[i : i + 16]
-        enc = right_padded(
-            tok,
-            lambda c=chunk: tok(
-                c, return_tensors="pt", padding=True, truncation=True, max_length=sample.max_length
-            ),
-        )
-        ids, mask = enc.input_ids.to(device), enc.attention_mask.to(device)
-        x = capture_input(
-            target,
-            lambda i=ids, m=mask: base(input_ids=i, attention_mask=m, use_cache=False),
-        )
-        for row, n in enumerate(mask.sum(1).tolist()):
+        x, real = text_inputs(model, tok, module, texts[i : i + 16], sample.max_length)
+        for row, n in enumerate(real.sum(1).tolist()):
             out.append(x[row, :n].to("cpu", torch.float16))
     return out
 
@@ -78,9 +65,14 @@ def text_inputs(
     rest of the model skipped): x (n, pos, d_in) and which positions are real (n, pos)."""
     device = next(model.parameters()).device
     kw = {"truncation": True, "max_length": max_length} if max_length else {}
-    enc = right_padded(tok, lambda: tok(texts, return_tensors="pt", padding=True, **kw)).to(device)
-    x = capture_input(get_module(model, module), lambda: model(**enc))
-    return x, enc.attention_mask.bool()
+    enc = right_padded(tok, lambda: tok(texts, return_tensors="pt", padding=True, **kw))
+    ids, mask = enc.input_ids.to(device), enc.attention_mask.to(device)
+    base = get_arch(model).base_model(model)
+    x = capture_input(
+        get_module(model, module),
+        lambda: base(input_ids=ids, attention_mask=mask, use_cache=False),
+    )
+    return x, mask.bool()
 
 
 def swapped_prompts(prompt: str, subject: str | None, n: int, seed: int) -> list[str]:
