@@ -91,9 +91,25 @@ class Plan:
     curve: Curve | None = None  #: sequential mode: the retention curve's points
 
 
+@dataclasses.dataclass(frozen=True)
+class EditRecord:
+    """What a run keeps of one edit call once the call is restored or folded into the combined
+    result: seconds, diagnostics and the names it touched. No tensors: the result itself holds
+    copies of the touched weights (and an editor's state, AlphaEdit's K Kᵀ per layer), so
+    keeping every result grew a sequential run by that much per edit."""
+
+    seconds: float
+    diagnostics: list[dict[str, Any]]
+    names: list[str]
+
+    @classmethod
+    def of(cls, result: EditResult) -> EditRecord:
+        return cls(result.seconds, list(result.diagnostics), list(result.names))
+
+
 @dataclasses.dataclass
 class Outcome:
-    edits: list[EditResult]  #: one per edit call (single, batch) or per request (sequential)
+    edits: list[EditRecord]  #: one per edit call (single, batch) or per request (sequential)
     combined: EditResult | None  #: the model's edit at the end when ``keep`` (else None)
     seconds: list[float]  #: per request
 
@@ -127,7 +143,7 @@ def _single(editor, lm, requests, pre, plan, todo, on_case, bar) -> Outcome:
         seconds[i] = result.seconds
         on_case(i, _evaluate(lm, requests, [i], pre, plan.eval)[0], result.seconds, result)
         result.restore()
-        edits.append(result)
+        edits.append(EditRecord.of(result))
         _advance(bar, 1)
     return Outcome(edits, None, seconds)
 
@@ -142,7 +158,7 @@ def _batch(editor, lm, requests, pre, plan, todo, on_case, bar) -> Outcome:
         if not missing.intersection(idx):
             continue
         result = editor.apply(lm.model, lm.tokenizer, [requests[i] for i in idx])
-        edits.append(result)
+        edits.append(EditRecord.of(result))
         _advance(bar, len(idx))
         posts = _evaluate(lm, requests, idx, pre, plan.eval, plan.progress)
         for i, post in zip(idx, posts, strict=True):
@@ -168,7 +184,7 @@ def _sequential(editor, lm, requests, pre, plan, todo, on_case, bar) -> Outcome:
     for i in range(len(seconds), len(requests)):
         last = editor.apply(model, tok, [requests[i]], prior=combined)
         seconds.append(last.seconds)
-        edits.append(last)
+        edits.append(EditRecord.of(last))
         combined = last if combined is None else type(last).combine([combined, last])
         if plan.checkpoint is not None:
             prov = {**plan.provenance, "edit_seconds": seconds}

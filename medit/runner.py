@@ -39,7 +39,7 @@ from medit.editors.results import EditResult
 from medit.evaluation import EvalConfig, aggregate, evaluate
 from medit.facts.probes import add_known_probes
 from medit.facts.requests import check_lengths, context_length, load_requests
-from medit.loop import MODES, Plan, run_edits, set_seed
+from medit.loop import MODES, EditRecord, Plan, run_edits, set_seed
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +220,7 @@ def _save_model(cfg, directory, combined, res, lm, edited_sha) -> None:
 
 
 def _run_mode(cfg, editor, lm, requests, pre, bar):
-    """Apply the edits in the configured mode; return (post states, edit results, combined)."""
+    """Apply the edits in the configured mode; return (post states, edit records, combined)."""
     post: list[Any] = [None] * len(requests)
 
     def on_case(i, state, _seconds, _result):
@@ -233,7 +233,7 @@ def _run_mode(cfg, editor, lm, requests, pre, bar):
     return post, outcome.edits, outcome.combined
 
 
-def _per_request(edits: list[EditResult], n: int) -> list[dict[str, Any]]:
+def _per_request(edits: list[EditRecord], n: int) -> list[dict[str, Any]]:
     if len(edits) == n:
         return [{"seconds": e.seconds, "diagnostics": e.diagnostics} for e in edits]
     return [{"seconds": edits[0].seconds / n, "diagnostics": "batch"} for _ in range(n)]
