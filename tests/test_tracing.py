@@ -33,7 +33,7 @@ def _grids(t: Trace) -> dict[str, torch.Tensor]:
 def test_batched_trace_equals_the_reference_loop(tiny):
     model, tok = tiny
     arch = get_arch(model)
-    # a small batch budget forces several chunks per (token, first layer) group
+    # a small batch budget forces several chunks per token, each with its own first layer
     cfg = TraceConfig(samples=3, window=2, max_batch_tokens=40)
     t = trace(model, tok, arch, PROMPT, SUBJECT, "acetylcysteine", cfg, noise=0.5)
     answer_id = tok(" acetylcysteine").input_ids[0]

@@ -17,11 +17,13 @@ would mix what the model recalls with how it spells it.
 forward pass, keeping every traced module's clean output, the corrupted hidden states entering
 each layer and the corrupted attention keys/values. A restoration at token ``t`` whose window
 starts at layer ``s`` changes nothing below ``s`` and (causal attention) nothing before ``t``.
-So restorations are grouped by ``(t, s)``, put on separate batch rows (restorations x noise
-samples, chunked to ``max_batch_tokens``) and run from layer ``s`` on
-(:func:`medit.core.hooks.frozen_prefix`), over positions ``t ..`` only, with the corrupted keys and
-values of positions ``< t`` as the attention cache. Tokens before the subject see no noise:
-restoring them changes nothing, and their scores are the corrupted probability.
+So all restorations at token ``t`` run in one forward over positions ``t ..`` only, with the
+corrupted keys and values of positions ``< t`` as the attention cache, on a batch that grows
+layer by layer: a restoration's rows (one per noise sample) join at layer ``s``, fed with the
+corrupted hidden states entering it (chunked to ``max_batch_tokens``); one forward per ``(t, s)``
+does the same work in ~15x more, smaller forwards, 1.5x slower on one CPU thread. Tokens
+before the subject see no noise: restoring them changes nothing, and their scores are the
+corrupted probability.
 :func:`trace_reference` is ROME's loop (one full forward of 1 + k rows per restoration), kept as
 the definition the batched trace is tested and benchmarked against.
 
@@ -280,54 +282,80 @@ def _restoring_edits(model, arch, states: _States, cells, token: int, width: int
     return edits
 
 
-def _prefix_cache(model, states: _States, token: int, copies: int):
-    """The corrupted runs' keys and values of positions ``< token``, once per cell."""
+def _prefix_cache(model, states: _States, token: int, copies: list[int], n_layers: int):
+    """The corrupted runs' keys and values of positions ``< token``, at layer m tiled for the
+    ``copies[m]`` cells running there (rows of one noise draw per cell, in cell order)."""
     from transformers import DynamicCache
 
     if token == 0:
         return None
-    tile = lambda t: t[:, :, :token].repeat(copies, 1, 1, 1)  # noqa: E731
-    return DynamicCache([(tile(key), tile(value)) for key, value in states.kv], config=model.config)
+    layers = []
+    for m, (key, value) in enumerate(states.kv):
+        n = max(1, copies[m])  # a layer no cell runs is never read (one copy keeps the shapes)
+        layers.append(tuple(t[:, :, :token].repeat(n, 1, 1, 1) for t in (key, value)))
+    return DynamicCache(layers[:n_layers], config=model.config)
 
 
-def _run_cells(
-    model, arch, states: _States, cells, start: int, token: int, answer: int, width: int
-):
-    """Scores of restoration cells (kind, token, layer) at one token whose windows start at
-    layer ``start``. Positions before ``token`` are those of the corrupted runs (causality) and
-    come from their keys and values; the forward covers positions ``token ..`` from layer
-    ``start`` on, fed with the corrupted hidden states entering that layer."""
-    n = len(cells) * states.entering.shape[1]
-    cache = _prefix_cache(model, states, token, len(cells))
-    hidden = states.entering[start][:, token:].repeat(len(cells), 1, 1)
+def _run_cells(model, arch, states: _States, cells, token: int, answer: int, width: int):
+    """Scores of restoration cells (kind, token, layer) at one token, in one forward whose batch
+    grows layer by layer: a cell's rows (one per noise draw) join at the first layer its window
+    restores, fed with the corrupted hidden states entering that layer, since nothing below it
+    changes. Positions before ``token`` are those of the corrupted runs (causality) and come
+    from their keys and values; the forward covers positions ``token ..`` only.
+
+    ``cells`` must be sorted by their first restored layer: then the rows running at any layer
+    are a prefix of the batch, and a cell owns the same rows in every layer it runs."""
+    n_layers, k = arch.n_layers(model), states.entering.shape[1]
+    starts = [window(kind, layer, n_layers, width).start for kind, _, layer in cells]
+    joining: dict[int, int] = {}
+    for s in starts:
+        joining[s] = joining.get(s, 0) + 1
+    first = starts[0]
+    running, copies = 0, []
+    for m in range(n_layers):
+        running += joining.get(m, 0)
+        copies.append(running)
+    cache = _prefix_cache(model, states, token, copies, n_layers)
+    layers = arch.layer_list(model)
+
+    def rows_for(m: int) -> torch.Tensor:  # the corrupted state entering m, once per new cell
+        return states.entering[m][:, token:].repeat(joining[m], 1, 1)
+
+    def join(m: int):
+        def hook(_m, args, kwargs):
+            hidden = torch.cat([first_tensor_arg(args, kwargs), rows_for(m)])
+            if args:
+                return (hidden, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": hidden}
+
+        return hook
+
+    joins = [(layers[m], join(m), None) for m in sorted(joining) if m != first]
     edits = _restoring_edits(model, arch, states, cells, token, width)
-    with frozen_prefix(model, arch, start, hidden), edited_outputs(edits):
-        base = arch.base_model(model)
+    base = arch.base_model(model)
+    with frozen_prefix(model, arch, first, rows_for(first)), hooked(joins), edited_outputs(edits):
         out = base(
-            input_ids=states.ids[token:].expand(n, -1),
+            input_ids=states.ids[None, token:],  # one row: the batch is the layers' own
             use_cache=cache is not None,
             **cache_kwargs(base, cache),
         )
     probs = torch.softmax(arch.head(model, out.last_hidden_state[:, -1]).float(), dim=-1)
-    return probs[:, answer].view(len(cells), -1).mean(1)
+    return probs[:, answer].view(len(cells), k).mean(1)
 
 
 def _grid(model, arch, states: _States, span, answer: int, config: TraceConfig):
-    """Every kind's (T, L) score grid; restorations batched by (token, first layer restored)."""
+    """Every kind's (T, L) score grid; the restorations of one token run in one forward (chunked
+    to ``max_batch_tokens``), each from the first layer its window restores."""
     n_tokens, n_layers = states.ids.shape[0], arch.n_layers(model)
     corrupted = states.corrupted_probs[:, answer].mean().item()
     grids = {kind: torch.full((n_tokens, n_layers), corrupted) for kind in config.kinds}
-    groups: dict[tuple[int, int], list[tuple[str, int, int]]] = {}
-    for kind in config.kinds:
-        for layer in range(n_layers):
-            start = window(kind, layer, n_layers, config.window).start
-            for t in _restored_tokens(config, span, n_tokens):
-                groups.setdefault((t, start), []).append((kind, t, layer))
-    for (token, start), cells in groups.items():
+    for token in _restored_tokens(config, span, n_tokens):
+        cells = [(kind, token, layer) for kind in config.kinds for layer in range(n_layers)]
+        cells.sort(key=lambda c: window(c[0], c[2], n_layers, config.window).start)
         per_chunk = max(1, config.max_batch_tokens // ((n_tokens - token) * config.samples))
         for i in range(0, len(cells), per_chunk):
             chunk = cells[i : i + per_chunk]
-            scores = _run_cells(model, arch, states, chunk, start, token, answer, config.window)
+            scores = _run_cells(model, arch, states, chunk, token, answer, config.window)
             for (kind, _, layer), score in zip(chunk, scores.tolist(), strict=True):
                 grids[kind][token, layer] = score
     return grids
