@@ -32,7 +32,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from medit.core.models import load_model  # noqa: E402
 from medit.facts.requests import load_requests  # noqa: E402
-from medit.tracing.trace import TraceConfig, noise_level, trace, trace_reference, window  # noqa: E402
+from medit.tracing.trace import (  # noqa: E402
+    TraceConfig,
+    _join_layer,
+    noise_level,
+    trace,
+    trace_reference,
+)
 
 #: (prompt, subject, where the subject sits): drug facts the model gets (about) right; the
 #: first ones are also traced with ROME's loop
@@ -48,12 +54,13 @@ PROMPTS = [
 
 def work(n_tokens: int, start_token: int, n_layers: int, cfg: TraceConfig) -> tuple[int, int]:
     """(reference, batched) token x layer passes of one prompt's full trace (the batched one
-    includes its pass over the clean and corrupted runs)."""
+    includes its pass over the clean and corrupted runs; a hidden cell runs from the layer after
+    it, and none for the last layer)."""
     ref = len(cfg.kinds) * n_tokens * n_layers * (cfg.samples + 1) * n_tokens * n_layers
     ours = (cfg.samples + 1) * n_tokens * n_layers
     for kind in cfg.kinds:
         for layer in range(n_layers):
-            first = window(kind, layer, n_layers, cfg.window).start
+            first = _join_layer(kind, layer, n_layers, cfg.window)
             for t in range(start_token, n_tokens):
                 ours += cfg.samples * (n_tokens - t) * (n_layers - first)
     return ref, ours

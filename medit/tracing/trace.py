@@ -54,8 +54,10 @@ from medit.core.hooks import (
     first_tensor_arg,
     frozen_prefix,
     hooked,
+    output_tensor,
     put_rows,
     record,
+    with_output_tensor,
 )
 from medit.core.models import LoadedModel
 from medit.core.text import encode_pair
@@ -267,10 +269,13 @@ def _collect_states(model, arch, ids, span, draws, kinds) -> _States:
 
 def _restoring_edits(model, arch, states: _States, cells, token: int, width: int):
     """Edits putting the clean output at ``token`` (position 0 of the forward) into the rows of
-    each cell, in every layer of its window; cell c owns rows c*k .. c*k + k - 1."""
+    each mlp / attn cell, in every layer of its window; cell c owns rows c*k .. c*k + k - 1. (A
+    hidden cell's restored state is in the rows it joins with: see :func:`_join_layer`.)"""
     k, n_layers, device = states.entering.shape[1], arch.n_layers(model), states.ids.device
     targets: dict[tuple[str, int], list[int]] = {}
     for c, (kind, _, layer) in enumerate(cells):
+        if kind == "hidden":
+            continue
         for m in window(kind, layer, n_layers, width):
             targets.setdefault((kind, m), []).extend(range(c * k, c * k + k))
     edits = []
@@ -296,44 +301,80 @@ def _prefix_cache(model, states: _States, token: int, copies: list[int], n_layer
     return DynamicCache(layers[:n_layers], config=model.config)
 
 
+def _join_layer(kind: str, layer: int, n_layers: int, width: int) -> int:
+    """The first layer a cell's rows run: the first its window restores (nothing below it
+    changes); for a hidden cell, the layer after it, entered by its restored output."""
+    return layer + 1 if kind == "hidden" else window(kind, layer, n_layers, width).start
+
+
+def _joining_rows(states: _States, cell, join: int, token: int) -> torch.Tensor:
+    """(k, positions from ``token``, d): the states a cell's rows enter layer ``join`` with, the
+    corrupted runs' (at a hidden cell's own position, the clean output it restores)."""
+    rows = states.entering[join][:, token:]
+    if cell[0] == "hidden":
+        rows = rows.clone()
+        rows[:, 0] = states.clean["hidden"][cell[2]][token]
+    return rows
+
+
+def _last_position_mlp(module):
+    """Hooks computing ``module`` (the last layer's MLP, position-wise) at the last position
+    only: the other positions' final states are never read (the score is the last one's).
+    Their output is that one row broadcast, so that restorations still write where they do."""
+    length: list[int] = []
+
+    def pre(_m, args, kwargs):
+        x = first_tensor_arg(args, kwargs, "x")
+        length.append(x.shape[1])
+        x = x[:, -1:]
+        return ((x, *args[1:]), kwargs) if args else (args, {**kwargs, "x": x})
+
+    def post(_m, _args, _kwargs, output):
+        out = output_tensor(output)
+        full = out.expand(out.shape[0], length.pop(), out.shape[-1])
+        return with_output_tensor(output, full)
+
+    return (module, pre, post)
+
+
 def _run_cells(model, arch, states: _States, cells, token: int, answer: int, width: int):
     """Scores of restoration cells (kind, token, layer) at one token, in one forward whose batch
-    grows layer by layer: a cell's rows (one per noise draw) join at the first layer its window
-    restores, fed with the corrupted hidden states entering that layer, since nothing below it
-    changes. Positions before ``token`` are those of the corrupted runs (causality) and come
-    from their keys and values; the forward covers positions ``token ..`` only.
+    grows layer by layer: a cell's rows (one per noise draw) join at :func:`_join_layer`, fed
+    with the corrupted hidden states entering it (a hidden cell's own position restored), since
+    nothing below it changes. Positions before ``token`` are those of the corrupted runs
+    (causality) and come from their keys and values; the forward covers positions ``token ..``
+    only, and the last layer's MLP the last position only.
 
-    ``cells`` must be sorted by their first restored layer: then the rows running at any layer
-    are a prefix of the batch, and a cell owns the same rows in every layer it runs."""
+    ``cells`` must be sorted by their join layer: then the rows running at any layer are a
+    prefix of the batch, and a cell owns the same rows in every layer it runs."""
     n_layers, k = arch.n_layers(model), states.entering.shape[1]
-    starts = [window(kind, layer, n_layers, width).start for kind, _, layer in cells]
-    joining: dict[int, int] = {}
-    for s in starts:
-        joining[s] = joining.get(s, 0) + 1
+    starts = [_join_layer(kind, layer, n_layers, width) for kind, _, layer in cells]
+    joining: dict[int, list[torch.Tensor]] = {}
+    for s, cell in zip(starts, cells, strict=True):
+        joining.setdefault(s, []).append(_joining_rows(states, cell, s, token))
     first = starts[0]
     running, copies = 0, []
     for m in range(n_layers):
-        running += joining.get(m, 0)
+        running += len(joining.get(m, ()))
         copies.append(running)
     cache = _prefix_cache(model, states, token, copies, n_layers)
     layers = arch.layer_list(model)
 
-    def rows_for(m: int) -> torch.Tensor:  # the corrupted state entering m, once per new cell
-        return states.entering[m][:, token:].repeat(joining[m], 1, 1)
-
     def join(m: int):
         def hook(_m, args, kwargs):
-            hidden = torch.cat([first_tensor_arg(args, kwargs), rows_for(m)])
+            hidden = torch.cat([first_tensor_arg(args, kwargs), *joining[m]])
             if args:
                 return (hidden, *args[1:]), kwargs
             return args, {**kwargs, "hidden_states": hidden}
 
         return hook
 
-    joins = [(layers[m], join(m), None) for m in sorted(joining) if m != first]
+    hooks = [(layers[m], join(m), None) for m in sorted(joining) if m != first]
+    hooks.append(_last_position_mlp(arch.module(model, n_layers - 1, "mlp")))
     edits = _restoring_edits(model, arch, states, cells, token, width)
     base = arch.base_model(model)
-    with frozen_prefix(model, arch, first, rows_for(first)), hooked(joins), edited_outputs(edits):
+    entering = torch.cat(joining[first])
+    with frozen_prefix(model, arch, first, entering), hooked(hooks), edited_outputs(edits):
         out = base(
             input_ids=states.ids[None, token:],  # one row: the batch is the layers' own
             use_cache=cache is not None,
@@ -345,13 +386,18 @@ def _run_cells(model, arch, states: _States, cells, token: int, answer: int, wid
 
 def _grid(model, arch, states: _States, span, answer: int, config: TraceConfig):
     """Every kind's (T, L) score grid; the restorations of one token run in one forward (chunked
-    to ``max_batch_tokens``), each from the first layer its window restores."""
+    to ``max_batch_tokens``), each from its join layer. Restoring the last layer's output needs
+    no run: at the last token it is the clean run's, elsewhere it reaches no later position."""
     n_tokens, n_layers = states.ids.shape[0], arch.n_layers(model)
     corrupted = states.corrupted_probs[:, answer].mean().item()
     grids = {kind: torch.full((n_tokens, n_layers), corrupted) for kind in config.kinds}
     for token in _restored_tokens(config, span, n_tokens):
         cells = [(kind, token, layer) for kind in config.kinds for layer in range(n_layers)]
-        cells.sort(key=lambda c: window(c[0], c[2], n_layers, config.window).start)
+        if "hidden" in config.kinds:
+            cells.remove(("hidden", token, n_layers - 1))
+            if token == n_tokens - 1:
+                grids["hidden"][token, n_layers - 1] = states.clean_probs[answer].item()
+        cells.sort(key=lambda c: _join_layer(c[0], c[2], n_layers, config.window))
         per_chunk = max(1, config.max_batch_tokens // ((n_tokens - token) * config.samples))
         for i in range(0, len(cells), per_chunk):
             chunk = cells[i : i + per_chunk]
