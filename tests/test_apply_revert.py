@@ -212,3 +212,20 @@ def test_a_weights_file_without_a_manifest_is_not_an_artifact(tmp_path, tiny_mod
         "cpu",
     )
     assert res.exit_code == 2 and "no manifest" in res.output
+
+
+def test_a_resumed_weight_edit_keeps_exporting_its_peft_adapter(tokenizer):
+    """A sequence resumed from its checkpoint combines the loaded result (which carries no
+    export settings) with new edits: the combination exports the adapter as a fresh run does."""
+    import torch
+
+    from medit.editors.results import PeftExport, WeightEdit
+
+    model = _tiny("llama", len(tokenizer))
+    name = "model.layers.1.mlp.down_proj.weight"
+    loaded = WeightEdit.before("memit", None, model, [name], ["a"])
+    fresh = WeightEdit.before("memit", None, model, [name], ["b"], peft=PeftExport(pad=8))
+    with torch.no_grad():
+        dict(model.named_parameters())[name].add_(1.0)
+    assert WeightEdit.combine([loaded, fresh]).peft == PeftExport(pad=8)
+    assert WeightEdit.combine([loaded, fresh]).originals[name] is loaded.originals[name]

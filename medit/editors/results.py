@@ -228,7 +228,9 @@ class WeightEdit(EditResult):
                     params[name], originals[name] = p, r.originals[name]
         first = results[0]
         ids = [i for r in results for i in r.edit_ids]
-        out = cls(first.method, first.hparams, params, originals, ids, peft=first.peft)
+        # a result loaded from a checkpoint carries no export settings: the editor's own do
+        peft = next((r.peft for r in results if r.peft is not None), None)
+        out = cls(first.method, first.hparams, params, originals, ids, peft=peft)
         out._fold(results)
         return out
 
