@@ -32,7 +32,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -87,20 +86,11 @@ def _rss_mb() -> float:
     return 0.0
 
 
-def _timed(fn, repeat: int = 3) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 def _floor_parts(lm, req, layer: int, rows: int) -> tuple[float, float]:
     """(one forward+backward of layers >= ``layer`` and the head on ``rows`` copies of the
     edit's prompt + target, one forward of the whole model on the prompt + target)."""
     import torch
+    from bench_lifelong import timed
 
     from medit.core.forward import target_nll
     from medit.core.hooks import capture_input, frozen_prefix
@@ -123,7 +113,7 @@ def _floor_parts(lm, req, layer: int, rows: int) -> tuple[float, float]:
         with torch.no_grad():
             target_nll(model, arch, one)
 
-    return _timed(step), _timed(forward_one)
+    return timed(step, repeat=3), timed(forward_one, repeat=3)
 
 
 def child(args) -> dict:
