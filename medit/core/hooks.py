@@ -45,6 +45,16 @@ def first_tensor_arg(args: tuple, kwargs: dict, name: str = "hidden_states") -> 
     return args[0] if args else kwargs[name]
 
 
+def with_first_tensor_arg(
+    args: tuple, kwargs: dict, tensor: torch.Tensor, name: str = "hidden_states"
+) -> tuple[tuple, dict]:
+    """(args, kwargs) with the first input (by position or keyword ``name``) replaced by
+    ``tensor``: what a pre-hook returns to feed a module something else."""
+    if args:
+        return (tensor, *args[1:]), kwargs
+    return args, {**kwargs, name: tensor}
+
+
 class _Captured(Exception):
     """Raised inside a hook to stop a forward pass once the wanted input has been read."""
 
@@ -104,9 +114,7 @@ def frozen_prefix(model: nn.Module, arch: ArchSpec, start: int, hidden: torch.Te
         return hidden_states
 
     def feed(_m, args, kwargs):
-        if args:
-            return (hidden, *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": hidden}
+        return with_first_tensor_arg(args, kwargs, hidden)
 
     for layer in layers[:start]:
         layer.forward = identity  # instance attribute shadows the class method

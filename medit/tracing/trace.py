@@ -57,6 +57,7 @@ from medit.core.hooks import (
     output_tensor,
     put_rows,
     record,
+    with_first_tensor_arg,
     with_output_tensor,
 )
 from medit.core.models import LoadedModel
@@ -287,7 +288,7 @@ def _restoring_edits(model, arch, states: _States, cells, token: int, width: int
     return edits
 
 
-def _prefix_cache(model, states: _States, token: int, copies: list[int], n_layers: int):
+def _prefix_cache(model, states: _States, token: int, copies: list[int]):
     """The corrupted runs' keys and values of positions ``< token``, at layer m tiled for the
     ``copies[m]`` cells running there (rows of one noise draw per cell, in cell order)."""
     from transformers import DynamicCache
@@ -298,7 +299,7 @@ def _prefix_cache(model, states: _States, token: int, copies: list[int], n_layer
     for m, (key, value) in enumerate(states.kv):
         n = max(1, copies[m])  # a layer no cell runs is never read (one copy keeps the shapes)
         layers.append(tuple(t[:, :, :token].repeat(n, 1, 1, 1) for t in (key, value)))
-    return DynamicCache(layers[:n_layers], config=model.config)
+    return DynamicCache(layers, config=model.config)
 
 
 def _join_layer(kind: str, layer: int, n_layers: int, width: int) -> int:
@@ -326,8 +327,7 @@ def _last_position_mlp(module):
     def pre(_m, args, kwargs):
         x = first_tensor_arg(args, kwargs, "x")
         length.append(x.shape[1])
-        x = x[:, -1:]
-        return ((x, *args[1:]), kwargs) if args else (args, {**kwargs, "x": x})
+        return with_first_tensor_arg(args, kwargs, x[:, -1:], "x")
 
     def post(_m, _args, _kwargs, output):
         out = output_tensor(output)
@@ -357,15 +357,13 @@ def _run_cells(model, arch, states: _States, cells, token: int, answer: int, wid
     for m in range(n_layers):
         running += len(joining.get(m, ()))
         copies.append(running)
-    cache = _prefix_cache(model, states, token, copies, n_layers)
+    cache = _prefix_cache(model, states, token, copies)
     layers = arch.layer_list(model)
 
     def join(m: int):
         def hook(_m, args, kwargs):
             hidden = torch.cat([first_tensor_arg(args, kwargs), *joining[m]])
-            if args:
-                return (hidden, *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": hidden}
+            return with_first_tensor_arg(args, kwargs, hidden)
 
         return hook
 
