@@ -588,6 +588,105 @@ def _parse_thresholds(items: tuple[str, ...]) -> dict[str, float]:
     return out
 
 
+@main.command("train-editor")
+@click.argument("method", type=click.Choice(["mend", "serac"]))
+@click.option("--model", default="builtin:smollm2", show_default=True, help="Base model spec.")
+@click.option(
+    "--data",
+    type=click.Path(file_okay=False),
+    help="A folder with train.json and valid.json (MedCF as published); or use --train/--valid.",
+)
+@click.option("--train", "train_file", type=click.Path(dir_okay=False), help="Training edits.")
+@click.option("--valid", "valid_file", type=click.Path(dir_okay=False), help="Validation edits.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Training directory.")
+@click.option("--steps", default=1000, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--eval-every", default=100, show_default=True, type=click.IntRange(min=1), help="Steps."
+)
+@click.option(
+    "--patience",
+    default=5,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Stop after this many validations without improvement.",
+)
+@click.option("--limit-train", type=int, help="Use only the first N training edits.")
+@click.option("--limit-valid", type=int, help="Use only the first N validation edits.")
+@click.option(
+    "--hparam",
+    "hparams",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override an editor hyper-parameter (repeatable), e.g. --hparam lr=1e-4.",
+)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--resume", is_flag=True, help="Continue the training in --out from its checkpoint.")
+@click.option("--device", default="auto", show_default=True, help=DEVICES)
+@click.option("--dtype", type=DTYPES, default="auto", show_default=True)
+@click.option("--allow-pickle", is_flag=True, help="Allow pickle (.bin) weights. Unsafe.")
+@click.option("--trust-remote-code", is_flag=True, help="Run the model repo's code. Unsafe.")
+@_quiet_option
+@click.pass_context
+@_user_errors
+def train_editor(
+    ctx,
+    method,
+    model,
+    data,
+    train_file,
+    valid_file,
+    out,
+    steps,
+    eval_every,
+    patience,
+    limit_train,
+    limit_valid,
+    hparams,
+    seed,
+    resume,
+    device,
+    dtype,
+    allow_pickle,
+    trust_remote_code,
+):
+    """Train a learned editor (MEND, SERAC) for a model; edit with --hparam checkpoint=OUT."""
+    from medit.train import TrainConfig, data_files, run_training
+
+    files = data_files(data, train_file, valid_file)
+    cfg = TrainConfig(
+        method=method,
+        hparams=_parse_hparams(hparams),
+        steps=steps,
+        eval_every=eval_every,
+        patience=patience,
+        seed=seed,
+        resume=resume,
+        quiet=ctx.obj["quiet"],
+        data=files,
+    )
+    res = run_training(
+        cfg,
+        model_spec=model,
+        out=out,
+        device=device,
+        dtype=dtype,
+        limit_train=limit_train,
+        limit_valid=limit_valid,
+        allow_pickle=allow_pickle,
+        trust_remote_code=trust_remote_code,
+    )
+    from medit.report.render import write_report
+
+    report = write_report(out)
+    if not ctx.obj["quiet"]:
+        click.echo(
+            f"{res['steps']} steps, best {res['best']} at step {res['best_step']}; "
+            f"report: {report.resolve()}",
+            err=True,
+        )
+    click.echo(str((Path(out) / "best").resolve()))
+
+
 @main.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option(

@@ -51,6 +51,8 @@ def load_run(run_dir: str | Path) -> tuple[str, dict[str, Any], list[dict[str, A
         return "trace", results, []
     if schema.startswith("medit.check/"):
         return "check", results, []
+    if schema.startswith("medit.train/"):
+        return "train", results, []
     if not schema.startswith("medit.results/"):
         raise UserError(f"{path}: unknown schema {schema!r}")
     for field in ("config", "metrics", "provenance", "edit"):
@@ -286,7 +288,37 @@ def render(run_dir: str | Path, fmt: str = "html") -> str:
         return env.get_template("bench.html.j2").render(**bench_context(results))
     if kind == "trace":
         return env.get_template("trace.html.j2").render(**trace_context(results))
+    if kind == "train":
+        return env.get_template("train.html.j2").render(**train_context(results))
     return env.get_template("edit.html.j2").render(**edit_context(results, samples))
+
+
+def train_context(results: dict[str, Any]) -> dict[str, Any]:
+    """A ``medit train-editor`` run's page: the running losses and the validation figures
+    against the step, and the validations as a table."""
+    train, valid = results.get("train", []), results.get("valid", [])
+    loss_keys = sorted({k for r in train for k in r if k not in ("step", "seconds")})
+    valid_keys = sorted({k for v in valid for k, x in v.items() if k != "step" and _number(x)})
+    charts = {}
+    if loss_keys:
+        charts["training losses"] = svg.lines(
+            {k: [(r["step"], r.get(k)) for r in train] for k in loss_keys},
+            "training losses (per step)",
+            "step",
+            y_max=None,
+        )
+    if valid_keys:
+        charts["validation"] = svg.lines(
+            {k: [(v["step"], v.get(k)) for v in valid] for k in valid_keys},
+            "validation figures",
+            "step",
+            y_max=None,
+        )
+    return {"r": results, "charts": charts, "valid_keys": valid_keys}
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def check_context(results: dict[str, Any]) -> dict[str, Any]:
@@ -301,6 +333,20 @@ def check_context(results: dict[str, Any]) -> dict[str, Any]:
 
 
 def markdown(kind: str, results: dict[str, Any], samples: list[dict[str, Any]]) -> str:
+    if kind == "train":
+        keys = train_context(results)["valid_keys"]
+        lines = [
+            f"# medit train-editor {results['method']}",
+            "",
+            f"{results['steps']} steps, {results['seconds']:.1f} s; best {results['best']} at "
+            f"step {results['best_step']}",
+            "",
+            "| step | " + " | ".join(keys) + " |",
+            "|---|" + "---|" * len(keys),
+        ]
+        for v in results.get("valid", []):
+            lines.append(f"| {v['step']} | " + " | ".join(f"{v.get(k, '')}" for k in keys) + " |")
+        return "\n".join(lines) + "\n"
     if kind == "bench":
         return tables.markdown(results)
     if kind == "check":
