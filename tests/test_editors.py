@@ -168,7 +168,9 @@ class TestEditorContract:
         cls = get_editor_class(method)
         hp = _make(method).hparams_for(model)
         assert cls.hparams_class.from_dict(hp.to_dict()) == hp
-        steps = next(k for k in ("steps", "v_steps", "iters", "expert_steps", "batch") if k in hp.to_dict())
+        steps = next(
+            k for k in ("steps", "v_steps", "iters", "expert_steps", "batch") if k in hp.to_dict()
+        )
         typo = steps[:-3] + steps[-2] + steps[-3] + steps[-1]  # "steps" -> "stpes"
         with pytest.raises(ValueError, match=f"did you mean '{steps}'"):
             make_editor(method, **{typo: 3})

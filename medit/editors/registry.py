@@ -27,6 +27,7 @@ METHODS: dict[str, str] = {
     "ultraedit": "medit.editors.ultraedit:UltraEdit",
     "scen": "medit.editors.scen:SCEN",
     "wise": "medit.editors.wise:WISE",
+    "mend": "medit.editors.mend:MEND",
     "serac": "medit.editors.serac:SERAC",
 }
 
