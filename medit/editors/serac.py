@@ -17,7 +17,8 @@ an explicit memory, a scope classifier, and a counterfactual model.
   anyway (measured against a cross-encoder: not done, see the README).
 * **Counterfactual model.** The paper fine-tunes a small seq2seq model to answer an input given
   the edit. Here it is the base model itself with the edit written before the input
-  (``context``, default "{prompt} {target}" then a newline): in-context editing, no training.
+  (``context``: by default the prompt and its new answer, twice, each followed by a blank line):
+  in-context editing, no training.
 * **Routing inside the forward.** The prompt's first forward (the prefill) decides, per row,
   from the pooled states it computes anyway; a row in scope gets, at every position of that
   forward and of the decoding forwards on its KV cache, the final hidden states the base model
@@ -76,8 +77,9 @@ class SERACHParams(HParams):
         None, "cosine above which an input is in an edit's scope; none: the checkpoint's"
     )
     context: str = hp(
-        "{prompt} {target}\n",
-        "the edit as the counterfactual model reads it before an in-scope input",
+        "{prompt} {target}\n\n{prompt} {target}\n\n",
+        "the edit as the counterfactual model reads it before an in-scope input (twice: chosen "
+        "on MedCF valid, see the README)",
     )
     layer_depth: float = hp(0.5, "relative depth of the decoder layer whose input embeds a text")
     dim: int = hp(256, "width of the learned scope projection")
@@ -150,7 +152,7 @@ def embed_texts(
                     input_ids=enc.input_ids, attention_mask=mask, position_ids=pos, use_cache=False
                 ),
             )
-            out.append(_pool(hidden, mask.bool()))
+            out.append(_pool(hidden, mask.bool()).cpu())  # the scope classifier runs on CPU
     finally:
         tok.padding_side = side
     return torch.cat(out) if out else torch.zeros(0, model.config.hidden_size)
