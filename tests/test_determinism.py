@@ -37,6 +37,8 @@ FAST = {
     "ultraedit": {"iters": 2},
     "wise": {"steps": 10, "templates": 1},
     "scen": {"expert_steps": 4, "neuron_steps": 20, "negative_texts": 20},
+    "mend": {},  # untrained: one gradient step through identity networks
+    "serac": {},  # untrained scope classifier; the edit is its memory entry
 }
 #: editors whose result depends on the global seed: LoRA's and AdaLoRA's adapter initialisation
 #: and LoRA dropout (peft, global RNG), MedLaSA's initialisation (a generator seeded from
