@@ -56,9 +56,21 @@ class TeacherBatch:
         return _tensors_to(self, device)
 
 
-def teacher_batch(tok: Any, prompts: Sequence[str], targets: Sequence[str]) -> TeacherBatch:
-    """Build a teacher-forcing batch of (prompt, target) pairs."""
+def teacher_batch(
+    tok: Any, prompts: Sequence[str], targets: Sequence[str], max_length: int | None = None
+) -> TeacherBatch:
+    """Build a teacher-forcing batch of (prompt, target) pairs; with ``max_length`` each
+    sequence is cut to that many tokens from the prompt's start (a target longer than that is
+    a user error)."""
     pairs = [encode_pair(tok, p, t) for p, t in zip(prompts, targets, strict=True)]
+    if max_length is not None:
+        for (_, t), target in zip(pairs, targets, strict=True):
+            if len(t) >= max_length:
+                raise UserError(
+                    f"target {target!r} has {len(t)} tokens: more than max_length={max_length} "
+                    "allows"
+                )
+        pairs = [(p[max(0, len(p) + len(t) - max_length) :], t) for p, t in pairs]
     width = max(len(p) + len(t) for p, t in pairs)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     ids = torch.full((len(pairs), width), pad, dtype=torch.long)

@@ -79,7 +79,7 @@ from medit.core.arch import ArchSpec, get_arch
 from medit.core.errors import UserError
 from medit.core.forward import logits_at, per_sequence_mean
 from medit.core.hooks import first_tensor_arg, hooked, trainable_only, with_first_tensor_arg
-from medit.core.text import TeacherBatch, encode_pair
+from medit.core.text import TeacherBatch, teacher_batch
 from medit.editors.base import (
     Capabilities,
     Editor,
@@ -304,38 +304,9 @@ def _sites(model: Any, arch: ArchSpec, layers: Sequence[int], kinds: Sequence[st
 
 
 def _batch(tok: Any, pairs: Sequence[tuple[str, str]], max_length: int) -> TeacherBatch:
-    """A right-padded teacher-forcing batch (as :func:`medit.core.text.teacher_batch`) whose
-    sequences are cut to ``max_length`` tokens from the prompt's start."""
-    encoded = []
-    for prompt, target in pairs:
-        p, t = encode_pair(tok, prompt, target)
-        if len(t) >= max_length:
-            raise UserError(
-                f"target {target!r} has {len(t)} tokens: more than max_length={max_length} allows"
-            )
-        encoded.append((p[max(0, len(p) + len(t) - max_length) :], t))
-    width = max(len(p) + len(t) for p, t in encoded)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    ids = torch.full((len(encoded), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(encoded), width), dtype=torch.long)
-    rows, cols, labels = [], [], []
-    for i, (p, t) in enumerate(encoded):
-        ids[i, : len(p) + len(t)] = torch.tensor(p + t)
-        mask[i, : len(p) + len(t)] = 1
-        rows += [i] * len(t)
-        cols += range(len(p) - 1, len(p) - 1 + len(t))
-        labels += t
-    long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
-    return TeacherBatch(
-        input_ids=ids,
-        attention_mask=mask,
-        rows=long(rows),
-        cols=long(cols),
-        labels=long(labels),
-        owner=long(rows),
-        prompt_last=long([len(p) - 1 for p, _ in encoded]),
-        target_lengths=[len(t) for _, t in encoded],
-    )
+    """A teacher-forcing batch of (prompt, target) pairs cut to ``max_length`` tokens from the
+    prompt's start."""
+    return teacher_batch(tok, [p for p, _ in pairs], [t for _, t in pairs], max_length)
 
 
 def _nll(model: Any, arch: ArchSpec, batch: TeacherBatch) -> tuple[torch.Tensor, torch.Tensor]:
