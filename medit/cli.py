@@ -101,6 +101,35 @@ def _parse_hparams(items: tuple[str, ...]) -> dict:
     return out
 
 
+def _placement_options(fn):
+    """--device-map / --max-memory: a model across GPUs, CPU and disk, placed by accelerate
+    (see medit.core.placement); not together with an explicit --device."""
+
+    @click.option(
+        "--max-memory",
+        metavar="DEV=SIZE,...",
+        help="With --device-map auto|balanced|sequential: memory per device, e.g. "
+        "0=20GiB,1=20GiB,cpu=64GiB (the rest is offloaded to disk).",
+    )
+    @click.option(
+        "--device-map",
+        metavar="auto|balanced|sequential|FILE.json",
+        help="Spread the model over devices with accelerate (CPU and disk offload included); "
+        "FILE.json maps module names to devices (0, cuda:1, cpu, disk). Instead of --device.",
+    )
+    @functools.wraps(fn)
+    def wrapper(*args, device_map=None, max_memory=None, **kwargs):
+        ctx = click.get_current_context()
+        source = ctx.get_parameter_source("device")
+        if device_map is not None and source not in (None, click.core.ParameterSource.DEFAULT):
+            raise click.UsageError("--device and --device-map cannot be used together", ctx)
+        if max_memory is not None and device_map is None:
+            raise click.UsageError("--max-memory goes with --device-map", ctx)
+        return fn(*args, device_map=device_map, max_memory=max_memory, **kwargs)
+
+    return wrapper
+
+
 def _journal_options(fn):
     """--author / --reason / --workspace: what the edit journal records."""
     fn = click.option(
@@ -231,6 +260,7 @@ def main(ctx: click.Context, quiet: bool, verbose: bool) -> None:
 @_quiet_option
 @click.pass_context
 @_user_errors
+@_placement_options
 def edit(
     ctx,
     model,
@@ -256,6 +286,8 @@ def edit(
     author,
     reason,
     workspace,
+    device_map,
+    max_memory,
 ):
     """Edit facts into a model and evaluate the edit before/after; writes RUN_DIR."""
     from medit.evaluation import EvalConfig
@@ -271,6 +303,8 @@ def edit(
         seed=seed,
         device=device,
         dtype=dtype,
+        device_map=device_map,
+        max_memory=max_memory,
         limit=limit,
         save_model=save_model,
         overwrite=overwrite,
@@ -318,7 +352,10 @@ def edit(
 @click.option("--dtype", type=DTYPES, default="auto", show_default=True)
 @_quiet_option
 @_user_errors
-def generate(model, artifact, prompts, prompts_file, max_new_tokens, device, dtype):
+@_placement_options
+def generate(
+    model, artifact, prompts, prompts_file, max_new_tokens, device, dtype, device_map, max_memory
+):
     """Greedy continuations as JSONL ({"prompt", "completion"}), optionally with an edit applied."""
     all_prompts = list(prompts) + (read_prompts(prompts_file) if prompts_file else [])
     if not all_prompts:
@@ -327,7 +364,7 @@ def generate(model, artifact, prompts, prompts_file, max_new_tokens, device, dty
     from medit.editors.load import load_edit
     from medit.evaluation import generate as greedy
 
-    lm = load_model(model, device, dtype)
+    lm = load_model(model, device, dtype, device_map=device_map, max_memory=max_memory)
     if artifact:
         load_edit(lm.model, lm.tokenizer, artifact)
     for prompt, completion in zip(
@@ -499,6 +536,7 @@ def read_prompts(path: str) -> list[str]:
 @_quiet_option
 @click.pass_context
 @_user_errors
+@_placement_options
 def bench(
     ctx,
     suite,
@@ -519,6 +557,8 @@ def bench(
     compare_dirs,
     common,
     out,
+    device_map,
+    max_memory,
 ):
     """Benchmark editors on MedCF, MedFE or the built-in set (resumable); or --compare runs."""
     from medit.bench import tables
@@ -563,6 +603,8 @@ def bench(
         seed=seed,
         device=device,
         dtype=dtype,
+        device_map=device_map,
+        max_memory=max_memory,
         hparams=per_method,
         curve_every=curve_every,
         curve_sample=curve_sample,
@@ -628,6 +670,7 @@ def _parse_thresholds(items: tuple[str, ...]) -> dict[str, float]:
 @_quiet_option
 @click.pass_context
 @_user_errors
+@_placement_options
 def train_editor(
     ctx,
     method,
@@ -648,6 +691,8 @@ def train_editor(
     dtype,
     allow_pickle,
     trust_remote_code,
+    device_map,
+    max_memory,
 ):
     """Train a learned editor (MEND, SERAC) for a model; edit with --hparam checkpoint=OUT."""
     from medit.train import TrainConfig, data_files, run_training
@@ -670,6 +715,8 @@ def train_editor(
         out=out,
         device=device,
         dtype=dtype,
+        device_map=device_map,
+        max_memory=max_memory,
         limit_train=limit_train,
         limit_valid=limit_valid,
         allow_pickle=allow_pickle,
@@ -772,6 +819,7 @@ def _gate(results: dict) -> None:
 @_quiet_option
 @click.pass_context
 @_user_errors
+@_placement_options
 def trace(
     ctx,
     model,
@@ -792,6 +840,8 @@ def trace(
     dtype,
     no_cache,
     overwrite,
+    device_map,
+    max_memory,
 ):
     """Causal tracing of the requests' facts; writes RUN_DIR/traces.json and SVG heatmaps."""
     from medit.tracing.run import TraceRunConfig, run_trace
@@ -815,6 +865,8 @@ def trace(
         limit=limit,
         device=device,
         dtype=dtype,
+        device_map=device_map,
+        max_memory=max_memory,
         use_cache=not no_cache,
         overwrite=overwrite,
         quiet=ctx.obj["quiet"],

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from medit.core.arch import ArchSpec, get_arch
 from medit.core.errors import UserError
 from medit.core.forward import cache_kwargs, prefix_logits
+from medit.core.placement import input_device
 from medit.core.text import encode_pair, left_padded, normalise, prefix_batch
 from medit.facts.requests import EditRequest
 
@@ -82,7 +83,7 @@ def score_targets(
     Each prompt is presented as generation presents it (a prefill, then the target on its KV
     cache), so input-routed edits route on the prompt alone.
     ``bar``: a tqdm progress bar advanced by one per pair."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     _grow(bar, len(pairs))
     lengths = [len(p) + len(t) for p, t in pairs]  # characters: a cheap proxy for tokens
     results: list[TargetScore | None] = [None] * len(pairs)
@@ -111,7 +112,7 @@ def generate_ids(
     model: Any, tok: Any, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 32
 ) -> list[list[int]]:
     """Greedy continuation token ids (up to the first EOS), batched with left padding."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     arch = get_arch(model)
     stop = torch.tensor(sorted({tok.eos_token_id, tok.pad_token_id} - {None}), device=device)
     out: list[list[int] | None] = [None] * len(prompts)

@@ -55,6 +55,10 @@ class RunConfig:
     seed: int = 0  #: seeds python, numpy and torch before editing
     device: str = "auto"
     dtype: str = "auto"
+    #: instead of ``device``: auto | balanced | sequential | FILE.json, placed by accelerate over
+    #: GPUs, CPU and disk; the editor's modules are kept resident (see medit.core.placement)
+    device_map: str | None = None
+    max_memory: str | None = None  #: with device_map: per-device budget, "0=20GiB,cpu=64GiB"
     limit: int | None = None  #: use only the first N requests
     save_model: str | None = None  #: also save the edited model (HF dir) here
     overwrite: bool = False  #: replace an existing run directory
@@ -111,7 +115,8 @@ def run_edit(cfg: RunConfig) -> dict[str, Any]:
         requests = add_known_probes(
             requests, known, cfg.locality_per_edit, cfg.seed, cfg.locality_from
         )
-    editor.check_config(load_config(cfg.model, trust_remote_code=cfg.trust_remote_code))
+    config = load_config(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    editor.check_config(config)
     t_load = time.perf_counter()
     lm = load_model(
         cfg.model,
@@ -119,7 +124,11 @@ def run_edit(cfg: RunConfig) -> dict[str, Any]:
         cfg.dtype,
         allow_pickle=cfg.allow_pickle,
         trust_remote_code=cfg.trust_remote_code,
+        device_map=cfg.device_map,
+        max_memory=cfg.max_memory,
+        keep_resident=(editor.resident_modules(config) or ()) if cfg.device_map else (),
     )
+    editor.check_placement(lm.model)
     load_seconds = time.perf_counter() - t_load
     model, tok, arch = lm.model, lm.tokenizer, lm.arch
     check_lengths(requests, tok, context_length(model.config), source=cfg.requests)

@@ -262,6 +262,8 @@ def run_training(
     out: str,
     device: str = "auto",
     dtype: str = "auto",
+    device_map: str | None = None,
+    max_memory: str | None = None,
     limit_train: int | None = None,
     limit_valid: int | None = None,
     allow_pickle: bool = False,
@@ -269,7 +271,7 @@ def run_training(
 ) -> dict[str, Any]:
     """``medit train-editor``: read the data (errors name file, record and field), check the
     method and the output before loading the model, then train."""
-    from medit.core.models import load_model
+    from medit.core.models import load_config, load_model
     from medit.facts.requests import load_requests
 
     files = cfg.data or {}
@@ -281,11 +283,21 @@ def run_training(
                 f"--{name} {files[name]}: no record has a paraphrase (rephrase_prompt): a learned "
                 "editor trains on paraphrases and locality probes"
             )
-    _trainer_class(cfg.method)
+    editor = _trainer_class(cfg.method)(**cfg.hparams)
     _prepare_check(Path(out), cfg.resume)
+    config = load_config(model_spec, trust_remote_code=trust_remote_code)
+    editor.check_config(config)
     lm = load_model(
-        model_spec, device, dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
+        model_spec,
+        device,
+        dtype,
+        allow_pickle=allow_pickle,
+        trust_remote_code=trust_remote_code,
+        device_map=device_map,
+        max_memory=max_memory,
+        keep_resident=(editor.resident_modules(config) or ()) if device_map else (),
     )
+    editor.check_placement(lm.model)
     return train_editor(cfg, lm.model, lm.tokenizer, train, valid, out)
 
 

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 
 from medit.core.errors import UserError
 from medit.core.fs import atomic_dir, atomic_file
+from medit.core.placement import check_resident
 
 FORMAT = "medit.artifact"
 ARTIFACT_DIR = "artifact"
@@ -138,6 +139,7 @@ def apply_artifact(model: torch.nn.Module, path: str | Path, revert: bool = Fals
     for name, value in expect.items():
         if name not in params:
             raise UserError(f"artifact tensor {name!r} does not exist in this model")
+        check_resident(model, [name.rpartition(".")[0]], "applying the artifact")
         p = params[name]
         if p.shape != value.shape:
             raise UserError(

@@ -74,6 +74,8 @@ _IDENTITY = (
     "seed",
     "hparams",
     "device",
+    "device_map",
+    "max_memory",
     "dtype",
     "eval_batch_size",
     "curve_every",
@@ -94,6 +96,8 @@ class BenchConfig:
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"
+    device_map: str | None = None  #: instead of device: auto | balanced | sequential | FILE.json
+    max_memory: str | None = None  #: with device_map: "0=20GiB,cpu=64GiB"
     hparams: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  #: per method
     resume: bool = False
     keep_flagged: bool = False  #: aggregate flagged cases' affected metrics too
@@ -132,7 +136,16 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     config = load_config(cfg.model, trust_remote_code=False)
     for editor in editors.values():
         editor.check_config(config)
-    lm = load_model(cfg.model, cfg.device, cfg.dtype)
+    lm = load_model(
+        cfg.model,
+        cfg.device,
+        cfg.dtype,
+        device_map=cfg.device_map,
+        max_memory=cfg.max_memory,
+        keep_resident=_resident(editors.values(), config) if cfg.device_map else (),
+    )
+    for editor in editors.values():
+        editor.check_placement(lm.model)
     _check_resumed_model(out, lm)
     check_lengths(requests, lm.tokenizer, context_length(lm.model.config), source=cfg.data)
     ecfg = dataclasses.replace(suite.eval, batch_size=cfg.eval_batch_size)
@@ -159,6 +172,11 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         _run_method(cfg, suite, method, editor, lm, requests, pre, todo, ecfg, out, bar)
         bar.close()
     return finish(out)
+
+
+def _resident(editors, config) -> tuple[str, ...]:
+    """The modules any of the editors touches, kept off a device map's offload."""
+    return tuple(dict.fromkeys(m for e in editors for m in e.resident_modules(config) or ()))
 
 
 def _prepare_dir(out: Path, identity: dict, resume: bool) -> set[tuple[str, int]]:

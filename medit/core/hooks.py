@@ -116,14 +116,20 @@ def frozen_prefix(model: nn.Module, arch: ArchSpec, start: int, hidden: torch.Te
     def feed(_m, args, kwargs):
         return with_first_tensor_arg(args, kwargs, hidden)
 
+    # a dispatched model's layers (--device-map) carry accelerate's forward as an instance
+    # attribute: it is put back afterwards, not deleted
+    saved = [layer.__dict__.get("forward") for layer in layers[:start]]
     for layer in layers[:start]:
         layer.forward = identity  # instance attribute shadows the class method
     try:
         with hooked([(layers[start], feed, None)]):
             yield
     finally:
-        for layer in layers[:start]:
-            del layer.forward
+        for layer, forward in zip(layers[:start], saved, strict=True):
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward
 
 
 @contextlib.contextmanager
@@ -200,15 +206,18 @@ def edited_outputs(edits: list[tuple[nn.Module, TensorEdit]]) -> Iterator[None]:
 def put_rows(
     rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, tensor: torch.Tensor
 ) -> torch.Tensor:
-    """``tensor`` (B, T, d) with ``tensor[rows[i], cols[i]] = values[i]`` (out of place)."""
-    return tensor.index_put((rows, cols), values.to(tensor.dtype))
+    """``tensor`` (B, T, d) with ``tensor[rows[i], cols[i]] = values[i]`` (out of place), on
+    ``tensor``'s device (a layer of a --device-map may live on another than ``values``)."""
+    at = (rows.to(tensor.device), cols.to(tensor.device))
+    return tensor.index_put(at, values.to(tensor.device, tensor.dtype))
 
 
 def add_rows(
     rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, tensor: torch.Tensor
 ) -> torch.Tensor:
     """``tensor`` (B, T, d) with ``values[i]`` added at ``tensor[rows[i], cols[i]]`` (out of place)."""
-    return tensor.index_put((rows, cols), values.to(tensor.dtype), accumulate=True)
+    at = (rows.to(tensor.device), cols.to(tensor.device))
+    return tensor.index_put(at, values.to(tensor.device, tensor.dtype), accumulate=True)
 
 
 def record(store: list[torch.Tensor], tensor: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -33,6 +34,13 @@ from medit.core.arch import ArchSpec, get_arch
 from medit.core.cache import Cache, mark_base_weights
 from medit.core.errors import UserError
 from medit.core.fs import file_sha256
+from medit.core.placement import (
+    device_map_of,
+    input_device,
+    parse_max_memory,
+    resolve_device_map,
+    state_tensors,
+)
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +77,14 @@ class LoadedModel:
     spec: str  #: the spec the user gave
     source: str  #: where the weights were read from
     weights_sha256: str  #: sha256 of the loaded weights (see :func:`state_dict_sha256`)
-    device: torch.device
+    device: torch.device  #: where inputs go (with a device map: the input embedding's device)
     dtype: torch.dtype
+    #: with ``--device-map``: the spec given, the module -> device map accelerate dispatched, and
+    #: the modules kept off the offload for the editor (see :mod:`medit.core.placement`)
+    device_map: dict[str, Any] | None = None
 
     def provenance(self) -> dict[str, Any]:
-        return {
+        out = {
             "spec": self.spec,
             "source": self.source,
             "model_type": self.model.config.model_type,
@@ -82,6 +93,9 @@ class LoadedModel:
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
         }
+        if self.device_map is not None:
+            out["device_map"] = self.device_map
+        return out
 
 
 # -- cache ---------------------------------------------------------------------------------------
@@ -173,13 +187,13 @@ def cached_models() -> list[dict[str, str]]:
 def state_dict_sha256(model: torch.nn.Module) -> str:
     """sha256 over every named tensor of the model (name, dtype, shape and bytes), name-sorted.
 
-    Independent of the file format the weights came from, so the same function hashes the base
-    model at load and the edited model after an edit.
+    Independent of the file format the weights came from and of where the weights live (one
+    device, or a device map with offload), so the same function hashes the base model at load and
+    the edited model after an edit.
     """
     h = hashlib.sha256()
-    state = model.state_dict()
-    for name in sorted(state):
-        t = state[name].detach()
+    for name, t in state_tensors(model):  # offloaded weights (a --device-map) read from disk
+        t = t.detach()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         t = t.contiguous().cpu()
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
@@ -344,11 +358,24 @@ def load_model(
     *,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
+    device_map: str | None = None,
+    max_memory: str | None = None,
+    keep_resident: Sequence[str] = (),
 ) -> LoadedModel:
-    """Load a model spec onto a device, in eval mode, with its tokenizer and ArchSpec."""
+    """Load a model spec onto a device, in eval mode, with its tokenizer and ArchSpec.
+
+    ``device_map`` (instead of ``device``): auto, balanced, sequential or a FILE.json, placed by
+    accelerate across GPUs, CPU and disk (``max_memory``: "0=20GiB,cpu=64GiB"); the modules named
+    in ``keep_resident`` (an editor's, see ``Editor.edited_modules``) are kept off the offload.
+    See :mod:`medit.core.placement`."""
     from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    if device_map is not None and device != "auto":
+        raise UserError("give --device or --device-map, not both")
+    if max_memory and device_map is None:
+        raise UserError("--max-memory goes with --device-map")
+    budget = parse_max_memory(max_memory)  # bad input fails before anything loads
     dev = resolve_device(device)
     source = resolve_source(spec)
     _check_weights_format(source, allow_pickle)
@@ -364,16 +391,30 @@ def load_model(
         tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:  # transformers' ValueErrors here span many lines
         raise _load_error(spec, exc) from None
+    placement: dict[str, Any] = {}
+    if device_map is not None:
+        meta = _empty_model(config, torch_dtype, trust_remote_code)
+        placement = {
+            "device_map": resolve_device_map(
+                device_map, meta, max_memory=budget, keep_resident=keep_resident
+            ),
+            "offload_folder": _offload_folder(),
+        }
     try:
         model = AutoModelForCausalLM.from_pretrained(
             source,
             dtype=torch_dtype,
             use_safetensors=None if allow_pickle else True,
             trust_remote_code=trust_remote_code,
+            **placement,
         )
     except (OSError, SafetensorError) as exc:  # missing or corrupt files: the user's to fix
         raise _load_error(spec, exc) from None
-    model.to(dev).eval()
+    if device_map is None:
+        model.to(dev)
+    else:
+        dev = input_device(model)
+    model.eval()
     model.requires_grad_(False)  # inference by default; editors enable what they train
     prepare_tokenizer(tok)
     sha = state_dict_sha256(model)
@@ -387,7 +428,33 @@ def load_model(
         weights_sha256=sha,
         device=dev,
         dtype=torch_dtype,
+        device_map=None
+        if device_map is None
+        else {"spec": device_map, "map": device_map_of(model), "resident": list(keep_resident)},
     )
+
+
+def _empty_model(config: Any, dtype: torch.dtype, trust_remote_code: bool) -> Any:
+    """The model without weights (meta tensors): what accelerate plans a device map on."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=dtype, trust_remote_code=trust_remote_code
+        )
+    model.tie_weights()  # tied input / output embeddings are placed together
+    return model
+
+
+def _offload_folder() -> str:
+    """A folder of this process for weights accelerate offloads to disk (safetensors checkpoints
+    are read in place; other formats are copied here), removed when the process ends."""
+    import atexit
+
+    folder = tempfile.mkdtemp(prefix="medit-offload-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
 
 
 def prepare_tokenizer(tok: Any) -> Any:

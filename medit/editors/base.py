@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 
 from medit.core.arch import ArchSpec, get_arch, parameter_count
 from medit.core.errors import UserError
+from medit.core.placement import check_resident, has_offload
 from medit.editors.results import EditResult
 from medit.facts.requests import EditRequest
 
@@ -366,6 +367,41 @@ class Editor(ABC):
         except HParamError as exc:
             raise exc.of(self.name) from None
 
+    def edited_modules(self, hp: HParams, arch: ArchSpec, n_layers: int) -> tuple[str, ...] | None:
+        """Module paths whose weights this editor writes or whose modules it patches, from its
+        hyper-parameters alone (before the weights load): with a device map these are kept off
+        the offload (:mod:`medit.core.placement`). Where the editor picks the layer at edit time
+        (by causal tracing), every candidate. None: the editor does not say, and refuses a model
+        with offloaded modules."""
+        return None
+
+    def resident_modules(self, config: Any) -> tuple[str, ...] | None:
+        """:meth:`edited_modules` for a model's config (what ``load_model(keep_resident=...)``
+        is given)."""
+        n_layers = config_layers(config)
+        if n_layers is None:
+            return None
+        return self.edited_modules(self.hparams_for(config), get_arch(config), n_layers)
+
+    def check_placement(self, model: Any) -> None:
+        """Right after loading: refuse a model whose modules this editor touches are offloaded
+        (before any evaluation is spent on it)."""
+        self._check_resident(model, self.hparams_for(model), get_arch(model))
+
+    def _check_resident(self, model: Any, hp: HParams, arch: ArchSpec) -> None:
+        """A model with offloaded modules (a --device-map with disk or CPU offload) is edited only
+        where the modules this editor touches are resident: a write into an offloaded (meta)
+        weight would be lost without a word."""
+        if not has_offload(model):
+            return
+        names = self.edited_modules(hp, arch, arch.n_layers(model))
+        if names is None:
+            raise UserError(
+                f"{self.name} cannot edit a model with offloaded modules (it does not declare "
+                "which modules it edits); load it without disk / CPU offload"
+            )
+        check_resident(model, names, self.name)
+
     def apply(
         self, model: Any, tok: Any, requests: Sequence[EditRequest], prior: EditResult | None = None
     ) -> EditResult:
@@ -380,6 +416,7 @@ class Editor(ABC):
             )
         hp, arch = self.hparams_for(model), get_arch(model)
         self._check_arch(hp, arch, arch.n_layers(model))
+        self._check_resident(model, hp, arch)
         start = time.perf_counter()
         result = self._apply(model, tok, list(requests), hp, prior)
         result.seconds = time.perf_counter() - start

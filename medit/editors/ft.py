@@ -91,6 +91,9 @@ class FineTune(Editor):
 
     capabilities = Capabilities(batch=True)
 
+    def edited_modules(self, hp: FTHParams, arch: ArchSpec, n_layers: int) -> tuple[str, ...]:
+        return tuple(arch.layer_path(layer, hp.module) for layer in hp.resolve_layers(n_layers))
+
     def _apply(
         self, model: Any, tok: Any, requests: list[EditRequest], hp: FTHParams, prior=None
     ) -> WeightEdit:

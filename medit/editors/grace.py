@@ -46,6 +46,7 @@ import torch
 from medit.core.arch import ArchSpec, get_arch, get_module
 from medit.core.forward import target_nll
 from medit.core.hooks import layer_states, side_training
+from medit.core.placement import input_device
 from medit.core.text import teacher_batch
 from medit.editors.base import Capabilities, Defaults, Editor, HParams, check_layers, hp
 from medit.editors.patching.bank import Patch, PatchBank, patch_site
@@ -335,6 +336,9 @@ class GRACE(Editor):
     capabilities = Capabilities(batch=True)
     summary = "GRACE: a key-value codebook at one MLP output projection, an entry per edit"
 
+    def edited_modules(self, hp: GraceHParams, arch: ArchSpec, n_layers: int) -> tuple[str, ...]:
+        return (arch.layer_path(hp.resolve_layer(n_layers), "mlp_out"),)
+
     def _apply(self, model, tok, requests, hp: GraceHParams, prior=None):
         arch, layer, name, bank = patch_site(model, hp)
         subjects = request_subjects(requests) if hp.key == "subject" else [None] * len(requests)
@@ -354,7 +358,7 @@ class GRACE(Editor):
         else:
             pos, width = int(batch.prompt_last[0]), 1
         module = get_module(model, name)
-        device = next(model.parameters()).device
+        device = input_device(model)
         batch = batch.to(device)
         with torch.no_grad(), bank.disabled():
             hidden, x, out = layer_states(model, arch, layer, module, batch.input_ids)

@@ -26,6 +26,7 @@ import torch
 
 from medit.core.arch import ArchSpec, get_arch
 from medit.core.forward import target_nll
+from medit.core.placement import input_device
 from medit.core.text import teacher_batch
 from medit.editors.base import (
     Capabilities,
@@ -91,6 +92,11 @@ class _PeftEditor(Editor):
     capabilities = Capabilities(batch=True)
     adaptive = False
 
+    def edited_modules(self, hp: LoRAHParams, arch: ArchSpec, n_layers: int) -> tuple[str, ...]:
+        layers = hp.layers or tuple(range(n_layers))
+        kinds = arch.resolve_kinds(hp.targets)
+        return tuple(arch.layer_path(layer, kind) for layer in layers for kind in kinds)
+
     def _config(self, modules: list[str], hp: LoRAHParams, conv1d: bool):
         from peft import AdaLoraConfig, LoraConfig
 
@@ -146,7 +152,7 @@ class _PeftEditor(Editor):
         return result
 
     def _train(self, tuner, model, tok, arch, requests, hp: LoRAHParams) -> dict[str, Any]:
-        device = arch.embedding(model).weight.device
+        device = input_device(model)
         chunks = [requests[i : i + hp.batch_size] for i in range(0, len(requests), hp.batch_size)]
         batches = [
             teacher_batch(tok, [r.prompt for r in c], [r.target_new for r in c]).to(device)

@@ -41,6 +41,7 @@ from medit.core.cache import base_weights_sha256
 from medit.core.errors import UserError
 from medit.core.forward import target_nll
 from medit.core.hooks import trainable_only
+from medit.core.placement import input_device, module_device
 from medit.core.text import teacher_batch
 from medit.editors.base import Capabilities, Defaults, Editor, HParamError, HParams, check_kinds, hp
 from medit.editors.patching.adapters import Adapter, adapters_from, linear_dims, lora_init
@@ -290,17 +291,15 @@ def train_adapters(
     dimensions (the maximum over the plans; the paper's per-knowledge rank as a mask). Returns
     one :class:`Adapter` per request, each holding views of the shared A and B cut to its rank,
     with its own scales."""
-    ref = arch.embedding(model).weight
+    ref = input_device(model)  # small per-row tensors; each A, B lives on its module's device
     ranks = {name: max(p[name][1] for p in plans) for name in plans[0]}
     A, B, handles = {}, {}, []
     scales = [{n: alpha / r for n, (alpha, r) in p.items()} for p in plans]
-    coeff = {
-        n: torch.tensor([s[n] for s in scales], device=ref.device).view(-1, 1, 1) for n in ranks
-    }
+    coeff = {n: torch.tensor([s[n] for s in scales], device=ref).view(-1, 1, 1) for n in ranks}
     # rank dimensions beyond r_i masked per row; only where some edit's rank is below the maximum
-    own = {n: torch.tensor([p[n][1] for p in plans], device=ref.device) for n in ranks}
+    own = {n: torch.tensor([p[n][1] for p in plans], device=ref) for n in ranks}
     mask = {
-        n: (torch.arange(r, device=ref.device) < own[n][:, None]).float()[:, None, :]
+        n: (torch.arange(r, device=ref) < own[n][:, None]).float()[:, None, :]
         for n, r in ranks.items()
         if bool((own[n] < r).any())
     }
@@ -311,19 +310,19 @@ def train_adapters(
     for name, r in ranks.items():
         module = get_module(model, name)
         n_in, n_out = linear_dims(module, arch.conv1d)
-        A[name], B[name] = lora_init(r, n_in, n_out, ref.device, torch.float32, gen)
+        A[name], B[name] = lora_init(r, n_in, n_out, module_device(module), torch.float32, gen)
         A[name].requires_grad_(True)
         B[name].requires_grad_(True)
 
         def hook(_m, args, out, n=name):
             low = args[0].float() @ A[n].T
             if n in mask:
-                low = low * mask[n]
-            return out + (low @ B[n].T * coeff[n]).to(out.dtype)
+                low = low * mask[n].to(low.device)
+            return out + (low @ B[n].T * coeff[n].to(out.device)).to(out.dtype)
 
         handles.append(module.register_forward_hook(hook))
     batch = teacher_batch(tok, [q.prompt for q in reqs], [q.target_new for q in reqs])
-    batch = batch.to(ref.device)
+    batch = batch.to(ref)
     opt = torch.optim.Adam([*A.values(), *B.values()], lr=hp.lr)
     losses, t0 = [], time.perf_counter()
     try:
@@ -367,6 +366,12 @@ class MedLaSA(Editor):
     hparams_class = MedLaSAHParams
     capabilities = Capabilities(batch=True)
     summary = "layer-wise scalable LoRA adapters from causal tracing, routed per input (MedLaSA)"
+
+    def edited_modules(self, hp: MedLaSAHParams, arch: ArchSpec, n_layers: int) -> tuple[str, ...]:
+        """The target projections of every layer (each layer gets an adapter, scaled by its
+        association score)."""
+        kinds = arch.resolve_kinds(hp.targets)
+        return tuple(arch.layer_path(layer, k) for layer in range(n_layers) for k in kinds)
 
     def _apply(
         self, model: Any, tok: Any, requests: list[EditRequest], hp: MedLaSAHParams, prior=None
@@ -426,7 +431,7 @@ class MedLaSA(Editor):
     def load(cls, model: Any, tok: Any, manifest: dict, tensors: dict) -> ModuleEdit:
         """The adapters of a MedLaSA artifact installed on ``model`` with their routing."""
         arch = get_arch(model)
-        device = arch.embedding(model).weight.device
+        device = input_device(model)
         hp = cls.hparams_class.from_dict(manifest["hparams"])
         bank = cls()._bank(model, tok, arch, hp)
         router = bank.router

@@ -72,6 +72,9 @@ class MEMIT(Editor):
     capabilities = Capabilities(batch=True)
     summary = "batch key-value updates spread over a range of MLP layers (Meng et al. 2023)"
 
+    def edited_modules(self, hp: MEMITHParams, arch: ArchSpec, n_layers: int) -> tuple[str, ...]:
+        return tuple(arch.layer_path(layer, "mlp_out") for layer in hp.resolve_layers(n_layers))
+
     def _apply(
         self, model: Any, tok: Any, requests: list[EditRequest], hp: MEMITHParams, prior=None
     ) -> WeightEdit:

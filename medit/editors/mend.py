@@ -79,6 +79,7 @@ from medit.core.arch import ArchSpec, get_arch
 from medit.core.errors import UserError
 from medit.core.forward import logits_at, per_sequence_mean
 from medit.core.hooks import first_tensor_arg, hooked, trainable_only, with_first_tensor_arg
+from medit.core.placement import input_device
 from medit.core.text import TeacherBatch, teacher_batch
 from medit.editors.base import (
     Capabilities,
@@ -457,6 +458,10 @@ class MEND(Editor):
     capabilities = Capabilities(batch=True)
     summary = "a learned network maps the edit's gradient to a weight change (Mitchell et al. 2022)"
 
+    def edited_modules(self, hp: MENDHParams, arch: ArchSpec, n_layers: int) -> tuple[str, ...]:
+        layers, kinds = hp.resolve(arch, n_layers)
+        return tuple(arch.layer_path(layer, kind) for layer in layers for kind in kinds)
+
     def _apply(
         self, model: Any, tok: Any, requests: list[EditRequest], hp: MENDHParams, prior=None
     ) -> WeightEdit:
@@ -467,9 +472,9 @@ class MEND(Editor):
             self.name, hp, model, names, [r.id for r in requests], peft=PeftExport(arch.conv1d)
         )
         params = [result._params[n] for n in names]
-        device = params[0].device
-        nets.to(device)
-        batch = _batch(tok, [(r.prompt, r.target_new) for r in requests], hp.max_length).to(device)
+        nets.to(params[0].device)
+        batch = _batch(tok, [(r.prompt, r.target_new) for r in requests], hp.max_length)
+        batch = batch.to(input_device(model))
         losses, t0 = [], time.perf_counter()
         for _ in range(hp.steps):
             us, deltas, nll = _gradients(model, arch, nets.sites, batch)
@@ -521,7 +526,7 @@ class MENDTrainer(EditorTrainer):
         self.nets = MENDNetworks(
             _sites(model, self.arch, layers, kinds), hp.rank, hp.edit_lr_init, hp.seed
         )
-        self.device = next(model.parameters()).device
+        self.device = input_device(model)
         self.nets.to(self.device)
         self.opt = self._optimizer()
         self.batch_size = hp.batch_size * hp.accumulate

@@ -23,6 +23,7 @@ average indirect effect of the MLP at the subject's last token over built-in med
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -83,6 +84,16 @@ class ROME(Editor):
     hparams_class = ROMEHParams
     capabilities = Capabilities(batch=True)
     summary = "rank-one update of one MLP projection at the traced layer (Meng et al. 2022)"
+
+    def edited_modules(self, hp: ROMEHParams, arch: ArchSpec, n_layers: int) -> tuple[str, ...]:
+        """The given layer's mlp_out; with causal tracing, every layer's (any may be chosen)."""
+        if hp.layer >= 0:
+            layers: Sequence[int] = (hp.layer,)
+        elif hp.layer_selection == "depth":
+            layers = (round(hp.layer_depth * (n_layers - 1)),)
+        else:
+            layers = range(n_layers)
+        return tuple(arch.layer_path(layer, "mlp_out") for layer in layers)
 
     def _apply(
         self, model: Any, tok: Any, requests: list[EditRequest], hp: ROMEHParams, prior=None

@@ -59,6 +59,7 @@ from medit.core.hooks import (
     layer_states,
     side_training,
 )
+from medit.core.placement import input_device
 from medit.core.text import teacher_batch
 from medit.editors.base import Capabilities, Editor, HParams, check_layers, hp
 from medit.editors.patching.bank import Patch, PatchBank, bank_of, patch_site
@@ -313,6 +314,9 @@ class SCEN(Editor):
     capabilities = Capabilities(batch=True)
     summary = "SCEN: an expert per edit at one MLP output projection, chosen by indexing neurons"
 
+    def edited_modules(self, hp: ScenHParams, arch: ArchSpec, n_layers: int) -> tuple[str, ...]:
+        return (arch.layer_path(hp.resolve_layer(n_layers), "mlp_out"),)
+
     def _apply(self, model, tok, requests, hp: ScenHParams, prior=None):
         arch, layer, name, bank = patch_site(model, hp)
         corpus = _corpus_negatives(model, tok, name, hp)
@@ -349,7 +353,7 @@ def _swapped(model, tok, name, prompt: str, subject: str | None, hp: ScenHParams
     """(n, d_in) inputs of ``name`` read on ``prompt`` with its subject swapped for
     ``negative_swaps`` medical terms: the negatives that teach a neuron the subject matters.
     Empty without a subject."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     texts = swapped_prompts(prompt, subject, hp.negative_swaps, hp.seed + 2)
     if not texts:
         return torch.empty(0, device=device)
@@ -378,7 +382,7 @@ def _corpus_negatives(model, tok, name, hp: ScenHParams) -> torch.Tensor:
 
 
 def _edit(model, tok, arch, layer, name, bank, req: EditRequest, fixed, hp: ScenHParams):
-    device = next(model.parameters()).device
+    device = input_device(model)
     batch = teacher_batch(tok, [req.prompt], [req.target_new]).to(device)
     module = get_module(model, name)
     with torch.no_grad(), bank.disabled():

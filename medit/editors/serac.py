@@ -45,10 +45,11 @@ import torch
 import torch.nn.functional as F
 
 from medit.artifacts.modules import write_module_artifact
-from medit.core.arch import get_arch
+from medit.core.arch import ArchSpec, get_arch
 from medit.core.errors import UserError
 from medit.core.forward import cache_kwargs, keep_with_cache, passed_cache
 from medit.core.hooks import capture_input, first_tensor_arg
+from medit.core.placement import input_device
 from medit.editors.base import Capabilities, Editor, HParams, hp
 from medit.editors.learned import (
     EditorTrainer,
@@ -143,7 +144,7 @@ def embed_texts(
                 padding=True,
                 truncation=True,
                 max_length=max_length,
-            ).to(model.device)
+            ).to(input_device(model))
             mask = enc.attention_mask
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
             hidden = capture_input(
@@ -331,7 +332,7 @@ class Memory:
             for e, r in zip(entries, rows, strict=True)
         ]
         width = max(map(len, seqs))
-        device = next(base.parameters()).device
+        device = input_device(self.model)
         ids = torch.full((len(seqs), width), _pad_id(self.tok), dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
         for i, s in enumerate(seqs):
@@ -380,6 +381,9 @@ class SERAC(Editor):
         "memory of edits as text, a scope classifier on the base model's states, the base "
         "model with the edit in context answering in scope (Mitchell et al. 2022)"
     )
+
+    def edited_modules(self, hp: SERACHParams, arch: ArchSpec, n_layers: int) -> tuple[str, ...]:
+        return ()  # no weight is written or patched: hooks read the model's own states
 
     @staticmethod
     def scope_for(model: Any, hp: SERACHParams) -> tuple[Scope, float]:

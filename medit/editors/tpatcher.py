@@ -42,10 +42,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from medit.core.arch import get_arch, get_module
+from medit.core.arch import ArchSpec, get_arch, get_module
 from medit.core.errors import UserError
 from medit.core.forward import logits_at
 from medit.core.hooks import capture_inputs, side_training
+from medit.core.placement import input_device
 from medit.core.text import teacher_batch
 from medit.editors.base import Capabilities, Editor, HParams, hp
 from medit.editors.patching.bank import Patch, PatchBank
@@ -171,6 +172,9 @@ class TPatcher(Editor):
     capabilities = Capabilities(batch=True)
     summary = "Transformer-Patcher: a few trained neurons in the last MLP per mistake"
 
+    def edited_modules(self, hp: TPatcherHParams, arch: ArchSpec, n_layers: int) -> tuple[str, ...]:
+        return (arch.layer_path(n_layers - 1, "mlp"),)
+
     def _apply(self, model, tok, requests, hp: TPatcherHParams, prior=None):
         arch = get_arch(model)
         layer = arch.n_layers(model) - 1
@@ -211,7 +215,7 @@ class TPatcher(Editor):
 
 def _patch(model, tok, arch, layer, name, bank, req: EditRequest, memory, hp: TPatcherHParams):
     """Train one edit's neurons (see the module docstring)."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     batch = teacher_batch(tok, [req.prompt], [req.target_new]).to(device)
     mlp = get_module(model, name)
     with torch.no_grad():

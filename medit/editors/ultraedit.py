@@ -41,6 +41,7 @@ from medit.core.errors import UserError
 from medit.core.forward import logits_at
 from medit.core.hooks import hooked, output_tensor, trainable_only, with_output_tensor
 from medit.core.models import solve_device
+from medit.core.placement import input_device
 from medit.core.text import teacher_batch
 from medit.editors.base import Capabilities, Editor, HParamError, HParams, check_layers, hp
 from medit.editors.results import PeftExport, WeightEdit
@@ -163,6 +164,11 @@ class UltraEdit(Editor):
     capabilities = Capabilities(batch=True)
     summary = "closed-form lifelong update from hidden states and gradients (Gu et al. 2025)"
 
+    def edited_modules(
+        self, hp: UltraEditHParams, arch: ArchSpec, n_layers: int
+    ) -> tuple[str, ...]:
+        return tuple(arch.layer_path(layer, kind) for kind, layer in hp.resolve(arch, n_layers))
+
     def _apply(self, model, tok, requests: list[EditRequest], hp: UltraEditHParams, prior=None):
         arch = get_arch(model)
         targets = hp.resolve(arch, arch.n_layers(model))
@@ -203,7 +209,7 @@ class UltraEdit(Editor):
 def _turn(model, tok, arch, modules, requests, order, hp: UltraEditHParams):
     """Per mini-batch: each module's inputs and output gradients at the target rows (float32),
     and the mini-batch's mean target loss; the weights are as at the start of the turn."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     keys, grads, losses = [], [], []
     for start in range(0, len(order), hp.batch_size):
         chosen = [requests[i] for i in order[start : start + hp.batch_size]]

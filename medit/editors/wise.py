@@ -57,6 +57,7 @@ from medit.core.cache import base_weights_sha256
 from medit.core.errors import UserError
 from medit.core.forward import target_nll
 from medit.core.hooks import layer_states, side_training
+from medit.core.placement import input_device
 from medit.core.text import teacher_batch
 from medit.editors.base import Capabilities, Editor, HParams, check_layers, hp
 from medit.editors.locate.keys import context_templates, fill
@@ -361,6 +362,9 @@ class WISE(Editor):
         "per prompt by their activation"
     )
 
+    def edited_modules(self, hp: WiseHParams, arch: ArchSpec, n_layers: int) -> tuple[str, ...]:
+        return (arch.layer_path(hp.resolve_layer(n_layers), "mlp_out"),)
+
     def _apply(self, model, tok, requests, hp: WiseHParams, prior=None):
         arch, layer, name, bank = patch_site(model, hp)
         with bank.disabled():  # both are read from (and cached for) the base model
@@ -404,7 +408,7 @@ def _corpus(model, tok) -> list[str]:
 def _edit(model, tok, arch, layer, name, bank, req: EditRequest, earlier, templates, negatives, hp):
     """Train the edit's change of its shard (the ``len(earlier)``-th edit at ``name``);
     ``negatives``: (x, real) inputs of ``name`` on the texts the memory must stay shut on."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     index = len(earlier)
     shard = index // hp.shard_size
     module = get_module(model, name)

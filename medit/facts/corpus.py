@@ -27,6 +27,7 @@ import torch
 
 from medit.core.cache import Cache
 from medit.core.errors import UserError
+from medit.core.placement import input_device
 from medit.core.text import left_padded
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,7 @@ def sample_continuations(
 ) -> list[str]:
     """Each prompt followed by exactly ``new_tokens`` top-k-sampled tokens (end-of-text
     suppressed); seed with ``torch.manual_seed`` beforehand for reproducible text."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     enc = left_padded(tok, prompts, device)
     eos = [t for t in (tok.eos_token_id, tok.pad_token_id) if t is not None]
     out = model.generate(

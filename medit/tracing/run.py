@@ -39,6 +39,8 @@ class TraceRunConfig:
     limit: int | None = None  #: trace only the first N requests
     device: str = "auto"
     dtype: str = "auto"
+    device_map: str | None = None  #: instead of device: auto | balanced | sequential | FILE.json
+    max_memory: str | None = None  #: with device_map: "0=20GiB,cpu=64GiB"
     use_cache: bool = True  #: reuse traces cached on disk
     overwrite: bool = False  #: replace an existing run directory
     quiet: bool = False  #: no progress bars
@@ -60,7 +62,9 @@ def run_trace(cfg: TraceRunConfig) -> dict[str, Any]:
         request_answer(req, cfg.answer)  # bad input fails before the model loads
     subjects = request_subjects(requests)
     requests = [dataclasses.replace(r, subject=s) for r, s in zip(requests, subjects, strict=True)]
-    lm = load_model(cfg.model, cfg.device, cfg.dtype)
+    lm = load_model(
+        cfg.model, cfg.device, cfg.dtype, device_map=cfg.device_map, max_memory=cfg.max_memory
+    )
     traces = trace_requests(lm, requests, cfg.trace, cfg.answer, cfg.use_cache, cfg.quiet)
     config = {**dataclasses.asdict(cfg), "trace": dataclasses.asdict(cfg.trace)}
     items = [

@@ -61,6 +61,7 @@ from medit.core.hooks import (
     with_output_tensor,
 )
 from medit.core.models import LoadedModel
+from medit.core.placement import input_device
 from medit.core.text import encode_pair
 from medit.facts.requests import EditRequest
 from medit.facts.subject import request_subjects, subject_tokens
@@ -172,7 +173,7 @@ def noise_level(
     """``scale`` x the std of the subject tokens' embeddings over (prompt, subject) pairs."""
     if not pairs:
         raise ValueError("noise_level needs at least one (prompt, subject) pair")
-    emb, device = arch.embedding(model), arch.embedding(model).weight.device
+    emb, device = arch.embedding(model), input_device(model)
     rows = []
     with torch.no_grad():
         for prompt, subject in pairs:
@@ -194,7 +195,7 @@ def _corrupt(arch: ArchSpec, model: Any, span: tuple[int, int], draws: torch.Ten
     rows = torch.arange(1, k + 1).repeat_interleave(n)
     cols = torch.arange(span[0], span[1]).repeat(k)
     emb = arch.embedding(model)
-    values = draws.reshape(k * n, -1).to(emb.weight.device)
+    values = draws.reshape(k * n, -1).to(input_device(model))  # where the embedding computes
     return emb, functools.partial(add_rows, rows.to(values.device), cols.to(values.device), values)
 
 
@@ -257,11 +258,15 @@ def _collect_states(model, arch, ids, span, draws, kinds) -> _States:
         base = arch.base_model(model)
         out = base(input_ids=ids.expand(k + 1, -1), use_cache=True, **cache_kwargs(base, cache))
     probs = torch.softmax(arch.head(model, out.last_hidden_state[:, -1]).float(), dim=-1)
-    clean = {kind: torch.stack([outs[kind, i][0][0] for i in range(n_layers)]) for kind in kinds}
+    # layers may live on several devices (--device-map): the states are kept on the inputs'
+    dev = ids.device
+    clean = {
+        kind: torch.stack([outs[kind, i][0][0].to(dev) for i in range(n_layers)]) for kind in kinds
+    }
     return _States(
         ids=ids,
         clean=clean,
-        entering=torch.stack([e[0][1:] for e in entering]),
+        entering=torch.stack([e[0][1:].to(dev) for e in entering]),
         kv=[(layer.keys[1:], layer.values[1:]) for layer in cache.layers],
         clean_probs=probs[0],
         corrupted_probs=probs[1:],
@@ -362,7 +367,8 @@ def _run_cells(model, arch, states: _States, cells, token: int, answer: int, wid
 
     def join(m: int):
         def hook(_m, args, kwargs):
-            hidden = torch.cat([first_tensor_arg(args, kwargs), *joining[m]])
+            x = first_tensor_arg(args, kwargs)
+            hidden = torch.cat([x, *(j.to(x.device) for j in joining[m])])
             return with_first_tensor_arg(args, kwargs, hidden)
 
         return hook
@@ -426,7 +432,7 @@ def _attribution(model, arch, ids, span, draws, config: TraceConfig, answer_of):
     effect = {}  # (kind, layer) -> (T,) mean over samples of (clean - corrupted) . grad
     for key, act, grad in zip(outs, acts, grads, strict=True):
         act, grad = act.detach().float(), grad.float() * k  # grad of the mean -> of each row
-        effect[key] = ((act[0] - act[1:]) * grad[1:]).sum(-1).mean(0)
+        effect[key] = ((act[0] - act[1:]) * grad[1:]).sum(-1).mean(0).cpu()
     corrupted = probs[1:, answer].mean().item()
     grids = {}
     for kind in config.kinds:
@@ -447,10 +453,10 @@ def answer_token_id(tok: Any, prompt: str, answer: str | None, clean_probs: torc
 
 def _inputs(model, tok, arch: ArchSpec, prompt: str, subject: str, config: TraceConfig, noise):
     """(prompt ids, subject token span, noise draws) of one prompt."""
-    weight = arch.embedding(model).weight
-    ids = torch.tensor(tok(prompt).input_ids, device=weight.device)
+    dim = arch.embedding(model).embedding_dim
+    ids = torch.tensor(tok(prompt).input_ids, device=input_device(model))
     span = subject_tokens(tok, prompt, subject)
-    return ids, span, noise_draws(config, span[1] - span[0], weight.shape[1], noise)
+    return ids, span, noise_draws(config, span[1] - span[0], dim, noise)
 
 
 def trace(

@@ -21,6 +21,7 @@ from medit.core.arch import ArchSpec
 from medit.core.cache import Cache, base_weights_sha256
 from medit.core.errors import UserError
 from medit.core.hooks import capture_inputs
+from medit.core.placement import input_device
 from medit.facts.corpus import Corpus
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ def _accumulate(model, tok, arch, layers, corpus: Corpus, max_length, batch_size
         ids = tok(text).input_ids
         chunks += [ids[i : i + max_length] for i in range(0, len(ids), max_length)]
     chunks.sort(key=len)
-    device = arch.embedding(model).weight.device
+    device = input_device(model)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     modules = [arch.module(model, layer, "mlp_out") for layer in sorted(layers)]
     base = arch.base_model(model)

@@ -24,6 +24,7 @@ import torch
 from medit.core.arch import ArchSpec
 from medit.core.cache import Cache, base_weights_sha256
 from medit.core.hooks import capture_input, capture_inputs, edited_outputs, record
+from medit.core.placement import input_device
 from medit.core.text import right_padded
 from medit.facts.corpus import sample_continuations
 from medit.facts.requests import EditRequest
@@ -90,7 +91,7 @@ def module_inputs(
     (float32). The forward stops after the last layer asked for."""
     layers = sorted(layers)
     modules = [arch.module(model, layer, "mlp_out") for layer in layers]
-    base, device = arch.base_model(model), arch.embedding(model).weight.device
+    base, device = arch.base_model(model), input_device(model)
     out: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     for i in range(0, len(texts), batch_size):
         chunk = list(texts[i : i + batch_size])
@@ -147,7 +148,7 @@ def layer_outputs_at(model, tok, arch: ArchSpec, layer: int, requests, subjects)
     """Output of decoder ``layer`` at each request's subject-last token (plain prompt) (N, d)."""
     pairs = [subject_last(tok, "{}", r, s) for r, s in zip(requests, subjects, strict=True)]
     enc = right_padded(tok, lambda: tok([p[0] for p in pairs], return_tensors="pt", padding=True))
-    device = arch.embedding(model).weight.device
+    device = input_device(model)
     ids, mask = enc.input_ids.to(device), enc.attention_mask.to(device)
     store: list[torch.Tensor] = []
     nxt = layer + 1

@@ -20,6 +20,7 @@ import torch
 from medit.core.arch import ArchSpec, get_module
 from medit.core.forward import per_sequence_mean
 from medit.core.hooks import edited_outputs, frozen_prefix, record, trainable_only
+from medit.core.placement import input_device
 from medit.core.text import right_padded, teacher_batch
 from medit.editors.locate.keys import subject_last
 from medit.facts.requests import EditRequest
@@ -64,7 +65,7 @@ def optimise_values(
         kl = f"{subj} is a"
         prompts.append(kl), targets.append(requests[i].target_new)
         positions.append(subject_tokens(tok, kl, subj)[1] - 1), owner.append(i)
-    device = arch.embedding(model).weight.device
+    device = input_device(model)
     batch = right_padded(tok, lambda: teacher_batch(tok, prompts, targets)).to(device)
     rows = torch.arange(len(prompts), device=device)
     pos = torch.tensor(positions, device=device)

@@ -18,6 +18,7 @@ import torch
 from medit.core.arch import get_arch, get_module
 from medit.core.cache import Cache, base_weights_sha256
 from medit.core.hooks import capture_input
+from medit.core.placement import input_device
 from medit.core.text import right_padded
 from medit.facts.corpus import GenerationSettings, generated_corpus
 from medit.facts.subject import medical_terms
@@ -63,7 +64,7 @@ def text_inputs(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The input of ``module`` at every position of ``texts`` (one right-padded forward, the
     rest of the model skipped): x (n, pos, d_in) and which positions are real (n, pos)."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     kw = {"truncation": True, "max_length": max_length} if max_length else {}
     enc = right_padded(tok, lambda: tok(texts, return_tensors="pt", padding=True, **kw))
     ids, mask = enc.input_ids.to(device), enc.attention_mask.to(device)

@@ -36,6 +36,7 @@ from sklearn.neighbors import NearestNeighbors
 from medit.core.errors import UserError
 from medit.core.forward import keep_with_cache, passed_cache
 from medit.core.hooks import capture_input
+from medit.core.placement import input_device
 from medit.core.text import normalise
 
 ROUTING_MODES = ("nearest", "oracle", "always")
@@ -167,7 +168,7 @@ class SequenceRouter:
         layer of the base model (every patch shut meanwhile)."""
         bank, arch = self.bank, self.bank.arch
         layer = round(self.routing.route_depth * (arch.n_layers(bank.model) - 1))
-        base, device = arch.base_model(bank.model), arch.embedding(bank.model).weight.device
+        base, device = arch.base_model(bank.model), input_device(bank.model)
         pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
         out = []
         with bank.disabled():
@@ -209,7 +210,7 @@ class SequenceRouter:
 
     def _route_base(self, rows: list[list[int]]) -> _Route:
         patches = self.bank.patches
-        device = self.bank.arch.embedding(self.bank.model).weight.device
+        device = input_device(self.bank.model)
         texts = self.tok.batch_decode(rows, skip_special_tokens=True)
         n, mode = len(rows), self.routing.mode
         which, gate = torch.zeros(n, dtype=torch.long), torch.ones(n)
