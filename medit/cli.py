@@ -256,6 +256,9 @@ def main(ctx: click.Context, quiet: bool, verbose: bool) -> None:
 )
 @click.option("--allow-pickle", is_flag=True, help="Allow pickle (.bin) weights. Unsafe.")
 @click.option("--trust-remote-code", is_flag=True, help="Run the model repo's code. Unsafe.")
+@click.option(
+    "--force", is_flag=True, help="Edit even where `medit plan` expects the edit not to fit."
+)
 @_journal_options
 @_quiet_option
 @click.pass_context
@@ -283,6 +286,7 @@ def edit(
     locality_per_edit,
     allow_pickle,
     trust_remote_code,
+    force,
     author,
     reason,
     workspace,
@@ -318,6 +322,7 @@ def edit(
         workspace=workspace,
         locality_from=locality_from,
         locality_per_edit=locality_per_edit,
+        force=force,
     )
     from medit.core.results import format_summary
     from medit.report.render import write_report
@@ -331,6 +336,69 @@ def edit(
     click.echo(str(Path(out).resolve()))
     if fail_under:
         _gate(res)
+
+
+@main.command()
+@click.option("--model", default="builtin:smollm2", show_default=True, help="Model spec.")
+@click.option("--method", default="ft-m", show_default=True, help="Editor (see `medit methods`).")
+@click.option("--device", default="auto", show_default=True, help=DEVICES)
+@click.option("--dtype", type=DTYPES, default="auto", show_default=True)
+@click.option("--hparam", "hparams", multiple=True, metavar="KEY=VALUE", help="Editor override.")
+@click.option(
+    "--batch-size",
+    default=32,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Sequences per evaluation forward.",
+)
+@click.option(
+    "--seq-len",
+    default=64,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Tokens of an edit prompt + target.",
+)
+@click.option(
+    "--edits",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Requests per edit call (batch mode: all of them).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--trust-remote-code", is_flag=True, help="Run the model repo's code. Unsafe.")
+@_user_errors
+@_placement_options
+def plan(
+    model,
+    method,
+    device,
+    dtype,
+    hparams,
+    batch_size,
+    seq_len,
+    edits,
+    as_json,
+    trust_remote_code,
+    device_map,
+    max_memory,
+):
+    """Expected peak memory per device of editing MODEL with METHOD, from its config alone."""
+    from medit.core.memory import Workload
+    from medit.plan import plan_memory
+
+    mem = plan_memory(
+        model,
+        method,
+        hparams=_parse_hparams(hparams),
+        device=device,
+        dtype=dtype,
+        device_map=device_map,
+        max_memory=max_memory,
+        work=Workload(seq_len=seq_len, batch_size=batch_size, edits=edits),
+        trust_remote_code=trust_remote_code,
+    )
+    click.echo(json.dumps(mem.to_dict(), indent=2) if as_json else mem.table())
 
 
 @main.command()

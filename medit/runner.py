@@ -40,6 +40,7 @@ from medit.evaluation import EvalConfig, aggregate, evaluate
 from medit.facts.probes import add_known_probes
 from medit.facts.requests import check_lengths, context_length, load_requests
 from medit.loop import MODES, EditRecord, Plan, run_edits, set_seed
+from medit.plan import check_fits, plan_memory, workload
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,8 @@ class RunConfig:
     #: known facts (a requests file, e.g. `medit check`'s right.jsonl) sampled as locality probes
     locality_from: str | None = None
     locality_per_edit: int = 3  #: known facts added to each request as probes
+    #: edit even where the memory plan (medit.plan) says the edit will not fit
+    force: bool = False
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -117,6 +120,7 @@ def run_edit(cfg: RunConfig) -> dict[str, Any]:
         )
     config = load_config(cfg.model, trust_remote_code=cfg.trust_remote_code)
     editor.check_config(config)
+    _check_memory(cfg, requests, config)
     t_load = time.perf_counter()
     lm = load_model(
         cfg.model,
@@ -170,6 +174,25 @@ def run_edit(cfg: RunConfig) -> dict[str, Any]:
     ]
     _write_run(cfg, out, journal, res, samples, requests, combined, lm, edited_sha)
     return res
+
+
+def _check_memory(cfg: RunConfig, requests, config) -> None:
+    """The memory plan, logged (one line per device); refuse a run it says cannot fit unless
+    ``force`` (see medit.plan)."""
+    mem = plan_memory(
+        cfg.model,
+        cfg.method,
+        hparams=cfg.hparams,
+        device=cfg.device,
+        dtype=cfg.dtype,
+        device_map=cfg.device_map,
+        max_memory=cfg.max_memory,
+        work=workload(requests, cfg.mode, cfg.eval.batch_size),
+        config=config,
+        trust_remote_code=cfg.trust_remote_code,
+    )
+    log.info("%s", mem.summary())
+    check_fits(mem, force=cfg.force)
 
 
 def _bar(cfg: RunConfig, desc: str) -> str | None:

@@ -393,7 +393,7 @@ def load_model(
         raise _load_error(spec, exc) from None
     placement: dict[str, Any] = {}
     if device_map is not None:
-        meta = _empty_model(config, torch_dtype, trust_remote_code)
+        meta = empty_model(config, torch_dtype, trust_remote_code)
         placement = {
             "device_map": resolve_device_map(
                 device_map, meta, max_memory=budget, keep_resident=keep_resident
@@ -434,7 +434,7 @@ def load_model(
     )
 
 
-def _empty_model(config: Any, dtype: torch.dtype, trust_remote_code: bool) -> Any:
+def empty_model(config: Any, dtype: torch.dtype, trust_remote_code: bool) -> Any:
     """The model without weights (meta tensors): what accelerate plans a device map on."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM

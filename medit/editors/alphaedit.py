@@ -18,10 +18,12 @@ model, and sharing the value step makes the MEMIT/AlphaEdit comparison differ in
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
 
 from medit.core.errors import UserError
+from medit.core.memory import Component, Shapes, Workload
 from medit.core.models import solve_device
 from medit.editors.base import hp
 from medit.editors.locate.common import second_moments
@@ -48,6 +50,18 @@ class AlphaEdit(MEMIT):
     name = "alphaedit"
     hparams_class = AlphaEditHParams
     summary = "MEMIT's update projected on the null space of preserved keys (Fang et al. 2025)"
+
+    def memory_plan(self, hp: AlphaEditHParams, config: Any, work: Workload) -> list[Component]:
+        """MEMIT's, plus per layer the projector P and the earlier keys Kp Kpᵀ (d_ff² float64
+        each) and the eigendecomposition's and the solve's d_ff² temporaries."""
+        ff, n = Shapes.of(config).ff, len(hp.resolve_layers(Shapes.of(config).layers))
+        extra = Component(
+            f"projector P and Kp Kpᵀ of {n} layer(s)",
+            (2 * n + 4) * ff * ff * 8,
+            note=f"(2 per layer + 4 temporaries) x {ff}² float64",
+            step="covariance",
+        )
+        return [*super().memory_plan(hp, config, work), extra]
 
     def _context(self, model, tok, arch, layers, hp: AlphaEditHParams, requests, prior) -> dict:
         # P from the preserved-knowledge corpus alone: it must not move between sequential edits

@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 
 from medit.core.arch import ArchSpec, get_arch, parameter_count
 from medit.core.errors import UserError
+from medit.core.memory import Component, Shapes, Workload, activations
 from medit.core.placement import check_resident, has_offload
 from medit.editors.results import EditResult
 from medit.facts.requests import EditRequest
@@ -382,6 +383,13 @@ class Editor(ABC):
         if n_layers is None:
             return None
         return self.edited_modules(self.hparams_for(config), get_arch(config), n_layers)
+
+    def memory_plan(self, hp: HParams, config: Any, work: Workload) -> list[Component]:
+        """What the editor holds while it edits, from the config alone (``medit plan``; the
+        planner adds the weights and the evaluation). The default: a forward and backward
+        through the whole model over the edit's sequences, nothing trained of its own."""
+        shapes = Shapes.of(config)
+        return [activations(shapes, work, work.edits, shapes.layers)]
 
     def check_placement(self, model: Any) -> None:
         """Right after loading: refuse a model whose modules this editor touches are offloaded

@@ -27,6 +27,7 @@ from medit.core.arch import ArchSpec, get_arch
 from medit.core.errors import UserError
 from medit.core.forward import logits_at, per_sequence_mean, target_nll
 from medit.core.hooks import capture_input, frozen_prefix, trainable_only
+from medit.core.memory import Component, Shapes, Workload, activations, trained, weight_copy
 from medit.core.text import TeacherBatch, teacher_batch
 from medit.editors.base import (
     Capabilities,
@@ -93,6 +94,19 @@ class FineTune(Editor):
 
     def edited_modules(self, hp: FTHParams, arch: ArchSpec, n_layers: int) -> tuple[str, ...]:
         return tuple(arch.layer_path(layer, hp.module) for layer in hp.resolve_layers(n_layers))
+
+    def memory_plan(self, hp: FTHParams, config: Any, work: Workload) -> list[Component]:
+        """The trained weights' originals, gradients and Adam moments; the activations of the
+        layers from the lowest trained one up (the ones below run once, without grad)."""
+        s = Shapes.of(config)
+        layers = hp.resolve_layers(s.layers)
+        d_in, d_out = s.linear(hp.module)
+        what, numel = f"{len(layers)} x {hp.module}", len(layers) * d_in * d_out
+        return [
+            weight_copy(what, numel, work.dtype_bytes),
+            *trained(what, numel, bytes_per=work.dtype_bytes, own=False),
+            activations(s, work, min(work.edits, hp.batch_size), s.layers - layers[0]),
+        ]
 
     def _apply(
         self, model: Any, tok: Any, requests: list[EditRequest], hp: FTHParams, prior=None

@@ -46,6 +46,7 @@ import torch
 from medit.core.arch import ArchSpec, get_arch, get_module
 from medit.core.forward import target_nll
 from medit.core.hooks import layer_states, side_training
+from medit.core.memory import Component, Shapes, Workload, activations, no_grad_forward, trained
 from medit.core.placement import input_device
 from medit.core.text import teacher_batch
 from medit.editors.base import Capabilities, Defaults, Editor, HParams, check_layers, hp
@@ -338,6 +339,25 @@ class GRACE(Editor):
 
     def edited_modules(self, hp: GraceHParams, arch: ArchSpec, n_layers: int) -> tuple[str, ...]:
         return (arch.layer_path(hp.resolve_layer(n_layers), "mlp_out"),)
+
+    def memory_plan(self, hp: GraceHParams, config: Any, work: Workload) -> list[Component]:
+        """One entry per edit (a key and a value, float32); per edit, one full forward for the
+        key, the value trained with Adam through the layers from the wrapped one up; with
+        radius=corpus the unrelated texts' queries (float16, kept) and their forwards."""
+        s = Shapes.of(config)
+        d_in, d_out = s.linear("mlp_out")
+        out = [
+            Component("codebook", work.edits * (d_in + d_out) * 4, note=f"{work.edits} entries"),
+            no_grad_forward(s, work, 1, work.seq_len, "forward for the key", "key"),
+            *[dataclasses.replace(c, step="train") for c in trained("value", d_out)],
+            activations(s, work, 1, s.layers - hp.resolve_layer(s.layers)),
+        ]
+        if hp.radius == "corpus":
+            out += [
+                Component("unrelated queries", hp.radius_texts * 128 * d_in * 2, note="float16"),
+                no_grad_forward(s, work, 16, 128, "unrelated texts' forward", "radius", False),
+            ]
+        return out
 
     def _apply(self, model, tok, requests, hp: GraceHParams, prior=None):
         arch, layer, name, bank = patch_site(model, hp)

@@ -26,6 +26,7 @@ import torch
 
 from medit.core.arch import ArchSpec, get_arch
 from medit.core.forward import target_nll
+from medit.core.memory import Component, Shapes, Workload, activations, trained, weight_copy
 from medit.core.placement import input_device
 from medit.core.text import teacher_batch
 from medit.editors.base import (
@@ -96,6 +97,21 @@ class _PeftEditor(Editor):
         layers = hp.layers or tuple(range(n_layers))
         kinds = arch.resolve_kinds(hp.targets)
         return tuple(arch.layer_path(layer, kind) for layer in layers for kind in kinds)
+
+    def memory_plan(self, hp: LoRAHParams, config: Any, work: Workload) -> list[Component]:
+        """The adapters (float32) with gradients and Adam moments, the originals of every adapted
+        weight (merged in after training), activations from the lowest adapted layer up."""
+        s = Shapes.of(config)
+        layers = hp.layers or tuple(range(s.layers))
+        dims = [s.linear(k) for k in get_arch(config).resolve_kinds(hp.targets)]
+        rank = hp.init_rank if isinstance(hp, AdaLoRAHParams) else hp.rank
+        adapters = len(layers) * sum(rank * (i + o) for i, o in dims)
+        weights = len(layers) * sum(i * o for i, o in dims)
+        return [
+            weight_copy(f"{len(layers) * len(dims)} adapted weights", weights, work.dtype_bytes),
+            *trained(f"rank-{rank} adapters", adapters),
+            activations(s, work, min(work.edits, hp.batch_size), s.layers - min(layers)),
+        ]
 
     def _config(self, modules: list[str], hp: LoRAHParams, conv1d: bool):
         from peft import AdaLoraConfig, LoraConfig

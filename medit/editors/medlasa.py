@@ -41,6 +41,7 @@ from medit.core.cache import base_weights_sha256
 from medit.core.errors import UserError
 from medit.core.forward import target_nll
 from medit.core.hooks import trainable_only
+from medit.core.memory import Component, Shapes, Workload, activations, no_grad_forward, trained
 from medit.core.placement import input_device, module_device
 from medit.core.text import teacher_batch
 from medit.editors.base import Capabilities, Defaults, Editor, HParamError, HParams, check_kinds, hp
@@ -372,6 +373,20 @@ class MedLaSA(Editor):
         association score)."""
         kinds = arch.resolve_kinds(hp.targets)
         return tuple(arch.layer_path(layer, k) for layer in range(n_layers) for k in kinds)
+
+    def memory_plan(self, hp: MedLaSAHParams, config: Any, work: Workload) -> list[Component]:
+        """One adapter per edit in every layer (rank up to 2 x r0: counted at 2 x r0), float32,
+        with gradients and Adam moments; activations through every layer; the causal tracing
+        forwards (``max_batch_tokens``) before training."""
+        s = Shapes.of(config)
+        dims = [s.linear(k) for k in get_arch(config).resolve_kinds(hp.targets)]
+        adapters = work.edits * s.layers * sum(2 * hp.r0 * (i + o) for i, o in dims)
+        rows = max(1, 16384 // work.seq_len)
+        return [
+            *trained(f"{work.edits} x {s.layers}-layer adapters", adapters),
+            activations(s, work, work.edits, s.layers),
+            no_grad_forward(s, work, rows, work.seq_len, "causal tracing", "trace", False),
+        ]
 
     def _apply(
         self, model: Any, tok: Any, requests: list[EditRequest], hp: MedLaSAHParams, prior=None

@@ -25,9 +25,10 @@ import torch
 
 from medit.core.arch import ArchSpec, get_arch
 from medit.core.errors import UserError
+from medit.core.memory import Component, Shapes, Workload
 from medit.core.models import solve_device
 from medit.editors.base import Capabilities, Editor, check_layers, hp
-from medit.editors.locate.common import KeyValueHParams, second_moments
+from medit.editors.locate.common import KeyValueHParams, key_value_plan, second_moments
 from medit.editors.locate.keys import layer_outputs_at, request_keys
 from medit.editors.locate.values import optimise_values
 from medit.editors.results import WeightEdit
@@ -74,6 +75,11 @@ class MEMIT(Editor):
 
     def edited_modules(self, hp: MEMITHParams, arch: ArchSpec, n_layers: int) -> tuple[str, ...]:
         return tuple(arch.layer_path(layer, "mlp_out") for layer in hp.resolve_layers(n_layers))
+
+    def memory_plan(self, hp: MEMITHParams, config: Any, work: Workload) -> list[Component]:
+        s = Shapes.of(config)
+        layers = hp.resolve_layers(s.layers)
+        return key_value_plan(hp, s, work, layers, layers[-1])
 
     def _apply(
         self, model: Any, tok: Any, requests: list[EditRequest], hp: MEMITHParams, prior=None

@@ -30,9 +30,11 @@ import torch
 
 from medit.core.arch import ArchSpec, get_arch
 from medit.core.errors import UserError
+from medit.core.memory import Component, Shapes, Workload, no_grad_forward
 from medit.editors.base import Capabilities, Defaults, Editor, check_layers, hp
 from medit.editors.locate.common import (
     KeyValueHParams,
+    key_value_plan,
     second_moments,
     traced_layer,
 )
@@ -94,6 +96,19 @@ class ROME(Editor):
         else:
             layers = range(n_layers)
         return tuple(arch.layer_path(layer, "mlp_out") for layer in layers)
+
+    def memory_plan(self, hp: ROMEHParams, config: Any, work: Workload) -> list[Component]:
+        """One request at a time; with causal tracing the layer is unknown before the edit, so
+        the value optimisation is counted from layer 0 (the most layers above it) and the
+        tracing forwards (``max_batch_tokens``) are a step of their own."""
+        s = Shapes.of(config)
+        one = dataclasses.replace(work, edits=1)
+        if hp.layer < 0 and hp.layer_selection == "trace":
+            rows = max(1, 16384 // work.seq_len)
+            trace = no_grad_forward(s, work, rows, work.seq_len, "causal tracing", "trace", False)
+            return [*key_value_plan(hp, s, one, [0], 0), trace]
+        layer = hp.layer if hp.layer >= 0 else round(hp.layer_depth * (s.layers - 1))
+        return key_value_plan(hp, s, one, [layer], layer)
 
     def _apply(
         self, model: Any, tok: Any, requests: list[EditRequest], hp: ROMEHParams, prior=None

@@ -13,6 +13,15 @@ import torch
 
 from medit.core.arch import ArchSpec
 from medit.core.cache import Cache, base_weights_sha256
+from medit.core.memory import (
+    Component,
+    Shapes,
+    Workload,
+    activations,
+    no_grad_forward,
+    trained,
+    weight_copy,
+)
 from medit.core.text import continuation
 from medit.editors.base import HParams, hp
 from medit.editors.locate.covariance import covariance
@@ -139,3 +148,41 @@ def _traced_layer(model, tok, arch, n_prompts, sha):
         effects.append(t.effects("mlp")[t.subject_range[1] - 1])
     profile = torch.stack(effects).mean(0)
     return int(profile.argmax()), profile.tolist()
+
+
+# -- memory plan (``medit plan``) ----------------------------------------------------------------
+def key_value_plan(
+    hp: KeyValueHParams, s: Shapes, work: Workload, layers: Sequence[int], value_layer: int
+) -> list[Component]:
+    """What ROME / MEMIT / AlphaEdit hold: δ (one d-vector per request) and Adam's state, the
+    value optimisation's activations above ``value_layer`` over every templated prompt (plus the
+    KL prompt), the originals of the edited ``layers``' mlp_out, and per edited layer C = E[k kᵀ]
+    (d_ff x d_ff float64: the cached sum, C itself and the sum with the requests' keys) after the
+    corpus forward that accumulates it (16 windows of ``cov_max_length`` tokens, the inputs of
+    every edited layer captured)."""
+    n, ff = work.edits, s.linear("mlp_out")[0]
+    prompts = n * (hp.prefix_count * len(hp.prefix_lengths) + 2 if hp.prefix_count else 2)
+    seq = work.seq_len + (max(hp.prefix_lengths) if hp.prefix_count else 0)
+    cov = 3 * len(layers) * ff * ff * 8
+    # a generated corpus's windows are a seed prompt (~16 tokens) and its continuation
+    window = hp.cov_max_length if hp.cov_corpus else min(hp.cov_max_length, hp.cov_new_tokens + 16)
+    corpus = no_grad_forward(s, work, 16, window, "corpus forward for C", "covariance", False)
+    captured = len(layers) * 16 * window * ff * work.dtype_bytes
+    generation = []
+    if not hp.cov_corpus:  # generated once per model, then read from the cache
+        kv = 2 * s.layers * 64 * (hp.cov_new_tokens + 16) * s.kv * work.dtype_bytes
+        gen = no_grad_forward(s, work, 64, 16, "corpus generation (first use)", "corpus", False)
+        generation = [dataclasses.replace(gen, bytes=gen.bytes + kv + 3 * 64 * s.vocab * 4)]
+    return [
+        *generation,
+        weight_copy(f"{len(layers)} x mlp_out", len(layers) * ff * s.d, work.dtype_bytes),
+        *trained("value vectors δ", n * s.d),
+        activations(s, work, prompts, s.layers - value_layer - 1, seq_len=seq, step="values"),
+        Component(
+            f"covariance C of {len(layers)} layer(s)",
+            cov,
+            note=f"3 x {ff}² float64 per layer",
+            step="covariance",
+        ),
+        dataclasses.replace(corpus, bytes=corpus.bytes + captured + 2 * ff * ff * 12),
+    ]
