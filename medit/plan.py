@@ -14,6 +14,7 @@ on (a device map's main device).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -179,12 +180,10 @@ def available_bytes(device: str) -> int | None:
         return int(torch.cuda.mem_get_info(index)[0])
     if device != "cpu":
         return None
-    try:
+    with contextlib.suppress(ImportError):
         import psutil
 
         return int(psutil.virtual_memory().available)
-    except ImportError:
-        pass
     meminfo = Path("/proc/meminfo")
     if not meminfo.is_file():
         return None

@@ -10,6 +10,7 @@ GPUs the kernels differ by device and the comparison would need a tolerance; no 
 """
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -282,3 +283,16 @@ def test_frozen_prefix_gives_back_accelerates_forward(tiny_model_dir, map_file):
     with frozen_prefix(lm.model, lm.arch, 2, hidden):
         assert layers[0].forward is not before[0]
     assert [layer.__dict__.get("forward") for layer in layers] == before
+
+
+def test_the_offload_folder_cleanup_deletes_only_medits_own_folder(tmp_path):
+    from medit.core.models import _offload_folder, _remove_offload_folder
+
+    folder = _offload_folder()
+    assert Path(folder).is_dir()
+    theirs = tmp_path / "user-folder"
+    theirs.mkdir()
+    _remove_offload_folder(str(theirs))  # not created by medit: kept
+    assert theirs.is_dir()
+    _remove_offload_folder(folder)
+    assert not Path(folder).exists()

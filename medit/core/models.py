@@ -447,14 +447,26 @@ def empty_model(config: Any, dtype: torch.dtype, trust_remote_code: bool) -> Any
     return model
 
 
+#: offload folders this process created (the only ones :func:`_remove_offload_folder` deletes)
+_OWN_OFFLOAD: set[str] = set()
+
+
 def _offload_folder() -> str:
     """A folder of this process for weights accelerate offloads to disk (safetensors checkpoints
     are read in place; other formats are copied here), removed when the process ends."""
     import atexit
 
     folder = tempfile.mkdtemp(prefix="medit-offload-")
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    _OWN_OFFLOAD.add(folder)
+    atexit.register(_remove_offload_folder, folder)
     return folder
+
+
+def _remove_offload_folder(folder: str) -> None:
+    """Delete ``folder`` only if this process created it with :func:`_offload_folder`."""
+    if folder in _OWN_OFFLOAD:
+        shutil.rmtree(folder, ignore_errors=True)
+        _OWN_OFFLOAD.discard(folder)
 
 
 def prepare_tokenizer(tok: Any) -> Any:
