@@ -276,6 +276,72 @@ def test_resume_refuses_other_settings(tmp_path, tiny_model_dir):
         run_bench(BenchConfig(out=str(tmp_path / "r"), resume=True, seed=1, **common))
 
 
+def test_resume_extends_a_single_run_with_more_cases_and_methods(
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    """A single-mode run resumed with a larger --limit and another method edits only the new
+    (method, case) pairs and aggregates as a run started with those settings; a sequential run's
+    limit stays fixed."""
+    from medit.editors.base import Editor
+
+    data = _slice(tmp_path, "MedCF/test.json", 4)
+    common = dict(
+        suite="medcf", data=str(data), model=str(tiny_model_dir), device="cpu", quiet=True
+    )
+    ftm = {"ft-m": {"steps": 2}}
+    both = {**ftm, "ft-l": {"steps": 1}}
+    whole = run_bench(
+        BenchConfig(
+            out=str(tmp_path / "whole"), methods=("ft-m", "ft-l"), limit=4, hparams=both, **common
+        )
+    )
+    run_bench(
+        BenchConfig(out=str(tmp_path / "r"), methods=("ft-m",), limit=2, hparams=ftm, **common)
+    )
+    real_apply, calls = Editor.apply, []
+
+    def counting_apply(self, model, tok, requests, prior=None):
+        calls.append((self.name, requests[0].id))
+        return real_apply(self, model, tok, requests, prior)
+
+    monkeypatch.setattr(Editor, "apply", counting_apply)
+    grown = run_bench(
+        BenchConfig(
+            out=str(tmp_path / "r"),
+            methods=("ft-m", "ft-l"),
+            limit=4,
+            hparams=both,
+            resume=True,
+            **common,
+        )
+    )
+    assert [m for m, _ in calls].count("ft-m") == 2 and [m for m, _ in calls].count("ft-l") == 4
+
+    def strip(m):
+        return {k: v for k, v in m.items() if k not in ("seconds_per_edit", "peak_memory_mb")}
+
+    for method in ("ft-m", "ft-l"):
+        assert strip(grown["methods"][method]) == strip(whole["methods"][method])
+    bench = json.loads((tmp_path / "r" / "bench.json").read_text())
+    assert bench["config"]["limit"] == 4 and bench["identity"]["limit"] == 4
+    assert bench["extensions"][0]["changed"]["methods"] == ["ft-m", "ft-l"]
+    with pytest.raises(ValueError, match=r"other settings \(hparams"):  # ft-m's settings are fixed
+        run_bench(
+            BenchConfig(
+                out=str(tmp_path / "r"),
+                methods=("ft-m", "ft-l"),
+                limit=4,
+                hparams={**both, "ft-m": {"steps": 3}},
+                resume=True,
+                **common,
+            )
+        )
+    seq = dict(common, mode="sequential", methods=("ft-m",), hparams=ftm)
+    run_bench(BenchConfig(out=str(tmp_path / "s"), limit=2, **seq))
+    with pytest.raises(ValueError, match=r"other settings \(limit: 2 -> 4\)"):
+        run_bench(BenchConfig(out=str(tmp_path / "s"), limit=4, resume=True, **seq))
+
+
 def test_tables_and_compare(tmp_path, tiny_model_dir):
     data = _slice(tmp_path, "MedFE/test.json", 2)
     common = dict(

@@ -162,6 +162,8 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
                 indent=2,
             ),
         )
+    else:
+        _record_extension(out, cfg, identity)
     pre = baseline(lm, requests, ecfg, quiet=cfg.quiet)
     for method, editor in editors.items():
         todo = [i for i in range(len(requests)) if (method, i) not in done]
@@ -172,6 +174,30 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         _run_method(cfg, suite, method, editor, lm, requests, pre, todo, ecfg, out, bar)
         bar.close()
     return finish(out)
+
+
+def _record_extension(out: Path, cfg: BenchConfig, identity: dict) -> None:
+    """A resumed run given more methods or (single mode) a larger limit: its ``bench.json``
+    takes the new settings, so the tables aggregate them, and lists the extension with the
+    command and time (the provenance of the start stays)."""
+    bench = read_json_object(out / "bench.json")
+    stored = bench.get("identity", {})
+    new = json.loads(json.dumps(identity))
+    changed = {k: new[k] for k in new if k in stored and stored[k] != new[k]}
+    if not changed:
+        return
+    config = dataclasses.asdict(cfg)
+    kept = bench.get("config", {})
+    bench["config"] = {
+        **kept,
+        "methods": config["methods"],
+        "limit": config["limit"],
+        # the methods of the start keep their settings; a new method's come from this command
+        "hparams": {**config["hparams"], **kept.get("hparams", {})},
+    }
+    bench["identity"] = {**stored, **changed}
+    bench.setdefault("extensions", []).append({"changed": changed, "provenance": R.provenance()})
+    atomic_write_text(out / "bench.json", json.dumps(bench, indent=2))
 
 
 def _resident(editors, config) -> tuple[str, ...]:
@@ -203,9 +229,31 @@ def _prepare_dir(out: Path, identity: dict, resume: bool) -> set[tuple[str, int]
 
 
 def _identity_diff(old: dict, new: dict) -> list[str]:
-    """The settings of a resumed run that differ from the stored ones ("name: old -> new").
-    Settings a run from an earlier medit did not record are checked after the model loads."""
-    return [f"{k}: {old[k]!r} -> {new[k]!r}" for k in new if k in old and old[k] != new[k]]
+    """The settings of a resumed run that differ from the stored ones ("name: old -> new"),
+    except the ones that only extend it (:func:`_extends`). Settings a run from an earlier
+    medit did not record are checked after the model loads."""
+    return [
+        f"{k}: {old[k]!r} -> {new[k]!r}"
+        for k in new
+        if k in old and old[k] != new[k] and not _extends(k, old, new)
+    ]
+
+
+def _extends(key: str, old: dict, new: dict) -> bool:
+    """Whether a changed setting only adds work to a run, leaving what it did valid: more methods
+    (each runs its own cases; the methods already there keep their settings), or, in single
+    mode, a larger ``--limit`` (case i is the same request whatever the limit, and each case is
+    edited on the base model alone). A sequential or batch run's cases depend on the edits
+    before them, so its limit is fixed."""
+    if key == "methods":
+        return set(old["methods"]) <= set(new["methods"])
+    if key == "hparams":
+        kept = [m for m in old.get("methods", []) if m in new.get("methods", [])]
+        return all(old["hparams"].get(m) == new["hparams"].get(m) for m in kept)
+    if key == "limit":
+        single = old.get("mode") == new.get("mode") == "single"
+        return single and old["limit"] is not None and (new["limit"] or float("inf")) > old["limit"]
+    return False
 
 
 def _check_resumed_model(out: Path, lm) -> None:
