@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -681,8 +682,9 @@ def bench(
         quiet=ctx.obj["quiet"],
     )
     res = run_bench(cfg)
-    click.echo(tables.markdown(res))
-    click.echo(str(Path(out).resolve()), err=True)
+    if os.environ.get("RANK", "0") == "0":  # a launch of several processes: the first one prints
+        click.echo(tables.markdown(res))
+        click.echo(str(Path(out).resolve()), err=True)
 
 
 def _parse_thresholds(items: tuple[str, ...]) -> dict[str, float]:

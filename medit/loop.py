@@ -89,6 +89,10 @@ class Plan:
     provenance: dict[str, Any] = dataclasses.field(default_factory=dict)  #: for checkpoints
     progress: str | None = None  #: description of the final evaluation's progress bar
     curve: Curve | None = None  #: sequential mode: the retention curve's points
+    #: the global RNGs are seeded with seed + the request's index before each edit call, so an
+    #: edit does not depend on which cases a process ran before it (a resumed or sharded run
+    #: makes the edits an uninterrupted one does); None: left as they are
+    seed: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +134,11 @@ def _evaluate(lm, requests, idx, pre, ecfg, progress=None):
     return evaluate(lm.model, lm.tokenizer, lm.arch, reqs, ecfg, reference=ref, progress=progress)
 
 
+def _seed(plan: Plan, index: int) -> None:
+    if plan.seed is not None:
+        set_seed(plan.seed + index)
+
+
 def _reset_peak(lm) -> None:
     if lm.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(lm.device)
@@ -139,6 +148,7 @@ def _single(editor, lm, requests, pre, plan, todo, on_case, bar) -> Outcome:
     edits, seconds = [], [0.0] * len(requests)
     for i in todo:
         _reset_peak(lm)
+        _seed(plan, i)
         result = editor.apply(lm.model, lm.tokenizer, [requests[i]])
         seconds[i] = result.seconds
         on_case(i, _evaluate(lm, requests, [i], pre, plan.eval)[0], result.seconds, result)
@@ -157,6 +167,7 @@ def _batch(editor, lm, requests, pre, plan, todo, on_case, bar) -> Outcome:
         idx = list(range(start, min(start + size, len(requests))))
         if not missing.intersection(idx):
             continue
+        _seed(plan, start)
         result = editor.apply(lm.model, lm.tokenizer, [requests[i] for i in idx])
         edits.append(EditRecord.of(result))
         _advance(bar, len(idx))
@@ -182,6 +193,7 @@ def _sequential(editor, lm, requests, pre, plan, todo, on_case, bar) -> Outcome:
     _curve_point(lm, requests, pre, plan, seconds)  # a point the interruption skipped
     edits = []
     for i in range(len(seconds), len(requests)):
+        _seed(plan, i)
         last = editor.apply(model, tok, [requests[i]], prior=combined)
         seconds.append(last.seconds)
         edits.append(EditRecord.of(last))

@@ -182,13 +182,13 @@ def test_resume_after_a_crash_gives_the_same_aggregate(
     crashed = tmp_path / "crashed"
     real_append, calls = bench_runner.append_case, []
 
-    def crash_after_three(out, record):
+    def crash_after_three(out, record, *file):
         if len(calls) == 3:
             with open(out / "cases.jsonl", "ab") as f:
                 f.write(b'{"method": "%s", "case": 5, "flags"' % method.encode())  # kill -9
             raise KeyboardInterrupt
         calls.append(record["case"])
-        real_append(out, record)
+        real_append(out, record, *file)
 
     monkeypatch.setattr(bench_runner, "append_case", crash_after_three)
     with pytest.raises(KeyboardInterrupt):

@@ -36,7 +36,10 @@ from medit.bench.metrics import (
     other_edit_flags,
     quality_flags,
 )
+from medit.bench.shard import current_shard, merge_shards
 from medit.bench.store import (
+    CASES_STEM,
+    CURVE_STEM,
     SCHEMA,
     append_case,
     append_curve_point,
@@ -132,13 +135,19 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         "methods": list(cfg.methods),
         "data_sha256": data_sha256(suite.resolve(cfg.data)),
     }
-    done = _prepare_dir(out, identity, cfg.resume)
+    shard = current_shard(cfg.device, cfg.device_map)
+    _check_dir(out, identity, cfg.resume)  # every process: the same answer, before any write
+    shard.barrier()
+    if shard.main:
+        _prepare_dir(out)
+    shard.barrier()
+    done = {(c["method"], c["case"]) for c in read_cases(out)}
     config = load_config(cfg.model, trust_remote_code=False)
     for editor in editors.values():
         editor.check_config(config)
     lm = load_model(
         cfg.model,
-        cfg.device,
+        shard.device or cfg.device,
         cfg.dtype,
         device_map=cfg.device_map,
         max_memory=cfg.max_memory,
@@ -149,7 +158,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     _check_resumed_model(out, lm)
     check_lengths(requests, lm.tokenizer, context_length(lm.model.config), source=cfg.data)
     ecfg = dataclasses.replace(suite.eval, batch_size=cfg.eval_batch_size)
-    if not (out / "bench.json").exists():
+    if shard.main and not (out / "bench.json").exists():
         atomic_write_text(
             out / "bench.json",
             json.dumps(
@@ -162,18 +171,32 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
                 indent=2,
             ),
         )
-    else:
+    elif shard.main:
         _record_extension(out, cfg, identity)
-    pre = baseline(lm, requests, ecfg, quiet=cfg.quiet)
-    for method, editor in editors.items():
+    if shard.main:  # computed once, cached; the other processes read it from the cache
+        pre = baseline(lm, requests, ecfg, quiet=cfg.quiet)
+    shard.barrier()
+    if not shard.main:
+        pre = baseline(lm, requests, ecfg, quiet=True)
+    for m, (method, editor) in enumerate(editors.items()):
         todo = [i for i in range(len(requests)) if (method, i) not in done]
+        todo = shard.mine(cfg.mode, todo, cfg.batch_size, m)
         if not todo:
             continue
         set_seed(cfg.seed)
-        bar = tqdm(total=len(todo), desc=f"{cfg.suite} {method}", unit="case", disable=cfg.quiet)
-        _run_method(cfg, suite, method, editor, lm, requests, pre, todo, ecfg, out, bar)
+        desc = f"{cfg.suite} {method}" + (
+            f" [{shard.index + 1}/{shard.count}]" if shard.count > 1 else ""
+        )
+        bar = tqdm(total=len(todo), desc=desc, unit="case", disable=cfg.quiet)
+        _run_method(cfg, suite, method, editor, lm, requests, pre, todo, ecfg, out, bar, shard)
         bar.close()
-    return finish(out)
+    shard.barrier()  # every shard's cases written
+    if shard.main:
+        merge_shards(out, CASES_STEM)
+        merge_shards(out, CURVE_STEM)
+        res = finish(out)
+    shard.barrier()  # the others return the tables the first process wrote
+    return res if shard.main else results_of(out)
 
 
 def _record_extension(out: Path, cfg: BenchConfig, identity: dict) -> None:
@@ -205,8 +228,8 @@ def _resident(editors, config) -> tuple[str, ...]:
     return tuple(dict.fromkeys(m for e in editors for m in e.resident_modules(config) or ()))
 
 
-def _prepare_dir(out: Path, identity: dict, resume: bool) -> set[tuple[str, int]]:
-    """Create or reopen the run directory; the (method, case) pairs already finished."""
+def _check_dir(out: Path, identity: dict, resume: bool) -> None:
+    """Refuse a run directory this run cannot write or continue (reads only)."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a directory")
     if out.exists() and any(out.iterdir()):
@@ -222,10 +245,14 @@ def _prepare_dir(out: Path, identity: dict, resume: bool) -> set[tuple[str, int]
                 "use the same settings or another --out"
             )
     check_writable(out, "--out")
+
+
+def _prepare_dir(out: Path) -> None:
+    """Create or reopen the run directory; damaged case lines set aside (:func:`read_cases`)."""
     out.mkdir(parents=True, exist_ok=True)
     if marker_kind(out) is None:
         write_marker(out, "bench-run")
-    return {(c["method"], c["case"]) for c in read_cases(out, repair=True)}
+    read_cases(out, repair=True)
 
 
 def _identity_diff(old: dict, new: dict) -> list[str]:
@@ -303,12 +330,15 @@ def _steps(result: EditResult) -> float | None:
     return sum(steps) / len(steps) if steps else None
 
 
-def _run_method(cfg, suite, method, editor, lm, requests, pre, todo, ecfg, out, bar) -> None:
-    """The cases ``todo`` of one method through the run loop, each appended as it finishes;
-    sequential runs checkpoint under ``checkpoints/<method>/`` after every edit."""
+def _run_method(cfg, suite, method, editor, lm, requests, pre, todo, ecfg, out, bar, shard) -> None:
+    """The cases ``todo`` of one method through the run loop, each appended as it finishes (to
+    this process's file in a sharded run); sequential runs checkpoint under
+    ``checkpoints/<method>/`` after every edit."""
+    file = shard.cases_file(CASES_STEM)
 
     def on_case(i, post, seconds, result):
-        append_case(out, _record(suite, method, i, requests[i], post, seconds, _steps(result), lm))
+        record = _record(suite, method, i, requests[i], post, seconds, _steps(result), lm)
+        append_case(out, record, file)
         if cfg.mode != "batch":
             bar.update(1)
 
@@ -318,12 +348,13 @@ def _run_method(cfg, suite, method, editor, lm, requests, pre, todo, ecfg, out, 
         todo=todo,
         batch_size=cfg.batch_size,
         checkpoint=out / "checkpoints" / method if cfg.mode == "sequential" else None,
-        curve=_curve(cfg, suite, method, requests, out),
+        curve=_curve(cfg, suite, method, requests, out, shard.cases_file(CURVE_STEM)),
+        seed=cfg.seed,
     )
     run_edits(editor, lm, requests, pre, plan, on_case, bar if cfg.mode == "batch" else None)
 
 
-def _curve(cfg, suite, method, requests, out: Path) -> Curve | None:
+def _curve(cfg, suite, method, requests, out: Path, file: str) -> Curve | None:
     """The retention curve of a sequential run, each point appended to ``curve.jsonl``."""
     if cfg.mode != "sequential" or not cfg.curve_every:
         return None
@@ -350,7 +381,7 @@ def _curve(cfg, suite, method, requests, out: Path) -> Curve | None:
             # memory grows with the edits (a weight edit's stays the same size)
             "stored_bytes": _tensor_bytes(out / "checkpoints" / method),
         }
-        append_curve_point(out, point)
+        append_curve_point(out, point, file)
 
     done = {p["edits"] for p in read_curve(out) if p["method"] == method}
     return Curve(cfg.curve_every, cfg.curve_sample, on_point, seed=cfg.seed, done=done)

@@ -28,6 +28,7 @@ from medit.bench.metrics import (
     other_edit_flags,
     quality_flags,
 )
+from medit.bench.shard import shard_files
 from medit.bench.suites import data_sha256, get_suite
 from medit.core.cache import Cache
 from medit.core.fs import append_line, atomic_write_bytes
@@ -37,19 +38,31 @@ from medit.evaluation import evaluate
 log = logging.getLogger(__name__)
 
 SCHEMA = "medit.bench/1"
-CASES_FILE = "cases.jsonl"
-CURVE_FILE = "curve.jsonl"
+CASES_STEM, CURVE_STEM = "cases", "curve"
+CASES_FILE = f"{CASES_STEM}.jsonl"
+CURVE_FILE = f"{CURVE_STEM}.jsonl"
 REJECTED_FILE = "cases.rejected.jsonl"
 
 
 def read_cases(out: Path, repair: bool = False) -> list[dict[str, Any]]:
-    """Finished cases. A line that is not a complete case record (a crash cut the last line
-    short, or a line was damaged) is skipped; with ``repair`` such lines are moved out of
-    ``cases.jsonl`` into ``cases.rejected.jsonl`` (nothing is thrown away) and those cases run
-    again."""
-    path = out / CASES_FILE
-    if not path.exists():
-        return []
+    """Finished cases, from ``cases.jsonl`` and the files of a sharded run's processes
+    (:mod:`medit.bench.shard`). A line that is not a complete case record (a crash cut the last
+    line short, or a line was damaged) is skipped; with ``repair`` such lines are moved out of
+    their file into ``cases.rejected.jsonl`` (nothing is thrown away) and those cases run
+    again. A case is never counted twice."""
+    cases = []
+    for path in [out / CASES_FILE, *shard_files(out, CASES_STEM)]:
+        if path.exists():
+            cases += _read_case_file(out, path, repair)
+    seen, unique = set(), []
+    for c in cases:
+        if (c["method"], c["case"]) not in seen:
+            seen.add((c["method"], c["case"]))
+            unique.append(c)
+    return unique
+
+
+def _read_case_file(out: Path, path: Path, repair: bool) -> list[dict[str, Any]]:
     lines = path.read_bytes().splitlines(keepends=True)
     cases, good, bad = [], [], []
     for n, line in enumerate(lines, 1):
@@ -75,12 +88,7 @@ def read_cases(out: Path, repair: bool = False) -> list[dict[str, Any]]:
             f.flush()
             os.fsync(f.fileno())
         atomic_write_bytes(path, b"".join(good))
-    seen, unique = set(), []
-    for c in cases:  # a case is never counted twice
-        if (c["method"], c["case"]) not in seen:
-            seen.add((c["method"], c["case"]))
-            unique.append(c)
-    return unique
+    return cases
 
 
 def _case_record(line: bytes) -> dict[str, Any] | None:
@@ -100,22 +108,21 @@ def _case_record(line: bytes) -> dict[str, Any] | None:
     return record if ok else None
 
 
-def append_case(out: Path, record: dict[str, Any]) -> None:
-    append_line(out / CASES_FILE, json.dumps(record, ensure_ascii=False))
+def append_case(out: Path, record: dict[str, Any], file: str = CASES_FILE) -> None:
+    append_line(out / file, json.dumps(record, ensure_ascii=False))
 
 
-def append_curve_point(out: Path, point: dict[str, Any]) -> None:
-    append_line(out / CURVE_FILE, json.dumps(point, ensure_ascii=False))
+def append_curve_point(out: Path, point: dict[str, Any], file: str = CURVE_FILE) -> None:
+    append_line(out / file, json.dumps(point, ensure_ascii=False))
 
 
 def read_curve(out: Path) -> list[dict[str, Any]]:
     """The retention-curve points of a run (sequential mode), in the order they were written;
     a line a crash cut short is skipped (the point is computed again on resume)."""
-    path = Path(out) / CURVE_FILE
-    if not path.exists():
-        return []
     points, seen = [], set()
-    for line in path.read_bytes().splitlines(keepends=True):
+    paths = [Path(out) / CURVE_FILE, *shard_files(Path(out), CURVE_STEM)]
+    lines = [ln for p in paths if p.exists() for ln in p.read_bytes().splitlines(keepends=True)]
+    for line in lines:
         try:
             point = json.loads(line) if line.endswith(b"\n") else None
         except (json.JSONDecodeError, UnicodeDecodeError):

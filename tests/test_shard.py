@@ -1,0 +1,114 @@
+"""A benchmark sharded over processes (accelerate's two-process gloo launch on CPU) leaves the
+run directory, the cases and the aggregate of a one-process run; shard files resume."""
+
+import json
+import shutil
+
+import pytest
+
+from medit.bench.runner import BenchConfig, run_bench
+from medit.bench.shard import Shard, current_shard
+from medit.bench.store import read_cases
+from tests.test_bench import _slice
+
+
+def _strip(methods):
+    drop = ("seconds_per_edit", "peak_memory_mb")
+    return {m: {k: v for k, v in row.items() if k not in drop} for m, row in methods.items()}
+
+
+def _sharded_bench(cfg_dict):  # runs in each launched process (module level: picklable)
+    run_bench(BenchConfig(**cfg_dict))
+
+
+def _common(tmp_path, tiny_model_dir, mode, methods):
+    data = _slice(tmp_path, "MedCF/test.json", 5)
+    hparams = {"ft-m": {"steps": 2}, "ft-l": {"steps": 1}}
+    return dict(
+        suite="medcf",
+        data=str(data),
+        model=str(tiny_model_dir),
+        mode=mode,
+        methods=methods,
+        batch_size=2,
+        device="cpu",
+        quiet=True,
+        hparams={m: hparams[m] for m in methods},
+        curve_every=2,
+        curve_sample=2,
+    )
+
+
+@pytest.mark.parametrize(
+    "mode, methods",
+    [("single", ("ft-m",)), ("batch", ("ft-m",)), ("sequential", ("ft-m", "ft-l"))],
+)
+def test_a_two_process_launch_gives_the_one_process_run(tmp_path, tiny_model_dir, mode, methods):
+    from accelerate import debug_launcher
+
+    common = _common(tmp_path, tiny_model_dir, mode, methods)
+    whole = run_bench(BenchConfig(out=str(tmp_path / "one"), **common))
+    debug_launcher(
+        _sharded_bench, args=({**common, "out": str(tmp_path / "two")},), num_processes=2
+    )
+    two = tmp_path / "two"
+    assert not list(two.glob("*.shard-*")), "shard files are merged into the run's own"
+    merged = json.loads((two / "results.json").read_text())
+    assert _strip(merged["methods"]) == _strip(whole["methods"])
+    cases = read_cases(two)
+    assert sorted((c["method"], c["case"]) for c in cases) == sorted(
+        (m, i) for m in methods for i in range(5)
+    )
+    if mode == "sequential":
+        curve = lambda d: sorted(  # noqa: E731
+            (p["method"], p["edits"], json.dumps({k: v for k, v in p.items() if "second" not in k}))
+            for p in map(json.loads, open(d / "curve.jsonl"))
+        )
+        assert curve(two) == curve(tmp_path / "one")
+
+
+def test_a_run_resumes_from_the_shard_files_of_an_interrupted_launch(
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    """Cases a killed launch's shards finished (one in cases.jsonl, two in a shard file, the
+    last line cut short) are not edited again; the resumed run merges and aggregates them."""
+    from medit.editors.base import Editor
+
+    common = _common(tmp_path, tiny_model_dir, "single", ("ft-m",))
+    whole = run_bench(BenchConfig(out=str(tmp_path / "one"), **common))
+    crashed = tmp_path / "crashed"
+    shutil.copytree(tmp_path / "one", crashed)
+    lines = (crashed / "cases.jsonl").read_text().splitlines(keepends=True)
+    (crashed / "cases.jsonl").write_text(lines[0])
+    (crashed / "cases.shard-1.jsonl").write_text(lines[1] + lines[3] + lines[4][:40])
+    calls = []
+    real_apply = Editor.apply
+
+    def counting_apply(self, model, tok, requests, prior=None):
+        calls.append(requests[0].id)
+        return real_apply(self, model, tok, requests, prior)
+
+    monkeypatch.setattr(Editor, "apply", counting_apply)
+    resumed = run_bench(BenchConfig(out=str(crashed), resume=True, **common))
+    assert sorted(calls) == sorted(json.loads(lines[i])["id"] for i in (2, 4))
+    assert not (crashed / "cases.shard-1.jsonl").exists()
+    assert (crashed / "cases.rejected.jsonl").read_text() == lines[4][:40] + "\n"  # kept aside
+    assert _strip(resumed["methods"]) == _strip(whole["methods"])
+    assert len((crashed / "cases.jsonl").read_text().splitlines()) == 5
+
+
+def test_shares_cover_the_work_once():
+    todo = list(range(10))
+    for mode in ("single", "batch"):
+        parts = [Shard(r, 3).mine(mode, todo, 4, 0) for r in range(3)]
+        assert sorted(i for p in parts for i in p) == todo
+    assert Shard(1, 3).mine("batch", todo, 4, 0) == [4, 5, 6, 7]  # whole batches
+    assert [bool(Shard(r, 2).mine("sequential", todo, 1, 3)) for r in range(2)] == [False, True]
+
+
+def test_a_launch_refuses_a_device_map(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="one or the other"):
+        current_shard("cpu", "auto")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert current_shard("cpu", "auto").count == 1
