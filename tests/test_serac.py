@@ -85,6 +85,58 @@ def test_batched_rows_are_routed_each_on_its_own(tiny_llama):
     assert not torch.allclose(edited[0], base[0])
 
 
+@pytest.mark.parametrize("beams", [1, 2])
+def test_batched_decoding_on_the_counterfactual_cache_equals_the_context_run(tiny_llama, beams):
+    """Rows of different lengths decoded together (greedy, and beam search, which reorders and
+    duplicates rows): each in-scope row continues as the base model does after its edit's text
+    (the counterfactual decodes on a KV cache of its own per row), the row out of scope as the
+    base model."""
+    model, tok = tiny_llama
+    tok.padding_side = "left"
+    reqs = [REQS[0], REQS[3]]
+    texts = [reqs[0].prompt, OTHER, "Tell me: " + reqs[1].prompt]
+    gen = dict(max_new_tokens=5, do_sample=False, num_beams=beams, pad_token_id=tok.eos_token_id)
+
+    def continuations(inputs):
+        """Per input: its continuation and (greedy) the logits of every decoding step."""
+        enc = tok(inputs, return_tensors="pt", padding=True)
+        out = model.generate(**enc, **gen, output_logits=True, return_dict_in_generate=True)
+        steps = torch.stack(out.logits, 1) if beams == 1 else None
+        return [
+            (tok.decode(o[enc.input_ids.shape[1] :]), None if steps is None else steps[i])
+            for i, o in enumerate(out.sequences)
+        ]
+
+    def same(a, b):
+        close = a[1] is None or torch.allclose(a[1], b[1], atol=1e-4)
+        return a[0] == b[0] and close
+
+    context = SERACHParams().context
+    alone = [
+        continuations([context.format(prompt=reqs[0].prompt, target="gout") + texts[0]])[0],
+        continuations([OTHER])[0],
+    ]
+    result = make_editor("serac").apply(model, tok, reqs)
+    routed = [_scope_of(model, t) for t in texts]
+    got = continuations(texts)
+    result.restore()
+    assert routed[1] is None and routed[0] == reqs[0].id
+    assert same(got[0], alone[0]) and same(got[1], alone[1])
+    if routed[2] is not None:  # the prefixed prompt is in scope of its edit: its own context
+        third = context.format(prompt=reqs[1].prompt, target="gout") + texts[2]
+        assert same(got[2], continuations([third])[0])
+
+
+def _scope_of(model, text):
+    """The edit id the memory retrieves for ``text`` (None: out of scope)."""
+    memory = model._medit_serac_memory
+    tok = memory.tok
+    with torch.no_grad():
+        model(**tok([text], return_tensors="pt"))
+    entry = memory._seq.entries[0]
+    return None if entry is None else entry.edit_id
+
+
 def test_removing_an_entry_restores_the_base_answer_for_it_only(tiny_llama):
     model, tok = tiny_llama
     a, b = REQS[0], REQS[1]

@@ -25,8 +25,8 @@ an explicit memory, a scope classifier, and a counterfactual model.
   computes for the edit's context followed by the row's tokens so far. Rows out of scope are
   untouched: the base model's output, bit for bit. So ``model.generate``, medit's decoder and
   its teacher-forced scoring (prefill, then the target on the cache) all see the same edit.
-  A decoding step of an in-scope row recomputes the context and the row's tokens without a
-  cache (quadratic in the answer's length, which is short here).
+  The counterfactual keeps a KV cache per in-scope row (the edit's context and the row's tokens),
+  so a decoding step runs the new token only, as the base model's own decoding does.
 
 ``checkpoint=None`` gives the untrained classifier (the identity projection, no mean removed,
 threshold 0.95): exact repeats of a prompt are in scope, little else is reliably separated.
@@ -34,6 +34,7 @@ threshold 0.95): exact repeats of a prompt are in scope, little else is reliably
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
@@ -175,15 +176,24 @@ class Entry:
 
 
 class _Sequences:
-    """Per row of a batch: its tokens so far and its retrieved entry (None: out of scope)."""
+    """Per row of a batch: its tokens so far, its retrieved entry (None: out of scope) and the
+    counterfactual's KV cache over the entry's context and those tokens (None: not run yet)."""
 
     def __init__(self, tokens: list[list[int]], entries: list[Entry | None]):
         self.tokens, self.entries, self.batch = tokens, entries, len(tokens)
+        self.caches: list[Any] = [None] * len(tokens)
 
     def select(self, rows: torch.Tensor) -> None:
         idx = rows.tolist()
         self.tokens = [list(self.tokens[i]) for i in idx]
         self.entries = [self.entries[i] for i in idx]
+        seen: set[int] = set()
+        caches = []
+        for i in idx:  # a row kept twice (beam search) grows two caches from here
+            cache = self.caches[i]
+            caches.append(copy.deepcopy(cache) if i in seen and cache is not None else cache)
+            seen.add(i)
+        self.caches = caches
         self.batch = len(idx)
 
 
@@ -326,11 +336,38 @@ class Memory:
     @torch.no_grad()
     def _counterfactual(self, base, entries, rows, seq) -> list[torch.Tensor]:
         """The base model's final states for each entry's context followed by its row's tokens;
-        per row, the states at the row's newest tokens (those of this forward)."""
-        seqs = [
-            list(e.context_ids) + _drop_bos(self.tok, seq.tokens[r])
-            for e, r in zip(entries, rows, strict=True)
-        ]
+        per row, the states at the row's newest tokens (those of this forward). A row's first
+        forward runs its context and tokens (rows together, left-padded) and keeps the KV cache
+        of its own positions; later forwards (decoding steps, a target scored on the cache) run
+        only the new tokens on it."""
+        fresh = [(e, r) for e, r in zip(entries, rows, strict=True) if seq.caches[r] is None]
+        states = {}
+        if fresh:
+            states = dict(zip([r for _, r in fresh], self._prefill(base, fresh, seq), strict=True))
+        device = input_device(self.model)
+        self._busy = True
+        try:
+            for r in rows:
+                if r in states:
+                    continue
+                cache, n = seq.caches[r], len(self._real[r])
+                ids = torch.tensor([seq.tokens[r][-n:]], device=device)
+                past = cache.get_seq_length()
+                pos = torch.arange(past, past + n, device=device)[None]
+                out = base(
+                    input_ids=ids, position_ids=pos, use_cache=True, **cache_kwargs(base, cache)
+                )
+                states[r] = out.last_hidden_state[0]
+        finally:
+            self._busy = False
+        return [states[r] for r in rows]
+
+    def _prefill(self, base, fresh, seq) -> list[torch.Tensor]:
+        """Context + tokens of rows run for the first time, in one left-padded forward; each
+        row's cache is its own positions' keys and values."""
+        from transformers import DynamicCache
+
+        seqs = [list(e.context_ids) + _drop_bos(self.tok, seq.tokens[r]) for e, r in fresh]
         width = max(map(len, seqs))
         device = input_device(self.model)
         ids = torch.full((len(seqs), width), _pad_id(self.tok), dtype=torch.long)
@@ -339,18 +376,25 @@ class Memory:
             ids[i, width - len(s) :] = torch.tensor(s)
             mask[i, width - len(s) :] = 1
         ids, mask = ids.to(device), mask.to(device)
+        cache = DynamicCache(config=self.model.config)
         self._busy = True
         try:
             out = base(
                 input_ids=ids,
                 attention_mask=mask,
                 position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                use_cache=False,
-                **cache_kwargs(base, None),
+                use_cache=True,
+                **cache_kwargs(base, cache),
             ).last_hidden_state
         finally:
             self._busy = False
-        return [out[i, width - len(self._real[r]) :] for i, r in enumerate(rows)]
+        for i, ((_, r), s) in enumerate(zip(fresh, seqs, strict=True)):
+            own = [
+                tuple(t[i : i + 1, :, width - len(s) :].clone() for t in (layer.keys, layer.values))
+                for layer in cache.layers
+            ]
+            seq.caches[r] = DynamicCache(own, config=self.model.config)
+        return [out[i, width - len(self._real[r]) :] for i, (_, r) in enumerate(fresh)]
 
 
 def _drop_bos(tok: Any, tokens: list[int]) -> list[int]:
