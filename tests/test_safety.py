@@ -242,16 +242,19 @@ def test_cases_repair_keeps_every_good_line_and_quarantines_the_bad(tmp_path, ca
 
 
 def test_bench_resume_refuses_another_dtype_or_device_naming_it(tmp_path, tiny_model_dir):
-    from medit.bench.runner import _check_resumed_model, _prepare_dir
+    from medit.bench.runner import _check_dir, _check_resumed_model, _prepare_dir
     from medit.core.models import load_model
 
     identity = {"suite": "builtin", "dtype": "float32", "device": "cpu", "seed": 0}
-    _prepare_dir(tmp_path / "b", identity, resume=False)
+    _check_dir(tmp_path / "b", identity, resume=False)
+    _prepare_dir(tmp_path / "b")
     (tmp_path / "b" / "bench.json").write_text(json.dumps({"identity": identity}))
     (tmp_path / "b" / "cases.jsonl").write_bytes(_case(0))
     with pytest.raises(ValueError, match=r"dtype: 'float32' -> 'bfloat16'"):
-        _prepare_dir(tmp_path / "b", {**identity, "dtype": "bfloat16"}, resume=True)
-    assert _prepare_dir(tmp_path / "b", identity, resume=True) == {("ft-m", 0)}
+        _check_dir(tmp_path / "b", {**identity, "dtype": "bfloat16"}, resume=True)
+    with pytest.raises(ValueError, match="pass --resume"):
+        _check_dir(tmp_path / "b", identity, resume=False)
+    _check_dir(tmp_path / "b", identity, resume=True)  # the same settings continue
     lm = load_model(str(tiny_model_dir), "cpu")
     prov = {"model": {**lm.provenance(), "device": "cuda:0"}}
     (tmp_path / "b" / "bench.json").write_text(

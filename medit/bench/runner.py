@@ -59,7 +59,7 @@ from medit.core.fs import (
 )
 from medit.core.models import DEFAULT_MODEL, load_config, load_model
 from medit.core.results import read_json_object
-from medit.editors.registry import make_editor
+from medit.editors.registry import editor_modules, make_editor
 from medit.editors.results import EditResult
 from medit.facts.requests import check_lengths, context_length
 from medit.loop import MODES, Curve, Plan, run_edits, set_seed
@@ -78,6 +78,7 @@ _IDENTITY = (
     "hparams",
     "device",
     "device_map",
+    "quantize",
     "max_memory",
     "dtype",
     "eval_batch_size",
@@ -101,6 +102,7 @@ class BenchConfig:
     dtype: str = "auto"
     device_map: str | None = None  #: instead of device: auto | balanced | sequential | FILE.json
     max_memory: str | None = None  #: with device_map: "0=20GiB,cpu=64GiB"
+    quantize: str | None = None  #: "8bit" | "4bit" (bitsandbytes; the editors' modules kept)
     hparams: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  #: per method
     resume: bool = False
     keep_flagged: bool = False  #: aggregate flagged cases' affected metrics too
@@ -151,7 +153,8 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         cfg.dtype,
         device_map=cfg.device_map,
         max_memory=cfg.max_memory,
-        keep_resident=_resident(editors.values(), config) if cfg.device_map else (),
+        keep_resident=_resident(editors.values(), config, cfg.device_map, cfg.quantize),
+        quantize=cfg.quantize,
     )
     for editor in editors.values():
         editor.check_placement(lm.model)
@@ -223,9 +226,11 @@ def _record_extension(out: Path, cfg: BenchConfig, identity: dict) -> None:
     atomic_write_text(out / "bench.json", json.dumps(bench, indent=2))
 
 
-def _resident(editors, config) -> tuple[str, ...]:
-    """The modules any of the editors touches, kept off a device map's offload."""
-    return tuple(dict.fromkeys(m for e in editors for m in e.resident_modules(config) or ()))
+def _resident(editors, config, device_map, quantize) -> tuple[str, ...]:
+    """The modules any of the editors touches, kept off a device map's offload and out of the
+    quantisation."""
+    found = [editor_modules(e, config, device_map, quantize) for e in editors]
+    return tuple(dict.fromkeys(m for names in found for m in names))
 
 
 def _check_dir(out: Path, identity: dict, resume: bool) -> None:

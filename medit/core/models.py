@@ -82,6 +82,8 @@ class LoadedModel:
     #: with ``--device-map``: the spec given, the module -> device map accelerate dispatched, and
     #: the modules kept off the offload for the editor (see :mod:`medit.core.placement`)
     device_map: dict[str, Any] | None = None
+    #: with ``--quantize``: the scheme and the modules kept in full precision
+    quantize: dict[str, Any] | None = None
 
     def provenance(self) -> dict[str, Any]:
         out = {
@@ -95,6 +97,8 @@ class LoadedModel:
         }
         if self.device_map is not None:
             out["device_map"] = self.device_map
+        if self.quantize is not None:
+            out["quantize"] = self.quantize
         return out
 
 
@@ -361,13 +365,18 @@ def load_model(
     device_map: str | None = None,
     max_memory: str | None = None,
     keep_resident: Sequence[str] = (),
+    quantize: str | None = None,
 ) -> LoadedModel:
     """Load a model spec onto a device, in eval mode, with its tokenizer and ArchSpec.
 
     ``device_map`` (instead of ``device``): auto, balanced, sequential or a FILE.json, placed by
     accelerate across GPUs, CPU and disk (``max_memory``: "0=20GiB,cpu=64GiB"); the modules named
     in ``keep_resident`` (an editor's, see ``Editor.edited_modules``) are kept off the offload.
-    See :mod:`medit.core.placement`."""
+    See :mod:`medit.core.placement`.
+
+    ``quantize`` ("8bit" or "4bit"): the linear layers are quantised with bitsandbytes as they
+    load, except the output head and the modules in ``keep_resident`` (the editor's, which it
+    writes or patches: they stay in ``dtype``)."""
     from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -400,6 +409,9 @@ def load_model(
             ),
             "offload_folder": _offload_folder(),
         }
+    if quantize is not None:
+        placement["quantization_config"] = quantization_config(quantize, torch_dtype, keep_resident)
+        placement.setdefault("device_map", {"": str(dev)})  # a quantised model cannot be moved
     try:
         model = AutoModelForCausalLM.from_pretrained(
             source,
@@ -410,7 +422,7 @@ def load_model(
         )
     except (OSError, SafetensorError) as exc:  # missing or corrupt files: the user's to fix
         raise _load_error(spec, exc) from None
-    if device_map is None:
+    if device_map is None and quantize is None:
         model.to(dev)
     else:
         dev = input_device(model)
@@ -431,6 +443,36 @@ def load_model(
         device_map=None
         if device_map is None
         else {"spec": device_map, "map": device_map_of(model), "resident": list(keep_resident)},
+        quantize=None
+        if quantize is None
+        else {"scheme": quantize, "full_precision": ["lm_head", *keep_resident]},
+    )
+
+
+QUANTIZE = ("8bit", "4bit")
+
+
+def quantization_config(scheme: str, dtype: torch.dtype, keep: Sequence[str]) -> Any:
+    """bitsandbytes' settings for ``scheme``: every linear layer quantised except the output
+    head and the modules ``keep`` (an editor's); 4-bit as NF4 computing in ``dtype``."""
+    if scheme not in QUANTIZE:
+        raise UserError(f"--quantize must be one of {', '.join(QUANTIZE)}, not {scheme!r}")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise UserError(
+            "--quantize needs bitsandbytes: pip install 'medit[quantized]' (or bitsandbytes)"
+        ) from None
+    from transformers import BitsAndBytesConfig
+
+    skip = ["lm_head", *keep]
+    if scheme == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=dtype,
+        llm_int8_skip_modules=skip,
     )
 
 

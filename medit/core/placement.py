@@ -289,6 +289,26 @@ def check_resident(model: nn.Module, names: Iterable[str], who: str) -> None:
             )
 
 
+#: bitsandbytes' quantised linear layers (``load_model(quantize=...)``)
+QUANTIZED_LAYERS = ("Linear8bitLt", "Linear4bit")
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """True when the module (or a child) is a bitsandbytes 8-bit / 4-bit layer."""
+    return any(type(m).__name__ in QUANTIZED_LAYERS for m in module.modules())
+
+
+def check_full_precision(model: nn.Module, names: Iterable[str], who: str) -> None:
+    """Refuse, naming the module, to edit or patch a module whose weights are quantised."""
+    for name in names:
+        if is_quantized(model.get_submodule(name)):
+            raise UserError(
+                f"{who}: module {name!r} is quantised (bitsandbytes), so its weights cannot be "
+                "edited in place; load the model with the editor's modules in full precision "
+                "(medit edit / bench do: --quantize keeps them unquantised) or without --quantize"
+            )
+
+
 def has_offload(model: nn.Module) -> bool:
     """True when some module of the model is offloaded by accelerate."""
     return any(t.device.type == "meta" for _, t in _tensors(model))

@@ -25,7 +25,12 @@ from typing import Any, ClassVar
 from medit.core.arch import ArchSpec, get_arch, parameter_count
 from medit.core.errors import UserError
 from medit.core.memory import Component, Shapes, Workload, activations
-from medit.core.placement import check_resident, has_offload
+from medit.core.placement import (
+    check_full_precision,
+    check_resident,
+    has_offload,
+    is_quantized,
+)
 from medit.editors.results import EditResult
 from medit.facts.requests import EditRequest
 
@@ -399,16 +404,22 @@ class Editor(ABC):
     def _check_resident(self, model: Any, hp: HParams, arch: ArchSpec) -> None:
         """A model with offloaded modules (a --device-map with disk or CPU offload) is edited only
         where the modules this editor touches are resident: a write into an offloaded (meta)
-        weight would be lost without a word."""
-        if not has_offload(model):
+        weight would be lost without a word. Likewise a quantised model (--quantize) only where
+        they are in full precision."""
+        offload, quantized = has_offload(model), is_quantized(model)
+        if not (offload or quantized):
             return
         names = self.edited_modules(hp, arch, arch.n_layers(model))
         if names is None:
+            what = "offloaded" if offload else "quantised (--quantize)"
             raise UserError(
-                f"{self.name} cannot edit a model with offloaded modules (it does not declare "
-                "which modules it edits); load it without disk / CPU offload"
+                f"{self.name} cannot edit a model with {what} modules (it does not declare "
+                f"which modules it edits); load it without {what.split(' ')[0]} modules"
             )
-        check_resident(model, names, self.name)
+        if offload:
+            check_resident(model, names, self.name)
+        if quantized:
+            check_full_precision(model, names, self.name)
 
     def apply(
         self, model: Any, tok: Any, requests: Sequence[EditRequest], prior: EditResult | None = None

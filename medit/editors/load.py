@@ -65,6 +65,15 @@ def load_edit(model: Any, tok: Any, path: str | Path) -> EditResult:
     return result
 
 
+def written_modules(path: str | Path) -> tuple[str, ...]:
+    """The modules whose weights an artifact writes (a weights artifact's; module and memory
+    edits write none: they patch or route around the module's output)."""
+    if is_adapter_artifact(path) is not None or find_module_artifact(path) is not None:
+        return ()
+    _, _, originals = read_artifact(find_artifact(path))
+    return tuple(dict.fromkeys(name.rsplit(".", 1)[0] for name in originals))
+
+
 def load_checkpoint(model: Any, tok: Any, directory: Path) -> tuple[EditResult | None, list[float]]:
     """The edits a sequential run's checkpoint holds, installed on ``model`` in order, and the
     seconds of each. A weight edit's checkpoint is one cumulative artifact; module and memory

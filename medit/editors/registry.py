@@ -43,3 +43,20 @@ def get_editor_class(name: str) -> type[Editor]:
 
 def make_editor(name: str, **overrides: Any) -> Editor:
     return get_editor_class(name)(**overrides)
+
+
+def editor_modules(
+    editor: Editor, config: Any, device_map: str | None, quantize: str | None
+) -> tuple[str, ...]:
+    """The modules ``load_model`` keeps for ``editor``: off a device map's offload and out of
+    the quantisation (its :meth:`Editor.resident_modules`). An editor that does not say which
+    modules it edits cannot edit a quantised model: refused before anything loads."""
+    if not (device_map or quantize):
+        return ()
+    names = editor.resident_modules(config)
+    if names is None and quantize:
+        raise UserError(
+            f"{editor.name} does not declare which modules it edits, so it cannot edit a "
+            "quantised model (--quantize): load the model without it"
+        )
+    return names or ()

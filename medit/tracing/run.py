@@ -41,6 +41,7 @@ class TraceRunConfig:
     dtype: str = "auto"
     device_map: str | None = None  #: instead of device: auto | balanced | sequential | FILE.json
     max_memory: str | None = None  #: with device_map: "0=20GiB,cpu=64GiB"
+    quantize: str | None = None  #: "8bit" | "4bit": bitsandbytes weights (the head kept)
     use_cache: bool = True  #: reuse traces cached on disk
     overwrite: bool = False  #: replace an existing run directory
     quiet: bool = False  #: no progress bars
@@ -63,7 +64,12 @@ def run_trace(cfg: TraceRunConfig) -> dict[str, Any]:
     subjects = request_subjects(requests)
     requests = [dataclasses.replace(r, subject=s) for r, s in zip(requests, subjects, strict=True)]
     lm = load_model(
-        cfg.model, cfg.device, cfg.dtype, device_map=cfg.device_map, max_memory=cfg.max_memory
+        cfg.model,
+        cfg.device,
+        cfg.dtype,
+        device_map=cfg.device_map,
+        max_memory=cfg.max_memory,
+        quantize=cfg.quantize,
     )
     traces = trace_requests(lm, requests, cfg.trace, cfg.answer, cfg.use_cache, cfg.quiet)
     config = {**dataclasses.asdict(cfg), "trace": dataclasses.asdict(cfg.trace)}
