@@ -154,6 +154,7 @@ HPARAMS = {
     },
     "grace": {"steps": 3, "radius": "fixed", "eps": 1e-3},
     "tpatcher": {"steps": 10, "memory_texts": 10},
+    "serac": {},
 }
 
 
@@ -209,7 +210,7 @@ def test_resume_after_a_crash_gives_the_same_aggregate(
     assert tables_md.count(method) == 2  # one row per protocol table
 
 
-@pytest.mark.parametrize("method", ["medlasa", "alphaedit", "grace", "tpatcher"])
+@pytest.mark.parametrize("method", ["medlasa", "alphaedit", "grace", "tpatcher", "serac"])
 def test_sequential_crash_between_edits_resumes_from_the_last_checkpoint(
     tmp_path, tiny_model_dir, monkeypatch, method
 ):
@@ -253,6 +254,18 @@ def test_sequential_crash_between_edits_resumes_from_the_last_checkpoint(
     if method != "alphaedit":  # module edits: one checkpoint per edit, written once
         edits = sorted((tmp_path / "crashed" / "checkpoints" / method / "edits").iterdir())
         assert [d.name for d in edits] == [f"{i:06d}" for i in range(5)]
+        if method == "serac":  # the scope classifier is stored with the first edit only
+            from medit.artifacts.modules import PATCHES_FILE as PATCHES
+            from medit.artifacts.modules import read_module_artifact
+
+            first, later = (read_module_artifact(d / "artifact" / PATCHES)[1] for d in edits[:2])
+            assert "scope.proj" in first and not any(k.startswith("scope.") for k in later)
+            from medit.core.models import load_model
+            from medit.editors.load import load_edit
+
+            lm = load_model(str(tiny_model_dir), "cpu")
+            with pytest.raises(ValueError, match="load the sequence's checkpoint directory"):
+                load_edit(lm.model, lm.tokenizer, edits[1])
     else:  # the same weights bit for bit: the resumed edits saw the earlier edits' keys
         from medit.artifacts.weights import read_artifact
 

@@ -212,6 +212,13 @@ def test_an_edit_loads_the_trained_checkpoint_and_refuses_other_weights(
     assert result.memory.threshold == config["threshold"]
     assert result.memory.scope.proj.shape == (model.config.hidden_size, 16)
     result.restore()
+    again = make_editor("serac", checkpoint=str(run)).apply(model, tok, REQS[:1])
+    assert again.memory.scope is result.memory.scope  # read once, not at every edit
+    again.restore()
+    _train(tmp_path, model, tok, steps=6, resume=True)  # the checkpoint is rewritten: read again
+    third = make_editor("serac", checkpoint=str(run)).apply(model, tok, REQS[:1])
+    assert third.memory.scope is not result.memory.scope
+    third.restore()
     other = _tiny("llama", len(tokenizer), seed=1)
     with pytest.raises(UserError, match="trained for other base weights"):
         make_editor("serac", checkpoint=str(run)).apply(other, tok, REQS[:1])

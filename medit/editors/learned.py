@@ -190,5 +190,21 @@ def load_checkpoint(
     return doc["config"], tensors
 
 
+def checkpoint_key(path: str | Path, model: Any) -> tuple:
+    """What identifies a loaded checkpoint within a process: its directory, the base weights it
+    is used with and its files' modification times (a training run rewrites them)."""
+    root = Path(path).resolve()
+    stamps = tuple(
+        (str(c), c.stat().st_mtime_ns)
+        for c in (
+            root / CONFIG_FILE,
+            root / "best" / CONFIG_FILE,
+            root / "checkpoint" / CONFIG_FILE,
+        )
+        if c.is_file()
+    )
+    return (str(root), weights_fingerprint(model), stamps)
+
+
 def is_checkpoint_dir(directory: str | Path) -> bool:
     return marker_kind(directory) == CHECKPOINT_KIND

@@ -68,7 +68,6 @@ import dataclasses
 import logging
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -92,10 +91,10 @@ from medit.editors.base import (
 )
 from medit.editors.learned import (
     EditorTrainer,
+    checkpoint_key,
     load_checkpoint,
     load_optimizer_tensors,
     optimizer_tensors,
-    weights_fingerprint,
 )
 from medit.editors.results import PeftExport, WeightEdit
 from medit.facts.requests import EditRequest
@@ -404,16 +403,6 @@ class _Edit:
 _LOADED: dict[tuple, MENDNetworks] = {}
 
 
-def _checkpoint_key(path: str, fingerprint: str) -> tuple:
-    root = Path(path).resolve()
-    stamps = tuple(
-        (str(c), c.stat().st_mtime_ns)
-        for c in (root / "editor.json", root / "best" / "editor.json")
-        if c.is_file()
-    )
-    return (str(root), fingerprint, stamps)
-
-
 def networks_for(model: Any, hp: MENDHParams) -> MENDNetworks:
     """The editor for ``model``: the checkpoint's (cached per checkpoint and base weights within
     the process), or, without one, the untrained editor of ``hp``'s layers and kinds."""
@@ -427,7 +416,7 @@ def networks_for(model: Any, hp: MENDHParams) -> MENDNetworks:
             hp.untrained_lr,
         )
         return MENDNetworks(sites, hp.rank, hp.untrained_lr, hp.seed)
-    key = _checkpoint_key(hp.checkpoint, weights_fingerprint(model))
+    key = checkpoint_key(hp.checkpoint, model)
     if key not in _LOADED:
         config, tensors = load_checkpoint(hp.checkpoint, "mend", model)
         nets = MENDNetworks.from_config(config)

@@ -430,5 +430,8 @@ class MemoryEdit(EditResult):
         return self.memory.export(directory, self, **provenance)
 
     def checkpoint(self, directory: Path, last: EditResult, index: int, **provenance) -> None:
+        """One directory per edit (``edits/NNNNNN``), written once; ``sequence_index`` tells the
+        memory which edit of the sequence this is (what every edit of one memory shares, e.g. a
+        trained scope classifier, may be stored with the first one only)."""
         provenance["edit_seconds"] = provenance.get("edit_seconds", [0.0])[-1:]
-        last.export(directory / "edits" / f"{index:06d}", **provenance)
+        last.export(directory / "edits" / f"{index:06d}", sequence_index=index, **provenance)

@@ -54,6 +54,7 @@ from medit.core.placement import input_device
 from medit.editors.base import Capabilities, Editor, HParams, hp
 from medit.editors.learned import (
     EditorTrainer,
+    checkpoint_key,
     load_checkpoint,
     load_optimizer_tensors,
     optimizer_tensors,
@@ -64,6 +65,8 @@ from medit.facts.requests import EditRequest
 log = logging.getLogger(__name__)
 
 _ATTR = "_medit_serac_memory"
+#: scope classifiers of checkpoints loaded in this process (see ``learned.checkpoint_key``)
+_LOADED: dict[tuple, tuple[Any, float]] = {}
 _SEQ = "_medit_serac_sequences"
 UNTRAINED_THRESHOLD = 0.95
 
@@ -242,12 +245,16 @@ class Memory:
                 delattr(self.model, _ATTR)
 
     def export(self, directory, result: MemoryEdit, **provenance):
-        tensors = {
-            "scope.proj": self.scope.proj.detach(),
-            "scope.mean": self.scope.mean,
-            "scope.scale": self.scope.scale.detach(),
-            "scope.bias": self.scope.bias.detach(),
-        }
+        """The entries of ``result`` and the scope classifier; a sequence's checkpoint of an edit
+        after the first (``sequence_index`` > 0) leaves the classifier to the first one's."""
+        tensors = {}
+        if provenance.get("sequence_index", 0) == 0:
+            tensors = {
+                "scope.proj": self.scope.proj.detach(),
+                "scope.mean": self.scope.mean,
+                "scope.scale": self.scope.scale.detach(),
+                "scope.bias": self.scope.bias.detach(),
+            }
         edits = []
         for i, e in enumerate(result.entries):
             tensors[f"{i}::key"] = e.key
@@ -438,12 +445,21 @@ class SERAC(Editor):
             scope = Scope(d, d)
             threshold = UNTRAINED_THRESHOLD
         else:
-            config, tensors = load_checkpoint(hp.checkpoint, "serac", model)
-            scope = Scope(d, config["dim"], trained=True)
-            scope.load_state_dict(
-                {k.removeprefix("scope."): v for k, v in tensors.items() if k.startswith("scope.")}
-            )
-            threshold = config["threshold"]
+            key = checkpoint_key(hp.checkpoint, model)
+            if key not in _LOADED:  # read once per process, not at every edit
+                config, tensors = load_checkpoint(hp.checkpoint, "serac", model)
+                scope = Scope(d, config["dim"], trained=True)
+                scope.load_state_dict(
+                    {
+                        k.removeprefix("scope."): v
+                        for k, v in tensors.items()
+                        if k.startswith("scope.")
+                    }
+                )
+                if len(_LOADED) >= 4:
+                    _LOADED.pop(next(iter(_LOADED)))
+                _LOADED[key] = scope, config["threshold"]
+            scope, threshold = _LOADED[key]
         return scope, threshold if hp.threshold is None else hp.threshold
 
     def _apply(self, model, tok, requests, hp: SERACHParams, prior=None):
@@ -459,14 +475,21 @@ class SERAC(Editor):
     @classmethod
     def load(cls, model, tok, manifest, tensors):
         hparams = cls.hparams_class.from_dict(manifest["hparams"])
-        d = model.config.hidden_size
-        proj = tensors["scope.proj"]
-        scope = Scope(d, proj.shape[1], trained=True)
-        scope.load_state_dict(
-            {k.removeprefix("scope."): v for k, v in tensors.items() if k.startswith("scope.")}
-        )
-        layer = manifest.get("scope_layer", scope_layer(model, hparams))
-        memory = Memory.of(model, tok, scope, hparams.threshold, layer)
+        if "scope.proj" in tensors:
+            scope = Scope(model.config.hidden_size, tensors["scope.proj"].shape[1], trained=True)
+            scope.load_state_dict(
+                {k.removeprefix("scope."): v for k, v in tensors.items() if k.startswith("scope.")}
+            )
+            layer = manifest.get("scope_layer", scope_layer(model, hparams))
+            memory = Memory.of(model, tok, scope, hparams.threshold, layer)
+        else:  # edit N > 0 of a sequence's checkpoint: the memory its first edit made
+            memory = getattr(model, _ATTR, None)
+            if memory is None:
+                raise UserError(
+                    f"this serac edit is edit {manifest.get('sequence_index')} of a sequence; its "
+                    "scope classifier is stored with the sequence's first edit (edits/000000): "
+                    "load the sequence's checkpoint directory, not this edit alone"
+                )
         entries = [
             Entry(
                 e["id"],
