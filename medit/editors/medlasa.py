@@ -381,11 +381,21 @@ class MedLaSA(Editor):
         s = Shapes.of(config)
         dims = [s.linear(k) for k in get_arch(config).resolve_kinds(hp.targets)]
         adapters = work.edits * s.layers * sum(2 * hp.r0 * (i + o) for i, o in dims)
-        rows = max(1, 16384 // work.seq_len)
+        trace = TraceConfig(kinds=("mlp", "attn"), mode=hp.trace_mode, subject_only=True)
+        if hp.trace_mode == "fast":  # one forward + backward of the clean and k corrupted rows
+            tracing = dataclasses.replace(
+                activations(s, work, trace.samples + 1, s.layers, step="trace"),
+                name="causal tracing (attribution: forward + backward)",
+            )
+        else:  # restoration rows: 2 kinds x layers x k per token, up to the batch budget
+            rows = min(trace.max_batch_tokens // work.seq_len, 2 * s.layers * trace.samples)
+            tracing = no_grad_forward(
+                s, work, max(1, rows), work.seq_len, "causal tracing", "trace", False
+            )
         return [
             *trained(f"{work.edits} x {s.layers}-layer adapters", adapters),
             activations(s, work, work.edits, s.layers),
-            no_grad_forward(s, work, rows, work.seq_len, "causal tracing", "trace", False),
+            tracing,
         ]
 
     def _apply(
