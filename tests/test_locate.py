@@ -295,3 +295,41 @@ def test_cli_shorthand_for_tuple_hparams():
     hp = MEMITHParams.from_dict({"layers": "4,5", "cov_corpus": "a.txt,b.jsonl"})
     assert hp.layers == (4, 5) and hp.cov_corpus == ("a.txt", "b.jsonl")
     assert hp.resolve_layers(30) == (4, 5)
+
+
+def test_memit_values_in_groups_equal_one_batch(tiny_llama, monkeypatch):
+    """The value optimisation runs on groups of requests to bound its activations: each
+    request has its own delta, loss, clamp and early stop, so groups of one give the weights
+    one batch of all requests gives, bit for bit (one thread)."""
+    import medit.editors.memit as memit_module
+    from medit.editors.registry import make_editor
+    from medit.facts.requests import parse_record
+
+    model, tok = tiny_llama
+    reqs = [
+        parse_record({"prompt": p, "target_new": t, "subject": s}, "t.json", i + 1)
+        for i, (p, t, s) in enumerate(
+            [
+                ("The pancreas produces insulin", "liver", "insulin"),
+                ("A drug used to treat pain is Aspirin", "scurvy", "Aspirin"),
+                ("The antibiotic is penicillin", "gout", "penicillin"),
+            ]
+        )
+    ]
+    hp = {"clamp_norm_factor": 200.0, "v_weight_decay": 0.0, "v_steps": 4}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        edits = {}
+        for budget in (float("inf"), 1e-12):  # one group of three; three groups of one
+            monkeypatch.setattr(memit_module, "VALUE_ACTIVATIONS_PER_WEIGHT", budget)
+            result = make_editor("memit", **hp).apply(model, tok, reqs)
+            edits[budget] = {k: v.clone() for k, v in result.merged_weights()[0].items()}
+            groups = result.diagnostics[0].get("value_groups")
+            assert groups == (1 if budget == float("inf") else 3)
+            result.restore()
+    finally:
+        torch.set_num_threads(threads)
+    one, grouped = edits.values()
+    assert one.keys() == grouped.keys()
+    assert all(torch.equal(one[k], grouped[k]) for k in one)

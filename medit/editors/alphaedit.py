@@ -90,8 +90,11 @@ class AlphaEdit(MEMIT):
         K64, R64 = K.to(device, torch.float64), resid.to(device, torch.float64)
         P = ctx["P"][layer].to(device)
         prior = ctx["state"].get(state_name(layer))
-        KK = K64.T @ K64 + (prior.to(device) if prior is not None else 0)
-        A = P @ KK + hp.L2 * torch.eye(P.shape[0], dtype=torch.float64, device=device)
+        KK = K64.T @ K64  # (d_in, d_in), and the d_in² temporaries below are written in place
+        if prior is not None:
+            KK += prior.to(device)
+        A = P @ KK
+        A.diagonal().add_(hp.L2)  # + α I
         return torch.linalg.solve(A, P @ K64.T @ R64).T.float().to(K.device)
 
     def _state_after(self, keys: dict[int, torch.Tensor], ctx: dict) -> dict[str, torch.Tensor]:
@@ -99,6 +102,6 @@ class AlphaEdit(MEMIT):
         state = dict(ctx["state"])
         for layer, K in keys.items():
             K64 = K.double().cpu()
-            prior = state.get(state_name(layer))
-            state[state_name(layer)] = K64.T @ K64 + (prior if prior is not None else 0)
+            KK, prior = K64.T @ K64, state.get(state_name(layer))
+            state[state_name(layer)] = KK if prior is None else KK.add_(prior)
         return state

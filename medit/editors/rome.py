@@ -5,7 +5,7 @@ a linear key-value memory, and a rank-one update makes it map the subject's key 
 
 1. the key (``locate.keys.template_keys``) — k* (d_in): the input of W at the subject's last token, averaged over the
    prompt and sampled context prefixes (eq. 3).
-2. the value (``locate.keys.optimise_values``) — δ (d): the change of the layer's output at the subject's last token that
+2. the value (``locate.values.optimise_values``) — δ (d): the change of the layer's output at the subject's last token that
    makes the model state the target (NLL + KL on "{subject} is a" + weight decay, clamped,
    eq. 4), so that v* = W k* + δ.
 3. ``rank_one_update`` — W' = W + Λ (C⁻¹k̄)ᵀ with Λ = (v* − W k*) / ((C⁻¹k̄)ᵀ k*) (eq. 2),

@@ -117,11 +117,12 @@ def second_moments(
     (prompt and target; never their evaluation probes) where asked."""
     stats = covariance(model, tok, arch, layers, base_corpus(model, tok, hp), hp.cov_max_length)
     include = hp.cov_include_requests if include_requests is None else include_requests
-    if include and requests:
-        texts = tuple(r.prompt + continuation(r.prompt, r.target_new) for r in requests)
-        extra = covariance(model, tok, arch, layers, Corpus("requests", texts), cache=False)
-        stats = {k: (s + extra[k][0], n + extra[k][1]) for k, (s, n) in stats.items()}
-    return {k: s / n for k, (s, n) in stats.items()}
+    if not (include and requests):
+        return {k: s / n for k, (s, n) in stats.items()}  # the cached sums stay as they are
+    texts = tuple(r.prompt + continuation(r.prompt, r.target_new) for r in requests)
+    extra = covariance(model, tok, arch, layers, Corpus("requests", texts), cache=False)
+    # one new d_in² tensor per layer: the requests' sum, added to and divided in place
+    return {k: extra[k][0].add_(s).div_(n + extra[k][1]) for k, (s, n) in stats.items()}
 
 
 # -- ROME's layer: causal tracing ----------------------------------------------------------------
@@ -152,16 +153,23 @@ def _traced_layer(model, tok, arch, n_prompts, sha):
 
 # -- memory plan (``medit plan``) ----------------------------------------------------------------
 def key_value_plan(
-    hp: KeyValueHParams, s: Shapes, work: Workload, layers: Sequence[int], value_layer: int
+    hp: KeyValueHParams,
+    s: Shapes,
+    work: Workload,
+    layers: Sequence[int],
+    value_layer: int,
+    value_edits: int | None = None,
 ) -> list[Component]:
     """What ROME / MEMIT / AlphaEdit hold: δ (one d-vector per request) and Adam's state, the
     value optimisation's activations above ``value_layer`` over every templated prompt (plus the
     KL prompt), the originals of the edited ``layers``' mlp_out, and per edited layer C = E[k kᵀ]
     (d_ff x d_ff float64: the cached sum, C itself and the sum with the requests' keys) after the
     corpus forward that accumulates it (16 windows of ``cov_max_length`` tokens, the inputs of
-    every edited layer captured)."""
+    every edited layer captured). ``value_edits``: the requests whose values are optimised
+    together (default: all of the call's)."""
     n, ff = work.edits, s.linear("mlp_out")[0]
-    prompts = n * (hp.prefix_count * len(hp.prefix_lengths) + 2 if hp.prefix_count else 2)
+    together = n if value_edits is None else min(n, value_edits)
+    prompts = together * (hp.prefix_count * len(hp.prefix_lengths) + 2 if hp.prefix_count else 2)
     seq = work.seq_len + (max(hp.prefix_lengths) if hp.prefix_count else 0)
     cov = 3 * len(layers) * ff * ff * 8
     # a generated corpus's windows are a seed prompt (~16 tokens) and its continuation

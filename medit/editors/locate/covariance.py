@@ -119,5 +119,5 @@ def null_space_projector(C: torch.Tensor, threshold: float) -> tuple[torch.Tenso
         U = evecs[:, evals < threshold]
         return U @ U.T, int(U.shape[1])
 
-    content = hashlib.sha256(C.numpy().tobytes()).hexdigest()
+    content = hashlib.sha256(C.numpy().data).hexdigest()  # C's own buffer, no copy
     return PROJECTORS.get_or_compute(PROJECTORS.key(content, list(C.shape), threshold), compute)
