@@ -112,3 +112,20 @@ def test_a_launch_refuses_a_device_map(monkeypatch):
         current_shard("cpu", "auto")
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert current_shard("cpu", "auto").count == 1
+
+
+def test_merge_touches_only_a_marked_run_and_keeps_torn_lines(tmp_path):
+    from medit.bench.shard import merge_shards
+    from medit.core.fs import write_marker
+
+    line = b'{"method": "ft-m", "case": 0, "metrics": {}}\n'
+    (tmp_path / "cases.shard-1.jsonl").write_bytes(line + b'{"method": "ft')
+    (tmp_path / "cases.shard-x.jsonl").write_bytes(b"a user's file")
+    merge_shards(tmp_path, "cases")  # no medit marker: nothing merged, nothing removed
+    assert (tmp_path / "cases.shard-1.jsonl").exists() and not (tmp_path / "cases.jsonl").exists()
+    write_marker(tmp_path, "bench-run")
+    merge_shards(tmp_path, "cases")
+    assert (tmp_path / "cases.jsonl").read_bytes() == line
+    assert (tmp_path / "cases.rejected.jsonl").read_bytes() == b'{"method": "ft\n'
+    assert not (tmp_path / "cases.shard-1.jsonl").exists()
+    assert (tmp_path / "cases.shard-x.jsonl").read_bytes() == b"a user's file"  # not a shard

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from medit.core.errors import UserError
+from medit.core.fs import marker_kind
 
 SHARD_GLOB = "{stem}.shard-*.jsonl"
 
@@ -89,21 +90,32 @@ def current_shard(device: str, device_map: str | None) -> Shard:
 
 
 def shard_files(out: Path, stem: str) -> list[Path]:
-    """The shard files of ``stem`` records in a run directory, in shard order."""
-    found = Path(out).glob(SHARD_GLOB.format(stem=stem))
-    return sorted(found, key=lambda p: int(p.name.rsplit("-", 1)[1].split(".")[0]))
+    """The shard files of ``stem`` records in a run directory (``stem.shard-N.jsonl``, N a
+    number), in shard order."""
+    found = []
+    for path in Path(out).glob(SHARD_GLOB.format(stem=stem)):
+        index = path.name[len(stem) + len(".shard-") : -len(".jsonl")]
+        if index.isdigit():
+            found.append((int(index), path))
+    return [path for _, path in sorted(found)]
 
 
 def merge_shards(out: Path, stem: str) -> None:
-    """Move every shard file's complete lines into ``stem.jsonl`` (appended and synced, then the
-    shard file removed: medit wrote it). A line a crash cut short is left out (its case runs
-    again on resume, as in ``cases.jsonl``)."""
-    target = Path(out) / f"{stem}.jsonl"
+    """Move every shard file's lines into ``stem.jsonl`` (appended and synced; a line a crash
+    cut short goes to ``stem.rejected.jsonl``, nothing is thrown away), then remove the shard
+    file. Only in a directory medit marked as a benchmark run: the shard files there are the
+    ones its processes wrote."""
+    if marker_kind(out) != "bench-run":
+        return
     for path in shard_files(out, stem):
-        lines = [ln for ln in path.read_bytes().splitlines(keepends=True) if ln.endswith(b"\n")]
-        if lines:
-            with open(target, "ab") as f:
-                f.write(b"".join(lines))
-                f.flush()
-                os.fsync(f.fileno())
+        lines = path.read_bytes().splitlines(keepends=True)
+        for name, part in (
+            (f"{stem}.jsonl", [ln for ln in lines if ln.endswith(b"\n")]),
+            (f"{stem}.rejected.jsonl", [ln + b"\n" for ln in lines if not ln.endswith(b"\n")]),
+        ):
+            if part:
+                with open(Path(out) / name, "ab") as f:
+                    f.write(b"".join(part))
+                    f.flush()
+                    os.fsync(f.fileno())
         path.unlink()
