@@ -300,7 +300,8 @@ def test_cli_shorthand_for_tuple_hparams():
 def test_memit_values_in_groups_equal_one_batch(tiny_llama, monkeypatch):
     """The value optimisation runs on groups of requests to bound its activations: each
     request has its own delta, loss, clamp and early stop, so groups of one give the weights
-    one batch of all requests gives, bit for bit (one thread)."""
+    one batch of all requests gives, up to float rounding (bit for bit on some CPUs: the
+    matrix products of a group and of the whole batch may take other kernels)."""
     import medit.editors.memit as memit_module
     from medit.editors.registry import make_editor
     from medit.facts.requests import parse_record
@@ -332,4 +333,7 @@ def test_memit_values_in_groups_equal_one_batch(tiny_llama, monkeypatch):
         torch.set_num_threads(threads)
     one, grouped = edits.values()
     assert one.keys() == grouped.keys()
-    assert all(torch.equal(one[k], grouped[k]) for k in one)
+    base = dict(model.named_parameters())
+    for k in one:  # the same edit up to float rounding (matrix products of other shapes)
+        assert (one[k] - base[k]).abs().max() > 1e-3, "the edit changed the weight"
+        torch.testing.assert_close(grouped[k], one[k], rtol=1e-5, atol=1e-5)
