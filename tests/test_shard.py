@@ -118,6 +118,29 @@ def test_shares_cover_the_work_once():
     assert [bool(Shard(r, 2).mine("sequential", todo, 1, 3)) for r in range(2)] == [False, True]
 
 
+def test_a_shard_waits_for_the_others_longer_than_torchs_half_hour(monkeypatch):
+    """The process group is made with a barrier timeout of days: the first shard's baseline or
+    a slower shard's cases must not end a long run at torch's default 30 minutes."""
+    import accelerate
+
+    import medit.bench.shard as shard_module
+
+    made = {}
+
+    class FakeState:
+        num_processes, process_index, device = 2, 1, "cpu"
+
+        def __init__(self, cpu=False, **kwargs):
+            made.update(kwargs, cpu=cpu)
+
+    monkeypatch.setattr(accelerate, "PartialState", FakeState)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    shard = current_shard("cpu", None)
+    assert (shard.index, shard.count, made["cpu"]) == (1, 2, True)
+    assert made["timeout"] == shard_module.BARRIER_TIMEOUT
+    assert made["timeout"].total_seconds() >= 24 * 3600
+
+
 def test_a_launch_refuses_a_device_map(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="one or the other"):

@@ -22,6 +22,7 @@ one-process run leaves.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,6 +34,10 @@ from medit.core.errors import UserError
 from medit.core.fs import marker_kind
 
 SHARD_GLOB = "{stem}.shard-*.jsonl"
+#: how long a shard waits at a barrier for the others: the first process's pre-edit baseline
+#: and a slower shard's share can take hours (torch's default, 30 minutes, would end a long run
+#: with a timeout); a process that dies ends the launch through its launcher, not through this
+BARRIER_TIMEOUT = datetime.timedelta(days=7)
 
 
 @dataclasses.dataclass
@@ -80,7 +85,7 @@ def current_shard(device: str, device_map: str | None) -> Shard:
     from accelerate import PartialState
 
     cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
-    state = PartialState(cpu=cpu)
+    state = PartialState(cpu=cpu, timeout=BARRIER_TIMEOUT)
     if state.num_processes <= 1:  # WORLD_SIZE set, but no process group came up
         return Shard()
     placed = "cpu" if cpu else str(state.device)
