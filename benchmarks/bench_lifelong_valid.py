@@ -4,11 +4,14 @@ step and turn sizes, SCEN's expert (low-rank against the paper's full copy) and 
     python benchmarks/bench_lifelong_valid.py --n 15 --turn 1 '{"preset": "paper"}' '{"lr": 1e-4, "iters": 5, "stop_loss": 0.05}'
     python benchmarks/bench_lifelong_valid.py --n 15 --single '{"lr": 1e-4, "iters": 5, "stop_loss": 0.05}'
     python benchmarks/bench_lifelong_valid.py --method scen --n 50 '{}' '{"expert": "full", "expert_lr": 1e-3}'
+    python benchmarks/bench_lifelong_valid.py --method medlasa --n 48 --seq 16 '{}' '{"preset": "paper-medcf", "lr": 1e-4}'
 
 Each configuration (a JSON object of hyper-parameters) edits the first N validation cases in
 turns of ``--turn`` requests (one ``apply`` per turn, 1: the sequential benchmark's setting),
 then asks all N again under both protocols against the base model's answers; with
-``--single`` every edit is applied alone, scored and restored. One JSON line per configuration:
+``--single`` every edit is applied alone, scored and restored; with ``--seq S`` the N cases are
+edited in sequences of S (each sequence asked again at its end, then restored, so that 48
+cases at ``--seq 16`` are three 16-edit sequences). One JSON line per configuration:
 teacher-forced and generation-based efficacy / generality / locality (%), seconds per edit,
 and the mean of the per-edit diagnostics the editor reports (bytes kept, steps, losses).
 """
@@ -60,6 +63,7 @@ def main():
     ap.add_argument("--n", type=int, default=15)
     ap.add_argument("--turn", type=int, default=1)
     ap.add_argument("--single", action="store_true")
+    ap.add_argument("--seq", type=int, default=0, help="sequences of this many cases (0: all N)")
     args = ap.parse_args()
     lm = load_model(DEFAULT_MODEL, "cpu", "float32")
     model, tok, arch = lm.model, lm.tokenizer, lm.arch
@@ -78,18 +82,22 @@ def main():
                 states += evaluate(model, tok, arch, [r], cfg, reference=[ref[i]])
                 result.restore()
         else:
-            editor, prior = make_editor(args.method, **hp), None
-            for s in range(0, len(reqs), args.turn):
-                last = editor.apply(model, tok, reqs[s : s + args.turn], prior=prior)
-                edit_seconds += last.seconds
-                kept += getattr(last, "diagnostics", [])
-                prior = last if prior is None else type(last).combine([prior, last])
-            states = evaluate(model, tok, arch, reqs, cfg, reference=ref)
-            prior.restore()
+            states, size = [], args.seq or len(reqs)
+            for start in range(0, len(reqs), size):
+                block = reqs[start : start + size]
+                editor, prior = make_editor(args.method, **hp), None
+                for s in range(0, len(block), args.turn):
+                    last = editor.apply(model, tok, block[s : s + args.turn], prior=prior)
+                    edit_seconds += last.seconds
+                    kept += getattr(last, "diagnostics", [])
+                    prior = last if prior is None else type(last).combine([prior, last])
+                states += evaluate(model, tok, arch, block, cfg, reference=ref[start : start + size])
+                prior.restore()
         row = {
             "method": args.method,
             "hp": hp,
             "turn": "single" if args.single else args.turn,
+            "seq": None if args.single else (args.seq or len(reqs)),
             "n": len(reqs),
             "seconds_per_edit": round(edit_seconds / len(reqs), 2),
             **scores(states),
