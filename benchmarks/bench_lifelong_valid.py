@@ -91,7 +91,9 @@ def main():
                     edit_seconds += last.seconds
                     kept += getattr(last, "diagnostics", [])
                     prior = last if prior is None else type(last).combine([prior, last])
-                states += evaluate(model, tok, arch, block, cfg, reference=ref[start : start + size])
+                states += evaluate(
+                    model, tok, arch, block, cfg, reference=ref[start : start + size]
+                )
                 prior.restore()
         row = {
             "method": args.method,
