@@ -4,7 +4,7 @@ step and turn sizes, SCEN's expert (low-rank against the paper's full copy) and 
     python benchmarks/bench_lifelong_valid.py --n 15 --turn 1 '{"preset": "paper"}' '{"lr": 1e-4, "iters": 5, "stop_loss": 0.05}'
     python benchmarks/bench_lifelong_valid.py --n 15 --single '{"lr": 1e-4, "iters": 5, "stop_loss": 0.05}'
     python benchmarks/bench_lifelong_valid.py --method scen --n 50 '{}' '{"expert": "full", "expert_lr": 1e-3}'
-    python benchmarks/bench_lifelong_valid.py --method medlasa --n 48 --seq 16 '{}' '{"preset": "paper-medcf", "lr": 1e-4}'
+    python benchmarks/bench_lifelong_valid.py --method medlasa --n 48 --seq 16 '{}' '{"trace_mode": "full", "early_stop_loss": 0}'
 
 Each configuration (a JSON object of hyper-parameters) edits the first N validation cases in
 turns of ``--turn`` requests (one ``apply`` per turn, 1: the sequential benchmark's setting),
