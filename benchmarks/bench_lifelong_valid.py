@@ -68,6 +68,7 @@ def main():
     lm = load_model(DEFAULT_MODEL, "cpu", "float32")
     model, tok, arch = lm.model, lm.tokenizer, lm.arch
     reqs = get_suite("medcf").load(args.data, limit=args.n)
+    size = args.seq or len(reqs)  # cases per sequence (all N in one by default)
     cfg = EvalConfig(fluency_tokens=0)
     ref = evaluate(model, tok, arch, reqs, cfg)
     for spec in args.configs:
@@ -82,7 +83,7 @@ def main():
                 states += evaluate(model, tok, arch, [r], cfg, reference=[ref[i]])
                 result.restore()
         else:
-            states, size = [], args.seq or len(reqs)
+            states = []
             for start in range(0, len(reqs), size):
                 block = reqs[start : start + size]
                 editor, prior = make_editor(args.method, **hp), None
@@ -99,7 +100,7 @@ def main():
             "method": args.method,
             "hp": hp,
             "turn": "single" if args.single else args.turn,
-            "seq": None if args.single else (args.seq or len(reqs)),
+            "seq": None if args.single else size,
             "n": len(reqs),
             "seconds_per_edit": round(edit_seconds / len(reqs), 2),
             **scores(states),

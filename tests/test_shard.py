@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from medit.bench.runner import BenchConfig, run_bench
-from medit.bench.shard import Shard, current_shard
+from medit.bench.shard import BARRIER_TIMEOUT, Shard, current_shard
 from medit.bench.store import read_cases
 from tests.test_bench import _slice
 
@@ -123,8 +123,6 @@ def test_a_shard_waits_for_the_others_longer_than_torchs_half_hour(monkeypatch):
     a slower shard's cases must not end a long run at torch's default 30 minutes."""
     import accelerate
 
-    import medit.bench.shard as shard_module
-
     made = {}
 
     class FakeState:
@@ -137,7 +135,7 @@ def test_a_shard_waits_for_the_others_longer_than_torchs_half_hour(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     shard = current_shard("cpu", None)
     assert (shard.index, shard.count, made["cpu"]) == (1, 2, True)
-    assert made["timeout"] == shard_module.BARRIER_TIMEOUT
+    assert made["timeout"] == BARRIER_TIMEOUT
     assert made["timeout"].total_seconds() >= 24 * 3600
 
 
